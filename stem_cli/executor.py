@@ -1,0 +1,55 @@
+"""One executor for every method: attend(q, k, v, index) -> output.
+
+The executor never decides what to keep; it computes exactly what the index
+says, by the fastest path it has:
+- a full index (dense method, dense layers): PyTorch SDPA with native GQA
+  (cuDNN / FlashAttention on GPU);
+- any other index: the block-sparse kernel; until the Triton kernels land
+  (issue 3), the PyTorch reference, with a one-time notice on GPU because it
+  is the slow path there.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from stem_cli.index import BlockIndex
+from stem_cli.kernels import reference as ref
+
+_warned: set[str] = set()
+
+
+def notice_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def dense_attention(q, k, v, *, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over valid keys via SDPA; rows with no valid key give zeros."""
+    if key_valid is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    mask = causal[None, None] & key_valid[:, None, None, :]
+    # A fully masked row would be NaN in SDPA; let it see its own position and zero it after.
+    has_key = mask.any(-1, keepdim=True)
+    mask = mask | ~has_key & torch.eye(n, dtype=torch.bool, device=q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.masked_fill(~has_key, 0.0)
+
+
+def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, N, d), k/v (B, Hkv, N, d) -> (B, Hq, N, d), exact over the index's blocks."""
+    if index.full:
+        return dense_attention(q, k, v, scale=scale, key_valid=key_valid)
+    if q.is_cuda:
+        notice_once(
+            "reference-on-gpu",
+            "stem: no Triton block-sparse kernel is wired in yet; running the PyTorch reference executor on the GPU "
+            "(exact but slow: do not read its timings as the method's speed)",
+        )
+    return ref.block_sparse_attention(q, k, v, index, scale=scale, key_valid=key_valid)

