@@ -91,26 +91,30 @@ def methods_cmd(
     table.add_column("parameter = default", style="green")
     table.add_column("source")
     table.add_column("meaning", style="dim")
+    shown: dict[type, str] = {}  # config class -> the first method listed with all its parameters
     for name, m in METHODS.items():
         fields = dataclasses.fields(m.defaults)
-        if not fields:
-            table.add_row(name, m.description, "-", "-", f"attn_implementation='{m.attn_implementation}'")
-            continue
-        for i, f in enumerate(fields):
-            value = getattr(m.defaults, f.name)
-            table.add_row(
-                name if i == 0 else "",
-                m.description if i == 0 else (f"attn_implementation='{m.attn_implementation}'" if i == 1 else ""),
-                f"{f.name} = {list(value) if isinstance(value, tuple) else value}",
-                f.metadata["source"],
-                f.metadata["help"],
-            )
+        base = shown.setdefault(type(m.defaults), name)
+        if base != name:  # a variant: only what differs from the method it varies
+            reference = METHODS[base].defaults
+            fields = [f for f in fields if getattr(m.defaults, f.name) != getattr(reference, f.name)]
+        described = [m.description, f"attn_implementation='{m.attn_implementation}'"]
+        if base != name:
+            described.append(f"other parameters as {base}")
+        rows = [(f"{f.name} = {_shown(getattr(m.defaults, f.name))}", f.metadata["source"], f.metadata["help"]) for f in fields]
+        rows += [("", "", "")] * (len(described) - len(rows))
+        for i, row in enumerate(rows):
+            table.add_row(name if i == 0 else "", described[i] if i < len(described) else "", *row)
     console.print(table)
     console.print(
         "source: [b]paper[/b] = the published text, [b]code[/b] = the authors' released code (which produced their tables), "
         "[b]paper+code[/b] = both agree, [b]stem[/b] = ours. Set parameters with --set NAME=VALUE, --set METHOD.NAME=VALUE "
         "or a TOML file with one table per method (--config)."
     )
+
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ------------------------------------------------------------------ models
@@ -204,7 +208,7 @@ def generate_cmd(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with one table per method, e.g. [stem] mu = 0.6."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with one table per method, e.g. \\[stem] mu = 0.6."),
     set_: List[str] = typer.Option([], "--set", help="Parameter override NAME=VALUE or METHOD.NAME=VALUE (repeatable)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),

@@ -106,6 +106,7 @@ class StemConfig(BlockConfig):
 
 @dataclass(frozen=True)
 class StreamingConfig(BlockConfig):
+    dense_layers: tuple = param((0, 1), "layer indices that always run dense attention (Stem's layer schedule, so budgets compare)", "stem")
     sink_blocks: int = param(1, "first blocks kept (128 sink tokens at block 128, as MInference's A-shape)", "code")
     window_blocks: int = param(31, "blocks ending at the diagonal kept (3968 local tokens at block 128, as MInference)", "code")
 
