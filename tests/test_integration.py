@@ -137,3 +137,18 @@ def test_apply_rejects_unknown_method_and_parameter():
     with pytest.raises(ValueError, match="no parameter 'alpha'"):
         stem_cli.apply(model, "stem", alpha=1)
     assert len(attention_modules(model)) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_gpu_bf16_full_budget_matches_dense_and_sparse_is_finite(family):
+    model = tiny(family).to("cuda", torch.bfloat16)
+    ids = random_ids(2, 1000).cuda()
+    with torch.no_grad():
+        dense = model(ids).logits.float()
+        stem_cli.apply(model, "stem", block_size=16, dense_layers=[], k_start=10_000, mu=1.0)
+        full = model(ids).logits.float()
+        runtime = stem_cli.apply(model, "stem", **SPARSE)
+        sparse = model(ids).logits.float()
+    assert (full - dense).norm() / dense.norm() < 2e-2  # bf16 operands
+    assert torch.isfinite(sparse).all() and 0 < runtime.recorder.bud < 0.5
