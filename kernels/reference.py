@@ -257,7 +257,7 @@ def block_sparse_attention(
         qc = _pad_to(qf[:, :, r0:min(r1, n)], rows).view(batch, hkv, group, rows, d)
         scores = torch.matmul(qc, kf[:, :, None, :r1].transpose(-1, -2)).view(batch, hq, rows, r1) * scale
         # Masks applied by broadcasting, never materialised per token and head.
-        blocks = index.rows(b0, b1)[..., :b1].repeat_interleave(per_index_head, dim=1)  # (B, Hq, rows/bs, b1)
+        blocks = index.rows(b0, b1)[..., :b1].to(q.device).repeat_interleave(per_index_head, dim=1)  # (B, Hq, rows/bs, b1)
         scores.view(batch, hq, b1 - b0, bs, b1, bs).masked_fill_(~blocks[:, :, :, None, :, None], NEG_INF)
         allowed = (pos[None, :r1] <= pos[r0:r1, None])[None, None] & valid[:, None, None, :r1]
         scores.masked_fill_(~allowed, NEG_INF)

@@ -4,9 +4,10 @@ The executor never decides what to keep; it computes exactly what the index
 says, by the fastest path it has:
 - a full index (dense method, dense layers): PyTorch SDPA with native GQA
   (cuDNN / FlashAttention on GPU);
-- any other index: the block-sparse kernel; until the Triton kernels land
-  (issue 3), the PyTorch reference, with a one-time notice on GPU because it
-  is the slow path there.
+- any other index on a GPU: the Triton block-sparse flash-attention kernel
+  (bf16/fp16, left padding); what it cannot take falls back to the PyTorch
+  reference with a one-time notice, since that is the slow path there;
+- on the CPU: the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -42,14 +43,41 @@ def dense_attention(q, k, v, *, scale: float, key_valid: torch.Tensor | None = N
     return out.masked_fill(~has_key, 0.0)
 
 
+def left_padding_start(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """(B,) first valid key when every sequence is left padded (valid = a suffix), else None."""
+    start = (~key_valid).sum(-1)
+    suffix = torch.arange(key_valid.shape[-1], device=key_valid.device)[None, :] >= start[:, None]
+    return start if torch.equal(suffix, key_valid) else None
+
+
 def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hq, N, d), k/v (B, Hkv, N, d) -> (B, Hq, N, d), exact over the index's blocks."""
     if index.full:
         return dense_attention(q, k, v, scale=scale, key_valid=key_valid)
     if q.is_cuda:
+        reason = _kernel_unsupported(q, index, key_valid)
+        if reason is None:
+            from stem_cli.kernels.block_sparse_attn import block_sparse_attention
+
+            start = None if key_valid is None else left_padding_start(key_valid)
+            return block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
         notice_once(
-            "reference-on-gpu",
-            "stem: no Triton block-sparse kernel is wired in yet; running the PyTorch reference executor on the GPU "
-            "(exact but slow: do not read its timings as the method's speed)",
+            f"reference:{reason}",
+            f"stem: {reason}; running the PyTorch reference executor on the GPU (exact but slow: do not read its timings as the method's speed)",
         )
     return ref.block_sparse_attention(q, k, v, index, scale=scale, key_valid=key_valid)
+
+
+def _kernel_unsupported(q, index: BlockIndex, key_valid) -> str | None:
+    """Why the Triton kernel cannot run this call, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"the Triton kernel takes bfloat16/float16, not {q.dtype}"
+    if index.block_size < 16:
+        return f"the Triton kernel needs block_size >= 16, not {index.block_size}"
+    if key_valid is not None and left_padding_start(key_valid) is None:
+        return "the padding is not left padding"
+    return None

@@ -1,0 +1,164 @@
+"""Block-sparse causal flash attention forward (Triton).
+
+For query row m of head h (KV head h // g) and the key blocks K(i) that the
+BlockIndex lists for m's query block i:
+
+    O[m] = sum_{n in S(m)} softmax_n(scale * q_m . k_n) v_n,
+    S(m) = { n : block(n) in K(i), n <= m, n < N, n >= start[b] }
+
+computed with the online softmax of FlashAttention: per key tile, running max
+m, running sum l and the unnormalised accumulator are rescaled by
+exp(m_old - m_new). Rows with an empty S(m) write zeros (and lse = -inf),
+never NaN. Exponentials in base 2 with log2(e) folded into the scale.
+
+One program per (query tile of BLOCK_M rows, batch x query head); it walks its
+row's key blocks in BLOCK_N-wide tiles as one flat loop so Triton can pipeline
+the loads. GQA reads the shared K/V head directly (no repeated copies); an index
+per KV head serves every query head of its group. Left padding: keys before
+start[b] are masked. Any N: loads past N are masked.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from stem_cli.index import BlockIndex
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _block_sparse_attn_fwd(
+    Q, K, V, Out, Lse, Counts, Indices, Start,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    scb, sch, scp,
+    sib, sih, sip, sik,
+    n_ctx, qk_scale_log2, n_q_heads, group, index_head_div, head_dim,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STORE_LSE: tl.constexpr, HAS_START: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_q_heads
+    h = pid_bh % n_q_heads
+    kvh = h // group
+    ih = h // index_head_div
+    q_block = (pid_m * BLOCK_M) // BLOCK
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < head_dim
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < n_ctx) & d_ok[None, :], other=0.0,
+    )
+    if HAS_START:
+        start = tl.load(Start + b)
+    else:
+        start = 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    count = tl.load(Counts + b * scb + ih * sch + q_block * scp)
+    row = Indices + b * sib + ih * sih + q_block * sip
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    TILES: tl.constexpr = BLOCK // BLOCK_N
+    for step in range(0, count * TILES):
+        kb = tl.load(row + (step // TILES) * sik)
+        offs_n = kb * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_ctx
+        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k) * qk_scale_log2
+        keep = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & (offs_n[None, :] >= start)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 on rows with no key: zeros, not NaN
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+        out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < n_ctx) & d_ok[None, :],
+    )
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + pid_bh * n_ctx + offs_m, lse, mask=offs_m < n_ctx)
+
+
+def _configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    block = kwargs["BLOCK"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block and c.kwargs["BLOCK_N"] <= block]
+    return kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
+
+
+_tuned = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "BLOCK", "STORE_LSE"], prune_configs_by={"early_config_prune": _prune}
+)(_block_sparse_attn_fwd)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+):
+    """q (B, Hq, N, d), k/v (B, Hkv, N, d) bf16/fp16 -> (B, Hq, N, d); index per query or KV head.
+
+    kv_start (B,) int: first valid key of each sequence (left padding).
+    """
+    batch, hq, n, d = q.shape
+    hkv = k.shape[1]
+    if index.block_size < 16 or index.block_size & (index.block_size - 1):
+        raise ValueError(f"block_size={index.block_size} is not supported by the Triton kernel: use a power of two >= 16")
+    if q.dtype not in (torch.bfloat16, torch.float16) and not INTERPRET:
+        raise ValueError(f"dtype {q.dtype} is not supported by the Triton kernel: use bfloat16 or float16")
+    scale = d**-0.5 if scale is None else scale
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(batch, hq, n, dtype=torch.float32, device=q.device) if return_lse else out
+    counts = index.counts.to(device=q.device, dtype=torch.int32)
+    indices = index.indices.to(device=q.device, dtype=torch.int32)
+    start = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else counts
+    head_dim = triton.next_power_of_2(max(d, 16))
+    args = (
+        q, k, v, out, lse, counts, indices, start,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *counts.stride(), *indices.stride(),
+        n, scale * 1.4426950408889634, hq, hq // hkv, hq // index.num_heads, d,
+    )
+    meta = dict(BLOCK=index.block_size, HEAD_DIM=head_dim, STORE_LSE=return_lse, HAS_START=kv_start is not None)
+    if INTERPRET:
+        # The interpreter runs on the CPU: one config, no autotuning.
+        bm = min(64, index.block_size)
+        grid = (triton.cdiv(n, bm), batch * hq)
+        _block_sparse_attn_fwd[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=min(64, index.block_size))
+    else:
+        grid = lambda m: (triton.cdiv(n, m["BLOCK_M"]), batch * hq)  # noqa: E731
+        _tuned[grid](*args, **meta)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,108 @@
+"""Triton kernels against the PyTorch reference (interpreter on CPU, native on GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stem_cli.index import BlockIndex
+from stem_cli.kernels import reference as ref
+
+pytest.importorskip("triton")
+from stem_cli.kernels import block_sparse_attn as bsa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes in the input dtype on the CPU; float32 keeps the check tight there.
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32]
+
+
+def random_case(batch, hq, hkv, n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, n, d, generator=g) for h in (hq, hkv, hkv))
+    return [x.to(DEVICE, dtype) for x in (q, k, v)]
+
+
+def random_index(batch, heads, n, block, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = math.ceil(n / block)
+    mask = torch.rand(batch, heads, p, p, generator=g) < density
+    mask |= torch.eye(p, dtype=torch.bool)  # diagonal, as every selector keeps it
+    mask &= torch.ones(p, p, dtype=torch.bool).tril()
+    if density == 0.0:
+        mask[:] = False  # rows with no block at all: output must be zeros
+    return BlockIndex.from_mask(mask, block, n)
+
+
+CASES = [
+    # batch, hq, hkv, n, d, block, density, padded
+    (1, 2, 2, 64, 16, 16, 1.0, False),
+    (2, 3, 1, 77, 32, 16, 0.5, True),
+    (1, 4, 1, 100, 64, 32, 0.3, False),
+    (2, 8, 1, 50, 16, 16, 0.7, True),
+    (1, 2, 1, 40, 16, 16, 0.0, False),
+    (1, 2, 2, 96, 128, 32, 0.6, False),
+    (1, 1, 1, 33, 256, 16, 1.0, False) if DEVICE == "cuda" else (1, 1, 1, 33, 48, 16, 1.0, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("per_kv", [False, True])
+def test_block_sparse_attention_matches_reference(case, dtype, per_kv):
+    batch, hq, hkv, n, d, block, density, padded = case
+    seed = int(torch.randint(0, 2**31, ()))
+    q, k, v = random_case(batch, hq, hkv, n, d, dtype, seed)
+    index = random_index(batch, hkv if per_kv else hq, n, block, density, seed)
+    start = None
+    valid = None
+    if padded:
+        start = torch.randint(0, n // 2, (batch,))
+        start[0] = 0
+        valid = (torch.arange(n)[None, :] >= start[:, None]).to(DEVICE)
+    poison = torch.full_like(q, float("nan"))
+    out, lse = bsa.block_sparse_attention(q, k, v, index, scale=0.3, kv_start=start, return_lse=True, out=poison)
+    want, want_lse = ref.block_sparse_attention(q.float(), k.float(), v.float(), index, scale=0.3, key_valid=valid, return_lse=True)
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    err = (out.float() - want).norm() / want.norm().clamp_min(1e-6)
+    assert err < tol, err
+    has = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), has)
+    torch.testing.assert_close(lse[has], want_lse[has].float(), rtol=tol, atol=tol)
+    assert (out[~has.unsqueeze(-1).expand_as(out)] == 0).all()  # masked rows are zeros
+
+
+from stem_cli.kernels import score  # noqa: E402
+
+SCORE_CASES = [
+    # batch, hq, hkv, n, d, block, stride, beta, padded
+    (1, 2, 1, 64, 16, 16, 4, 0.2, False),
+    (2, 3, 1, 77, 32, 16, 2, 0.5, True),
+    (1, 4, 2, 130, 16, 32, 8, 0.0, False),
+    (2, 8, 1, 96, 64, 32, 4, 0.2, True),
+    (1, 1, 1, 200, 16, 64, 16, 1.0, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SCORE_CASES)
+def test_block_logits_kernel_matches_reference(case, dtype):
+    batch, hq, hkv, n, d, block, stride, beta, padded = case
+    seed = int(torch.randint(0, 2**31, ()))
+    q, k, v = random_case(batch, hq, hkv, n, d, dtype, seed)
+    v = v * torch.exp(torch.randn(batch, hkv, n, 1, device=DEVICE)).to(dtype)  # spread value norms
+    valid = None
+    if padded:
+        start = torch.randint(0, n // 2, (batch,))
+        start[0] = 0
+        valid = (torch.arange(n)[None, :] >= start[:, None]).to(DEVICE)
+    got = score.block_logits(q, k, v, block_size=block, stride=stride, beta=beta, scale=0.2, key_valid=valid)
+    want = ref.block_logits(q.float(), k.float(), v.float(), block_size=block, stride=stride, beta=beta, scale=0.2, key_valid=valid)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    assert not torch.isnan(got).any()
+    finite = torch.isfinite(want)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = (got[finite] - want[finite]).norm() / want[finite].norm()
+    assert err < tol, err
