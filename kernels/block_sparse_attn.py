@@ -32,6 +32,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """Fold one tile of base-2 logits s (-inf = masked) and its values into the running state."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _block_sparse_attn_fwd(
     Q, K, V, Out, Lse, Counts, Indices, Start,
     sqb, sqh, sqn, sqd,
@@ -72,23 +84,29 @@ def _block_sparse_attn_fwd(
     row = Indices + b * sib + ih * sih + q_block * sip
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
+    # Ids are ascending and the diagonal block can only be the last: every block before
+    # it lies wholly below the diagonal and inside N, so it needs no mask at all.
+    last = tl.load(row + (count - 1) * sik, mask=count > 0, other=-1)
+    n_plain = tl.where(last == q_block, count - 1, count)
     TILES: tl.constexpr = BLOCK // BLOCK_N
-    for step in range(0, count * TILES):
+    for step in range(0, n_plain * TILES):
         kb = tl.load(row + (step // TILES) * sik)
         offs_n = kb * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, k) * qk_scale_log2
+        if HAS_START:
+            s = tl.where(offs_n[None, :] >= start, s, float("-inf"))
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    for step in range(n_plain * TILES, count * TILES):  # the diagonal block: causal, N and padding masks
+        offs_n = q_block * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_ctx
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, k) * qk_scale_log2
         keep = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & (offs_n[None, :] >= start)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 on rows with no key: zeros, not NaN

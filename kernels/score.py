@@ -13,10 +13,10 @@ and key block j is the mean of S over their valid tile pairs:
 w = 1 for a tile holding any valid token, 0 otherwise; -inf above the diagonal
 and where a block has no valid tile.
 
-One program per (QB query blocks, batch x query head): its QB T query tiles form
+One program per (M / T query blocks, batch x query head): its M query tiles form
 the M side of a GEMM whose reduction runs over the s antidiagonal slots (each a
-d-wide dot), against JB key blocks (JB T key tiles) at a time, causal chunks
-only; the (QB T) x (JB T) tile scores are reduced to QB x JB block sums in
+d-wide dot), against NC key tiles (NC / T key blocks) at a time, causal chunks
+only; the M x NC tile scores are reduced to block sums in
 registers, so nothing of size (N/s)^2 ever reaches memory. Query heads of one
 KV head are adjacent in the grid, so their K reads hit L2.
 
@@ -46,15 +46,15 @@ def _block_logits_fwd(
     sgb, sgp,
     sob, soh, soi, soj,
     n_ctx, n_blocks, n_q_heads, group, scale, head_dim,
-    STRIDE: tl.constexpr, TPB: tl.constexpr, QB: tl.constexpr, JB: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr, TPB: tl.constexpr, M: tl.constexpr, NC: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_BONUS: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # query head fastest: a KV group's heads run together and share K in L2
     pid_i = tl.program_id(1)
     b = tl.program_id(2)
     kvh = pid_h // group
-    M: tl.constexpr = QB * TPB
-    NC: tl.constexpr = JB * TPB
+    QB: tl.constexpr = M // TPB  # query blocks per program
+    JB: tl.constexpr = NC // TPB  # key blocks per step
 
     tile_m = pid_i * M + tl.arange(0, M)  # query tiles of this program
     offs_d = tl.arange(0, HEAD_DIM)
@@ -118,16 +118,31 @@ def block_logits(
     bonus = value_bonus(_pad_to(v, npad), stride, tile_valid, beta).contiguous() if beta > 0 else wt
     # Everything not written by the kernel (above the diagonal chunks) stays -inf.
     out = torch.full((batch, hq, p, p), float("-inf"), dtype=torch.float32, device=q.device)
-    # About 128 query tiles and 128 key tiles per program step (tl.dot wants >= 16 on each side).
-    qb = max(1, 128 // tpb) if not INTERPRET else max(1, 16 // tpb)
-    jb = max(1, 64 // tpb) if not INTERPRET else max(1, 16 // tpb)
-    qb, jb = max(qb, -(-16 // tpb)), max(jb, -(-16 // tpb))
-    grid = (hq, triton.cdiv(p, qb), batch)
-    _block_logits_fwd[grid](
+    args = (
         q, k, bonus, wt, wblock, out,
-        *q.stride(), *k.stride(), *bonus.stride() if beta > 0 else (0, 0, 0), *wt.stride(), *wblock.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *(bonus.stride() if beta > 0 else (0, 0, 0)), *wt.stride(), *wblock.stride(), *out.stride(),
         n, p, hq, hq // hkv, scale / stride, d,
-        STRIDE=stride, TPB=tpb, QB=qb, JB=jb, HEAD_DIM=triton.next_power_of_2(max(d, 16)), HAS_BONUS=beta > 0,
-        num_warps=8 if not INTERPRET else 4, num_stages=2,
     )
+    meta = dict(STRIDE=stride, TPB=tpb, HEAD_DIM=triton.next_power_of_2(max(d, 16)), HAS_BONUS=beta > 0)
+    if INTERPRET:
+        m = max(16, tpb)  # tl.dot wants >= 16 rows and columns
+        _block_logits_fwd[(hq, triton.cdiv(p, m // tpb), batch)](*args, **meta, M=m, NC=m, num_warps=4)
+    else:
+        _tuned[lambda c: (hq, triton.cdiv(p, c["M"] // tpb), batch)](*args, **meta)
     return out
+
+
+def _prune(configs, named_args, **kwargs):
+    tpb = kwargs["TPB"]
+    kept = [c for c in configs if c.kwargs["M"] >= tpb and c.kwargs["NC"] >= tpb]
+    return kept or [triton.Config({"M": max(16, tpb), "NC": max(16, tpb)}, num_warps=8, num_stages=2)]
+
+
+_tuned = triton.autotune(
+    configs=[
+        triton.Config({"M": m, "NC": nc}, num_warps=w, num_stages=st)
+        for m, nc, w, st in [(128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 2), (128, 64, 4, 3)]
+    ],
+    key=["STRIDE", "TPB", "HEAD_DIM", "HAS_BONUS"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_logits_fwd)

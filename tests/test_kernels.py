@@ -28,7 +28,8 @@ def random_index(batch, heads, n, block, density, seed):
     g = torch.Generator().manual_seed(seed)
     p = math.ceil(n / block)
     mask = torch.rand(batch, heads, p, p, generator=g) < density
-    mask |= torch.eye(p, dtype=torch.bool)  # diagonal, as every selector keeps it
+    # Most rows keep their diagonal, as every selector does; some do not, as an index may.
+    mask |= torch.eye(p, dtype=torch.bool) & (torch.rand(p, 1, generator=g) < 0.8)
     mask &= torch.ones(p, p, dtype=torch.bool).tril()
     if density == 0.0:
         mask[:] = False  # rows with no block at all: output must be zeros
