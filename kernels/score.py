@@ -1,95 +1,44 @@
-"""Output-Aware block logits from antidiagonal strided scores (Triton).
+"""Output-Aware block logits by pooling first: the block mean of a bilinear score is the
+score of the block means.
 
-Stride s, block Bk, T = Bk / s tiles per block. Query tile a, key tile c:
+Stride s, block Bk, T = Bk / s tiles per block, tile weights w (1 when the tile holds a
+valid token). The reference computes every tile score
 
     S[a, c] = scale / s * sum_{t<s} q[a s + s-1-t] . k[c s + t] + bonus[c]
 
-(the mean of the tile's antidiagonal of q.k^T plus the value term
-bonus[c] = beta * ReLU(z(log max_{j in c} ||v_j||))). Block logit of query block i
-and key block j is the mean of S over their valid tile pairs:
+and averages it over the valid tile pairs of block pair (i, j):
 
-    M[i, j] = sum_{a in i, c in j} w_a w_c S[a, c] / (sum_{a in i} w_a  sum_{c in j} w_c),
+    M[i, j] = sum_{a in i, c in j} w_a w_c S[a, c] / (W_i W_j),   W_i = sum_{a in i} w_a.
 
-w = 1 for a tile holding any valid token, 0 otherwise; -inf above the diagonal
-and where a block has no valid tile.
+S is linear in q and in k, so the double sum factorises:
 
-One program per (M / T query blocks, batch x query head): its M query tiles form
-the M side of a GEMM whose reduction runs over the s antidiagonal slots (each a
-d-wide dot), against NC key tiles (NC / T key blocks) at a time, causal chunks
-only; the M x NC tile scores are reduced to block sums in
-registers, so nothing of size (N/s)^2 ever reaches memory. Query heads of one
-KV head are adjacent in the grid, so their K reads hit L2.
+    M[i, j] = scale / s * sum_t Qbar[i, t] . Kbar[j, s-1-t] + Bbar[j]
+    Qbar[i, t] = sum_{a in i} w_a q[a s + t] / W_i        (mean over the block's tiles, slot t)
+    Kbar[j, t] = sum_{c in j} w_c k[c s + t] / W_j
+    Bbar[j]    = sum_{c in j} w_c bonus[c] / W_j
 
-The value term (one pass over V) and tile weights are computed in PyTorch.
+That is one pass over q, k and v (the pooling) and a (P x s d) by (s d x P) GEMM per
+head instead of the (N/s) x (N/s) tile GEMM: at 128K tokens and s = 8 the GEMM shrinks
+by (Bk/s)^2 = 256 times. Equal to the reference up to float rounding (tested against it).
+GQA: the pooled keys of a KV head serve its query heads by broadcasting.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
-import triton
-import triton.language as tl
 
-from stem_cli.kernels.reference import _pad_to, value_bonus
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from stem_cli.kernels.reference import NEG_INF, _pad_to, value_bonus
 
 
-@triton.jit
-def _block_logits_fwd(
-    Q, K, Bonus, Wt, Wblock, Out,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    sbb, sbh, sbt,
-    swb, swt,
-    sgb, sgp,
-    sob, soh, soi, soj,
-    n_ctx, n_blocks, n_q_heads, group, scale, head_dim,
-    STRIDE: tl.constexpr, TPB: tl.constexpr, M: tl.constexpr, NC: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_BONUS: tl.constexpr,
-):
-    pid_h = tl.program_id(0)  # query head fastest: a KV group's heads run together and share K in L2
-    pid_i = tl.program_id(1)
-    b = tl.program_id(2)
-    kvh = pid_h // group
-    QB: tl.constexpr = M // TPB  # query blocks per program
-    JB: tl.constexpr = NC // TPB  # key blocks per step
-
-    tile_m = pid_i * M + tl.arange(0, M)  # query tiles of this program
-    offs_d = tl.arange(0, HEAD_DIM)
-    d_ok = offs_d < head_dim
-    w_q = tl.load(Wt + b * swb + tile_m * swt, mask=tile_m * STRIDE < n_ctx, other=0.0)
-    blocks_i = pid_i * QB + tl.arange(0, QB)
-    wq_block = tl.load(Wblock + b * sgb + blocks_i * sgp, mask=blocks_i < n_blocks, other=0.0)
-
-    q_base = Q + b * sqb + pid_h * sqh
-    k_base = K + b * skb + kvh * skh
-    last_block = tl.minimum((pid_i + 1) * QB, n_blocks)  # causal: no key block past the last query block
-    for j0 in range(0, last_block, JB):
-        tile_n = j0 * TPB + tl.arange(0, NC)
-        acc = tl.zeros([M, NC], dtype=tl.float32)
-        for t in range(STRIDE):  # a loop, not unrolled: Triton pipelines its loads
-            rows = tile_m * STRIDE + (STRIDE - 1 - t)
-            cols = tile_n * STRIDE + t
-            q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=(rows[:, None] < n_ctx) & d_ok[None, :], other=0.0)
-            k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=(cols[None, :] < n_ctx) & d_ok[:, None], other=0.0)
-            acc += tl.dot(q, k)
-        s = acc * scale
-        w_k = tl.load(Wt + b * swb + tile_n * swt, mask=tile_n * STRIDE < n_ctx, other=0.0)
-        if HAS_BONUS:
-            s += tl.load(Bonus + b * sbb + kvh * sbh + tile_n * sbt, mask=tile_n * STRIDE < n_ctx, other=0.0)[None, :]
-        s = s * w_q[:, None] * w_k[None, :]
-        sums = tl.sum(tl.sum(tl.reshape(s, [QB, TPB, JB, TPB]), axis=3), axis=1)  # (QB, JB) block sums
-        blocks_j = j0 + tl.arange(0, JB)
-        wk_block = tl.load(Wblock + b * sgb + blocks_j * sgp, mask=blocks_j < n_blocks, other=0.0)
-        denom = wq_block[:, None] * wk_block[None, :]
-        causal = blocks_j[None, :] <= blocks_i[:, None]
-        logit = tl.where(causal & (denom > 0), sums / tl.where(denom > 0, denom, 1.0), float("-inf"))
-        tl.store(
-            Out + b * sob + pid_h * soh + blocks_i[:, None] * soi + blocks_j[None, :] * soj,
-            logit, mask=(blocks_i[:, None] < n_blocks) & (blocks_j[None, :] < n_blocks),
-        )
+def _pooled(x: torch.Tensor, weights: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
+    """(B, H, Npad, d) -> (B, H, P, s, d) float32: weighted sum over each block's tiles, per slot."""
+    batch, heads, npad, d = x.shape
+    p, tiles = npad // block_size, block_size // stride
+    tiled = x.view(batch, heads, p, tiles, stride, d)
+    if weights is None:
+        return tiled.sum(3, dtype=torch.float32)  # accumulates in float32 without a float32 copy
+    w = weights.view(batch, 1, p, tiles, 1, 1).to(x.dtype)
+    return (tiled * w).sum(3, dtype=torch.float32)
 
 
 def block_logits(
@@ -106,43 +55,30 @@ def block_logits(
     """Same result as reference.block_logits: (B, Hq, P, P) float32, -inf where not choosable."""
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
+    group = hq // hkv
     scale = d**-0.5 if scale is None else scale
     p = -(-n // block_size)
     npad = p * block_size
-    tpb = block_size // stride
+    tiles = block_size // stride
+
     valid = torch.zeros(batch, npad, dtype=torch.bool, device=q.device)
     valid[:, :n] = True if key_valid is None else key_valid.to(q.device)
-    tile_valid = valid.view(batch, npad // stride, stride).any(-1)
-    wt = tile_valid.float().contiguous()
-    wblock = wt.view(batch, p, tpb).sum(-1).contiguous()
-    bonus = value_bonus(_pad_to(v, npad), stride, tile_valid, beta).contiguous() if beta > 0 else wt
-    # Everything not written by the kernel (above the diagonal chunks) stays -inf.
-    out = torch.full((batch, hq, p, p), float("-inf"), dtype=torch.float32, device=q.device)
-    args = (
-        q, k, bonus, wt, wblock, out,
-        *q.stride(), *k.stride(), *(bonus.stride() if beta > 0 else (0, 0, 0)), *wt.stride(), *wblock.stride(), *out.stride(),
-        n, p, hq, hq // hkv, scale / stride, d,
-    )
-    meta = dict(STRIDE=stride, TPB=tpb, HEAD_DIM=triton.next_power_of_2(max(d, 16)), HAS_BONUS=beta > 0)
-    if INTERPRET:
-        m = max(16, tpb)  # tl.dot wants >= 16 rows and columns
-        _block_logits_fwd[(hq, triton.cdiv(p, m // tpb), batch)](*args, **meta, M=m, NC=m, num_warps=4)
-    else:
-        _tuned[lambda c: (hq, triton.cdiv(p, c["M"] // tpb), batch)](*args, **meta)
-    return out
+    tile_valid = valid.view(batch, npad // stride, stride).any(-1)  # (B, N/s)
+    weight = tile_valid.view(batch, p, tiles).sum(-1).float()  # W: valid tiles per block
+    padded = key_valid is not None and not bool(tile_valid.all())
+    w = tile_valid if padded else None
 
+    q_bar = _pooled(_pad_to(q, npad), w, block_size, stride)  # (B, Hq, P, s, d)
+    k_bar = _pooled(_pad_to(k, npad), w, block_size, stride).flip(3)  # slot t pairs with q slot s-1-t
+    inv = torch.where(weight > 0, 1.0 / weight.clamp_min(1), 0.0)  # (B, P)
+    q_bar = q_bar.reshape(batch, hkv, group, p, stride * d) * inv[:, None, None, :, None]
+    k_bar = k_bar.reshape(batch, hkv, 1, p, stride * d) * inv[:, None, None, :, None]
+    logits = torch.matmul(q_bar, k_bar.transpose(-1, -2)).view(batch, hq, p, p) * (scale / stride)
+    if beta > 0:
+        bonus = value_bonus(_pad_to(v, npad), stride, tile_valid, beta)  # (B, Hkv, N/s), 0 on invalid tiles
+        bonus_bar = bonus.view(batch, hkv, p, tiles).sum(-1) * inv[:, None, :]  # (B, Hkv, P)
+        logits = logits + bonus_bar.repeat_interleave(group, dim=1)[:, :, None, :]
 
-def _prune(configs, named_args, **kwargs):
-    tpb = kwargs["TPB"]
-    kept = [c for c in configs if c.kwargs["M"] >= tpb and c.kwargs["NC"] >= tpb]
-    return kept or [triton.Config({"M": max(16, tpb), "NC": max(16, tpb)}, num_warps=8, num_stages=2)]
-
-
-_tuned = triton.autotune(
-    configs=[
-        triton.Config({"M": m, "NC": nc}, num_warps=w, num_stages=st)
-        for m, nc, w, st in [(128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 2), (128, 64, 4, 3)]
-    ],
-    key=["STRIDE", "TPB", "HEAD_DIM", "HAS_BONUS"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_block_logits_fwd)
+    ids = torch.arange(p, device=q.device)
+    choosable = (ids[None, :] <= ids[:, None])[None, None] & (weight[:, None, None, :] > 0) & (weight[:, None, :, None] > 0)
+    return logits.masked_fill(~choosable, NEG_INF)

@@ -74,36 +74,3 @@ def test_block_sparse_attention_matches_reference(case, dtype, per_kv):
     torch.testing.assert_close(lse[has], want_lse[has].float(), rtol=tol, atol=tol)
     assert (out[~has.unsqueeze(-1).expand_as(out)] == 0).all()  # masked rows are zeros
 
-
-from stem_cli.kernels import score  # noqa: E402
-
-SCORE_CASES = [
-    # batch, hq, hkv, n, d, block, stride, beta, padded
-    (1, 2, 1, 64, 16, 16, 4, 0.2, False),
-    (2, 3, 1, 77, 32, 16, 2, 0.5, True),
-    (1, 4, 2, 130, 16, 32, 8, 0.0, False),
-    (2, 8, 1, 96, 64, 32, 4, 0.2, True),
-    (1, 1, 1, 200, 16, 64, 16, 1.0, False),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", SCORE_CASES)
-def test_block_logits_kernel_matches_reference(case, dtype):
-    batch, hq, hkv, n, d, block, stride, beta, padded = case
-    seed = int(torch.randint(0, 2**31, ()))
-    q, k, v = random_case(batch, hq, hkv, n, d, dtype, seed)
-    v = v * torch.exp(torch.randn(batch, hkv, n, 1, device=DEVICE)).to(dtype)  # spread value norms
-    valid = None
-    if padded:
-        start = torch.randint(0, n // 2, (batch,))
-        start[0] = 0
-        valid = (torch.arange(n)[None, :] >= start[:, None]).to(DEVICE)
-    got = score.block_logits(q, k, v, block_size=block, stride=stride, beta=beta, scale=0.2, key_valid=valid)
-    want = ref.block_logits(q.float(), k.float(), v.float(), block_size=block, stride=stride, beta=beta, scale=0.2, key_valid=valid)
-    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
-    assert not torch.isnan(got).any()
-    finite = torch.isfinite(want)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    err = (got[finite] - want[finite]).norm() / want[finite].norm()
-    assert err < tol, err

@@ -7,12 +7,15 @@ import torch
 from stem_cli.config import StemConfig
 from stem_cli.index import BlockIndex
 from stem_cli.kernels import reference as ref
+from stem_cli.kernels import score
 
 
 def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
     batch, hq, n, _ = q.shape
     p = -(-n // config.block_size)
-    logits = _block_logits(q, k, v, config, scale, key_valid)
+    logits = score.block_logits(
+        q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid
+    )
     if config.gqa == "kv":
         # One selection per KV head: the group's mean logit (-inf stays -inf, since
         # every head of a group shares its causal and padding structure).
@@ -24,18 +27,6 @@ def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: 
     )
     forced = ref.forced_blocks(p, first, config.sink_blocks, config.window_blocks)
     return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=n)
-
-
-def _block_logits(q, k, v, config: StemConfig, scale: float, key_valid):
-    """The fused Triton scoring kernel on GPU (bf16/fp16), the PyTorch reference elsewhere."""
-    args = dict(block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        try:
-            from stem_cli.kernels import score
-        except ImportError:  # no triton: the executor says so when it falls back too
-            return ref.block_logits(q, k, v, **args)
-        return score.block_logits(q, k, v, **args)
-    return ref.block_logits(q, k, v, **args)
 
 
 DEFAULTS = StemConfig()
