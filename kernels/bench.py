@@ -35,17 +35,18 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from stem_cli.config import ConfigError, StemConfig
-from stem_cli.index import PAD, BlockIndex, block_pair_counts, causal_pairs, computed_pairs
+from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.kernels import reference as ref
 from stem_cli.units import format_length, parse_lengths
 
@@ -320,7 +321,7 @@ def make_inputs(shape: Shape, n: int, opts: Options) -> tuple[torch.Tensor, torc
     """Random q, k, v (1, H, N, d); v scaled by exp(randn) per token so value norms vary
     (the Output-Aware term has something to see; all-equal norms would zero it)."""
     gen = torch.Generator(device=opts.device).manual_seed(opts.seed + 7919 * n + shape.hq * 131 + shape.d)
-    kw = dict(device=opts.device, dtype=opts.dtype, generator=gen)
+    kw = {"device": opts.device, "dtype": opts.dtype, "generator": gen}
     q = torch.randn(1, shape.hq, n, shape.d, **kw)
     k = torch.randn(1, shape.hkv, n, shape.d, **kw)
     v = torch.randn(1, shape.hkv, n, shape.d, **kw)
@@ -485,7 +486,8 @@ def dense_sdpa(q, k, v, scale: float, backend_name: str, timer: Timer) -> tuple[
                 if is_oom(error):
                     raise
                 reasons = "; ".join(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
-                raise RuntimeError(f"{short(error, 120)} {reasons}".strip()[:400]) from None
+                message = " ".join(str(error).split())[:160]
+                raise RuntimeError(f"{message} {reasons}".strip()[:400]) from None
             return timer(call)
 
     try:
@@ -528,10 +530,11 @@ def run_case(shape: Shape, n: int, opts: Options, kernels: Kernels, timer: Timer
     scale = shape.d**-0.5
     on_gpu = device == "cuda"
     q, k, v = make_inputs(shape, n, opts)
-    score_args = dict(block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale)
+    score_args = {"block_size": config.block_size, "stride": config.stride, "beta": config.beta, "scale": scale}
 
     # 1. Scoring.
-    scored = guarded(row, "score_ms", lambda: run_and_time(lambda: kernels.score(q, k, v, **score_args), timer, device), ours=True)
+    # Stages get their tensors through partial, not closures, so that `del` below really frees them.
+    scored = guarded(row, "score_ms", partial(run_and_time, partial(kernels.score, q, k, v, **score_args), timer, device), ours=True)
     if scored is None:
         return finish_row(row, shape)
     logits, row["score_ms"] = scored
@@ -543,23 +546,23 @@ def run_case(shape: Shape, n: int, opts: Options, kernels: Kernels, timer: Timer
         reason = na(f"N > --check-max-n {format_length(opts.check_max_n)}")
     else:
         reason = None
-        guarded(row, "check_score_ok", lambda: check_scoring(row, q, k, v, logits, n, score_args, config), ours=True)
+        guarded(row, "check_score_ok", partial(check_scoring, row, q, k, v, logits, n, score_args, config), ours=True)
     if reason:
         for key in ("check_score_rel_err", "check_score_inf_equal", "check_score_ok",
                     "check_index_rows_identical", "check_index_rows_tie_explained", "check_index_ok"):
             row[key] = reason
 
     # 3. Selection.
-    selected = guarded(row, "select_ms", lambda: run_and_time(lambda: select_index(logits, n, config), timer, device), ours=True)
+    selected = guarded(row, "select_ms", partial(run_and_time, partial(select_index, logits, n, config), timer, device), ours=True)
     del logits, scored
     free_memory()
     if selected is None:
         return finish_row(row, shape)
     index, row["select_ms"] = selected
-    record_budget(row, index, n, shape, config, device)
+    guarded(row, "bud", partial(record_budget, row, index, n, shape, config, device), ours=True)
 
     # 4. Sparse attention on that index.
-    attended = guarded(row, "attn_ms", lambda: run_and_time(lambda: kernels.attn(q, k, v, index, scale=scale), timer, device), ours=True)
+    attended = guarded(row, "attn_ms", partial(run_and_time, partial(kernels.attn, q, k, v, index, scale=scale), timer, device), ours=True)
     out = attended[0] if attended else None
     if attended:
         row["attn_ms"] = attended[1]
@@ -573,14 +576,12 @@ def run_case(shape: Shape, n: int, opts: Options, kernels: Kernels, timer: Timer
     elif n % config.block_size:
         row["flex_ms"] = row["flex_compile_s"] = na("N is not a multiple of the block size")
     else:
-        guarded(row, "flex_ms", lambda: run_flex(row, q, k, v, out, index, scale, opts, timer), ours=False)
-    if is_num(row["check_attn_rel_err"]):
-        pass
-    elif kernels.attn is ref.block_sparse_attention:
+        guarded(row, "flex_ms", partial(run_flex, row, q, k, v, out, index, scale, opts, timer), ours=False)
+    if kernels.attn is ref.block_sparse_attention:
         row["check_attn_rel_err"] = row["check_attn_ok"] = NO_GPU if not on_gpu else na("attention ran the reference itself")
-    else:
+    elif not is_num(row["check_attn_rel_err"]):
         # No Flex output to compare with: the reference instead, where that is affordable.
-        guarded(row, "check_attn_ok", lambda: check_attention_by_reference(row, q, k, v, out, index, scale, opts), ours=True)
+        guarded(row, "check_attn_ok", partial(check_attention_by_reference, row, q, k, v, out, index, scale, opts), ours=True)
     del out, index
     free_memory()
 
@@ -591,7 +592,7 @@ def run_case(shape: Shape, n: int, opts: Options, kernels: Kernels, timer: Timer
         elif name in opts.skip:
             row[f"{name}_ms"], row[f"{name}_note"] = na("skipped by --skip"), ""
         else:
-            timed = guarded(row, f"{name}_ms", lambda: dense_sdpa(q, k, v, scale, name, timer), ours=False)
+            timed = guarded(row, f"{name}_ms", partial(dense_sdpa, q, k, v, scale, name, timer), ours=False)
             row[f"{name}_note"] = ""
             if timed:
                 row[f"{name}_ms"], row[f"{name}_note"] = timed
@@ -642,7 +643,7 @@ def run_flex(row, q, k, v, out, index, scale, opts: Options, timer: Timer) -> fl
         return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
 
     t0 = time.perf_counter()
-    expected = call()  # compiles on the first call of each shape
+    expected = call()  # compiles on the first call of each shape: flex_compile_s is compile + one call
     synchronize(q.device.type)
     row["flex_compile_s"] = time.perf_counter() - t0
     if out is None:
@@ -836,12 +837,14 @@ def failures(rows: list[dict]) -> list[str]:
     return found
 
 
-def write_json(report: dict, folder: Path, gpu_name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def profile_path(folder: Path, gpu_name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"kernels-{stamp}-{slug(gpu_name)}.json"
+    return folder / f"kernels-{stamp}-{slug(gpu_name)}.json"
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(report), indent=2) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- main
@@ -856,39 +859,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine['name']}: {len(cases)} cases, Stem block {opts.config.block_size}, stride {opts.config.stride}, "
           f"mu {opts.config.mu}; scoring = {kernels.score_impl}, attention = {kernels.attn_impl}", flush=True)
     started = time.perf_counter()
-    rows = []
-    for i, (shape, n) in enumerate(cases, 1):
-        row = run_case(shape, n, opts, kernels, timer)
-        rows.append(row)
-        free_memory()
-        print(f"[{i}/{len(cases)} {time.perf_counter() - started:.0f}s] {shape.label} N={format_length(n)}: "
-              f"score {cell(row['score_ms'])} ms, select {cell(row['select_ms'])} ms, attn {cell(row['attn_ms'])} ms, "
-              f"cuDNN {cell(row['cudnn_ms'])} ms, FA2 {cell(row['fa2_ms'])} ms, Flex {cell(row['flex_ms'])} ms, "
-              f"check {check_summary(row)}", flush=True)
-
-    notes = target_notes(rows, opts)
-    problems = failures(rows)
+    path = profile_path(opts.output, machine["name"])
     report = {
         "gpu": machine,
         "versions": versions(),
         "command": list(sys.argv),
         "argv": list(argv) if argv is not None else list(sys.argv[1:]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": time.perf_counter() - started,
+        "complete": False,
+        "elapsed_s": 0.0,
         "parameters": parameters(opts),
         "implementations": {"score": kernels.score_impl, "attn": kernels.attn_impl},
-        "rows": rows,
-        "targets": notes,
-        "failures": problems,
+        "rows": [],
+        "targets": [],
+        "failures": [],
     }
+    rows = report["rows"]
+    for i, (shape, n) in enumerate(cases, 1):
+        row = run_case(shape, n, opts, kernels, timer)
+        rows.append(row)
+        free_memory()
+        report["elapsed_s"] = time.perf_counter() - started
+        write_json(report, path)  # after every case: a run cut short still leaves its rows
+        print(f"[{i}/{len(cases)} {report['elapsed_s']:.0f}s] {shape.label} N={format_length(n)}: "
+              f"score {cell(row['score_ms'])} ms, select {cell(row['select_ms'])} ms, attn {cell(row['attn_ms'])} ms, "
+              f"cuDNN {cell(row['cudnn_ms'])} ms, FA2 {cell(row['fa2_ms'])} ms, Flex {cell(row['flex_ms'])} ms, "
+              f"check {check_summary(row)}", flush=True)
+
+    report.update(complete=True, targets=target_notes(rows, opts), failures=failures(rows))
+    write_json(report, path)
     print_table(rows, f"Stem kernels on {machine['name']} ({str(opts.dtype).removeprefix('torch.')}, batch 1)")
-    for note in notes:
+    for note in report["targets"]:
         print(note)
-    for problem in problems:
+    for problem in report["failures"]:
         print(f"FAILED: {problem}")
-    path = write_json(report, opts.output, machine["name"])
     print(f"wrote {path}")
-    return 1 if problems else 0
+    return 1 if report["failures"] else 0
 
 
 if __name__ == "__main__":
