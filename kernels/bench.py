@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from stem_cli.config import ConfigError, StemConfig
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.kernels import reference as ref
+from stem_cli.methods.stem import select_from_logits
 from stem_cli.units import format_length, parse_lengths
 
 DEFAULT_LENGTHS = "8K,16K,32K,64K,128K"
@@ -306,15 +307,8 @@ def load_kernels(device: str) -> Kernels:
 
 
 def select_index(logits: torch.Tensor, seq_len: int, config: StemConfig) -> BlockIndex:
-    """Stem's selection from block logits, step for step as methods/stem.py (per query head, no padding)."""
-    batch, _, p, _ = logits.shape
-    first = ref.first_valid_block(None, batch, config.block_size, logits.device)
-    lengths = torch.full((batch,), seq_len)
-    budget = ref.row_budgets(
-        p, lengths, first, schedule=config.schedule, mu=config.mu, tpd=config.tpd, k_scale=config.k_scale, k_start=config.k_start
-    )
-    forced = ref.forced_blocks(p, first, config.sink_blocks, config.window_blocks)
-    return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len)
+    """Stem's selection from block logits: exactly what methods/stem.py runs (per query head, no padding)."""
+    return select_from_logits(logits, seq_len, config, None)
 
 
 def make_inputs(shape: Shape, n: int, opts: Options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,22 +11,27 @@ from stem_cli.kernels import score
 
 
 def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
-    batch, hq, n, _ = q.shape
-    p = -(-n // config.block_size)
     logits = score.block_logits(
         q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid
     )
     if config.gqa == "kv":
         # One selection per KV head: the group's mean logit (-inf stays -inf, since
         # every head of a group shares its causal and padding structure).
+        batch, hq, p, _ = logits.shape
         logits = logits.view(batch, k.shape[1], hq // k.shape[1], p, p).mean(2)
-    first = ref.first_valid_block(key_valid, batch, config.block_size, q.device)
-    lengths = torch.full((batch,), n) if key_valid is None else key_valid.sum(-1).cpu()
+    return select_from_logits(logits, q.shape[2], config, key_valid)
+
+
+def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, key_valid: torch.Tensor | None) -> BlockIndex:
+    """TPD budget per row, forced sinks/window/diagonal, then top-k by the block logits."""
+    batch, _, p, _ = logits.shape
+    first = ref.first_valid_block(key_valid, batch, config.block_size, logits.device)
+    lengths = torch.full((batch,), seq_len) if key_valid is None else key_valid.sum(-1).cpu()
     budget = ref.row_budgets(
         p, lengths, first, schedule=config.schedule, mu=config.mu, tpd=config.tpd, k_scale=config.k_scale, k_start=config.k_start
     )
     forced = ref.forced_blocks(p, first, config.sink_blocks, config.window_blocks)
-    return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=n)
+    return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len)
 
 
 DEFAULTS = StemConfig()
