@@ -5,13 +5,13 @@
 
 For every head shape (query heads / KV heads / head dim) and sequence length N,
 batch 1, bf16, random inputs, it times:
-- Stem's stages: scoring (Triton block logits), selection (TPD budget, forced
+- Stem's stages: scoring (pooled block logits, kernels/score.py), selection (TPD budget, forced
   blocks, top-k on the GPU logits, as methods/stem.py does it), block-sparse
   attention (Triton) on that index, and their sum;
 - dense causal SDPA with the cuDNN and the FlashAttention backends;
 - FlexAttention (torch.compile) given the very same block index,
 and checks, before timing, that the Triton attention agrees with FlexAttention
-and (at small N) that the Triton logits and the index chosen from them agree with
+and (at small N) that the pooled logits and the index chosen from them agree with
 the float32 reference. A rich table goes to the terminal and every number, with
 the GPU, versions and command line, to profiles/kernels-<date>-<gpu>.json.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib
 import json
 import math
 import platform
@@ -280,6 +279,9 @@ def guarded(row: dict, key: str, fn: Callable, *, ours: bool):
 # --------------------------------------------------------------------------- Stem's stages
 
 
+SCORE_IMPL = "pooled block means + one GEMM per head (torch, kernels/score.py)"
+
+
 @dataclass
 class Kernels:
     score: Callable
@@ -288,22 +290,13 @@ class Kernels:
     attn_impl: str
 
 
-def _import_kernel(module: str, name: str, fallback: Callable) -> tuple[Callable, str]:
-    """The Triton kernel, or the PyTorch reference with a printed notice if it is missing."""
-    try:
-        return getattr(importlib.import_module(f"stem_cli.kernels.{module}"), name), "triton"
-    except (ImportError, AttributeError) as error:
-        print(f"notice: stem_cli.kernels.{module}.{name} unavailable ({short(error)}); timing the PyTorch reference instead")
-        return fallback, f"reference (fallback: {short(error, 120)})"
-
-
 def load_kernels(device: str) -> Kernels:
     if device == "cpu":
         # Triton on the CPU would need TRITON_INTERPRET=1 and time the interpreter: meaningless.
         return Kernels(ref.block_logits, "reference (CPU)", ref.block_sparse_attention, "reference (CPU)")
-    score, score_impl = _import_kernel("score", "block_logits", ref.block_logits)
-    attn, attn_impl = _import_kernel("block_sparse_attn", "block_sparse_attention", ref.block_sparse_attention)
-    return Kernels(score, score_impl, attn, attn_impl)
+    from stem_cli.kernels import block_sparse_attn, score
+
+    return Kernels(score.block_logits, SCORE_IMPL, block_sparse_attn.block_sparse_attention, "triton")
 
 
 def select_index(logits: torch.Tensor, seq_len: int, config: StemConfig) -> BlockIndex:

@@ -12,6 +12,7 @@ says, by the fastest path it has:
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -70,9 +71,7 @@ def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor 
 
 def _kernel_unsupported(q, index: BlockIndex, key_valid) -> str | None:
     """Why the Triton kernel cannot run this call, or None when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"the Triton kernel takes bfloat16/float16, not {q.dtype}"
