@@ -32,12 +32,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc):
-    """Fold one tile of base-2 logits s (-inf = masked) and its values into the running state."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2):
+    """Fold one tile of raw logits s (-inf = masked) and its values into the running state.
+
+    The scale is applied inside the exponent (one fused multiply-add per element)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale_log2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
@@ -93,20 +95,20 @@ def _block_sparse_attn_fwd(
         kb = tl.load(row + (step // TILES) * sik)
         offs_n = kb * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-        s = tl.dot(q, k) * qk_scale_log2
+        s = tl.dot(q, k)
         if HAS_START:
             s = tl.where(offs_n[None, :] >= start, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
     for step in range(n_plain * TILES, count * TILES):  # the diagonal block: causal, N and padding masks
         offs_n = q_block * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_ctx
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k) * qk_scale_log2
+        s = tl.dot(q, k)
         keep = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & (offs_n[None, :] >= start)
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 on rows with no key: zeros, not NaN
