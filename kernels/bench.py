@@ -294,9 +294,13 @@ def load_kernels(device: str) -> Kernels:
     if device == "cpu":
         # Triton on the CPU would need TRITON_INTERPRET=1 and time the interpreter: meaningless.
         return Kernels(ref.block_logits, "reference (CPU)", ref.block_sparse_attention, "reference (CPU)")
-    from stem_cli.kernels import block_sparse_attn, score
+    from stem_cli.executor import sparse_kernel
+    from stem_cli.kernels import score
 
-    return Kernels(score.block_logits, SCORE_IMPL, block_sparse_attn.block_sparse_attention, "triton")
+    def attend(q, k, v, index, **kwargs):  # the kernel the executor would run for these tensors
+        return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, **kwargs)
+
+    return Kernels(score.block_logits, SCORE_IMPL, attend, "triton (tensor descriptors at head dim 256, pointers otherwise)")
 
 
 def select_index(logits: torch.Tensor, seq_len: int, config: StemConfig) -> BlockIndex:

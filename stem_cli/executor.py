@@ -58,20 +58,26 @@ def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor 
     if q.is_cuda:
         reason = _kernel_unsupported(q, index, key_valid)
         if reason is None:
-            from stem_cli.kernels import block_sparse_attn, block_sparse_attn_tma
-
             start = None if key_valid is None else left_padding_start(key_valid)
-            # Descriptor (TMA) loads measured 10-15% faster at head dim 256 on an H100 and no
-            # better (within run-to-run spread) at 64 and 128; see profiles/attn-tma-vs-pointers.md.
-            kernel = block_sparse_attn
-            if q.shape[-1] >= 256 and block_sparse_attn_tma.supported(q, k, v):
-                kernel = block_sparse_attn_tma
-            return kernel.block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
+            return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
         notice_once(
             f"reference:{reason}",
             f"stem: {reason}; running the PyTorch reference executor on the GPU (exact but slow: do not read its timings as the method's speed)",
         )
     return ref.block_sparse_attention(q, k, v, index, scale=scale, key_valid=key_valid)
+
+
+def sparse_kernel(q, k, v):
+    """The Triton attention module for these tensors.
+
+    Descriptor (TMA) loads measured 10-15% faster at head dim 256 on an H100 and no better
+    (within run-to-run spread) at 64 and 128: profiles/attn-tma-vs-pointers.md.
+    """
+    from stem_cli.kernels import block_sparse_attn, block_sparse_attn_tma
+
+    if q.shape[-1] >= 256 and block_sparse_attn_tma.supported(q, k, v):
+        return block_sparse_attn_tma
+    return block_sparse_attn
 
 
 def _kernel_unsupported(q, index: BlockIndex, key_valid) -> str | None:
