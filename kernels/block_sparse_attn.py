@@ -46,6 +46,17 @@ def _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2):
 
 
 @triton.jit
+def _write_output(acc, m_i, l_i, out_ptrs, out_mask, lse_ptrs, lse_mask, STORE_LSE: tl.constexpr):
+    """O = acc / l (zeros where no key: acc is 0 there, never NaN); lse = ln 2 (m + log2 l) or -inf."""
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=out_mask)
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptrs, lse, mask=lse_mask)
+
+
+@triton.jit
 def _block_sparse_attn_fwd(
     Q, K, V, Out, Lse, Counts, Indices, Start,
     sqb, sqh, sqn, sqd,
@@ -110,15 +121,8 @@ def _block_sparse_attn_fwd(
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
 
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 on rows with no key: zeros, not NaN
-    tl.store(
-        Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-        out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < n_ctx) & d_ok[None, :],
-    )
-    if STORE_LSE:
-        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Lse + pid_bh * n_ctx + offs_m, lse, mask=offs_m < n_ctx)
+    out_ptrs = Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    _write_output(acc, m_i, l_i, out_ptrs, (offs_m[:, None] < n_ctx) & d_ok[None, :], Lse + pid_bh * n_ctx + offs_m, offs_m < n_ctx, STORE_LSE)
 
 
 def _configs():

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from stem_cli.index import BlockIndex
-from stem_cli.kernels.block_sparse_attn import INTERPRET, _online_softmax_step
+from stem_cli.kernels.block_sparse_attn import INTERPRET, _online_softmax_step, _write_output
 
 
 @triton.jit
@@ -75,12 +75,8 @@ def _block_sparse_attn_tma_fwd(
         v = v_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
 
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < n_ctx)
-    if STORE_LSE:
-        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Lse + pid_bh * n_ctx + offs_m, lse, mask=offs_m < n_ctx)
+    out_ptrs = Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    _write_output(acc, m_i, l_i, out_ptrs, offs_m[:, None] < n_ctx, Lse + pid_bh * n_ctx + offs_m, offs_m < n_ctx, STORE_LSE)
 
 
 def _set_block_shape(nargs):
