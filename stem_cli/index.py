@@ -96,9 +96,15 @@ def block_pair_counts(key_valid: torch.Tensor | None, batch: int, seq_len: int, 
 
 
 def computed_pairs(index: BlockIndex, pair_counts: torch.Tensor, query_heads: int) -> float:
-    """Token pairs the index makes the executor compute, summed over query heads."""
-    mask = index.to_mask().to(torch.float64)  # (B, H, P, P)
-    per_head = (mask * pair_counts[:, None]).sum()
+    """Token pairs the index makes the executor compute, summed over query heads.
+
+    A gather of the selected blocks' pair counts: O(B H P K) on the index's device,
+    never a dense (B, H, P, P) mask."""
+    b, h, pq, _ = index.indices.shape
+    p = pair_counts.shape[-1]
+    counts = torch.cat([pair_counts, pair_counts.new_zeros(b, p, 1)], dim=-1)  # PAD reads the zero column
+    ids = torch.where(index.indices >= 0, index.indices.long(), p)
+    per_head = torch.gather(counts[:, None, :pq].expand(b, h, pq, p + 1), -1, ids).sum()
     group = query_heads // index.num_heads  # a KV-head index serves its whole group
     return float(per_head) * group
 

@@ -152,3 +152,20 @@ def test_gpu_bf16_full_budget_matches_dense_and_sparse_is_finite(family):
         sparse = model(ids).logits.float()
     assert (full - dense).norm() / dense.norm() < 2e-2  # bf16 operands
     assert torch.isfinite(sparse).all() and 0 < runtime.recorder.bud < 0.5
+
+
+def test_gqa_kv_selection_full_budget_and_same_bud():
+    """One selection per KV head: full budget is still dense, and since budgets are
+    counts per row, BUD matches per-query-head selection exactly."""
+    model = tiny("llama")
+    ids = random_ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+        stem_cli.apply(model, "stem", block_size=16, dense_layers=[], k_start=10_000, gqa="kv")
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)
+        bud = {}
+        for mode in ("query", "kv"):
+            runtime = stem_cli.apply(model, "stem", **SPARSE, gqa=mode)
+            model(ids)
+            bud[mode] = runtime.recorder.bud
+    assert bud["kv"] == pytest.approx(bud["query"]) and bud["kv"] < 0.9
