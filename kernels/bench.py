@@ -653,8 +653,8 @@ def record_budget(row, index: BlockIndex, n: int, shape: Shape, config: StemConf
     kept = float(index.counts.sum(dtype=torch.float64))
     row["density"] = kept / (index.counts.shape[0] * index.num_heads * p * (p + 1) / 2)
     pairs = block_pair_counts(None, 1, n, config.block_size, device=device)
-    row["computed_pairs"] = computed_pairs(index, pairs, shape.hq)
-    row["causal_pairs"] = causal_pairs(pairs, shape.hq)
+    row["computed_pairs"] = float(computed_pairs(index, pairs, shape.hq))
+    row["causal_pairs"] = float(causal_pairs(pairs, shape.hq))
     row["bud"] = row["computed_pairs"] / row["causal_pairs"]
 
 

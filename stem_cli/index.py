@@ -41,8 +41,9 @@ class BlockIndex:
         p = -(-seq_len // block_size)
         ids = torch.arange(p, device=device, dtype=torch.int32)
         rows = torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)
-        counts = (ids + 1).expand(batch, heads, p).contiguous()
-        return BlockIndex(counts, rows.expand(batch, heads, p, p).contiguous(), block_size, seq_len, full=True)
+        # Broadcast views: a dense layer at 128K must not allocate a (B, H, P, P) index.
+        counts = (ids + 1).expand(batch, heads, p)
+        return BlockIndex(counts, rows.expand(batch, heads, p, p), block_size, seq_len, full=True)
 
     @staticmethod
     def from_mask(mask: torch.Tensor, block_size: int, seq_len: int) -> "BlockIndex":
@@ -95,19 +96,21 @@ def block_pair_counts(key_valid: torch.Tensor | None, batch: int, seq_len: int, 
     return pairs + torch.diag_embed(diag)
 
 
-def computed_pairs(index: BlockIndex, pair_counts: torch.Tensor, query_heads: int) -> float:
-    """Token pairs the index makes the executor compute, summed over query heads.
+def computed_pairs(index: BlockIndex, pair_counts: torch.Tensor, query_heads: int) -> torch.Tensor:
+    """Token pairs the index makes the executor compute, summed over query heads (0-dim float64).
 
     A gather of the selected blocks' pair counts: O(B H P K) on the index's device,
-    never a dense (B, H, P, P) mask."""
+    never a dense (B, H, P, P) mask. Returned as a tensor so callers in the middle of a
+    forward pass need not synchronise the device."""
     b, h, pq, _ = index.indices.shape
     p = pair_counts.shape[-1]
     counts = torch.cat([pair_counts, pair_counts.new_zeros(b, p, 1)], dim=-1)  # PAD reads the zero column
     ids = torch.where(index.indices >= 0, index.indices.long(), p)
     per_head = torch.gather(counts[:, None, :pq].expand(b, h, pq, p + 1), -1, ids).sum()
     group = query_heads // index.num_heads  # a KV-head index serves its whole group
-    return float(per_head) * group
+    return per_head * group
 
 
-def causal_pairs(pair_counts: torch.Tensor, query_heads: int) -> float:
-    return float(pair_counts.sum()) * query_heads
+def causal_pairs(pair_counts: torch.Tensor, query_heads: int) -> torch.Tensor:
+    """Causal token pairs of dense attention over query heads (0-dim float64)."""
+    return pair_counts.sum() * query_heads

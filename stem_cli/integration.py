@@ -40,14 +40,21 @@ class BudgetRecorder:
     """Token pairs computed vs. dense causal pairs, per layer, since the last reset.
     (Timing lives in the profiler, with CUDA events; host clocks here would lie on a GPU.)"""
 
-    computed: dict[int, float] = field(default_factory=dict)
-    causal: dict[int, float] = field(default_factory=dict)
+    # Per layer lists of 0-dim tensors, summed when read: no device sync inside the forward.
+    computed: dict[int, list] = field(default_factory=dict)
+    causal: dict[int, list] = field(default_factory=dict)
     calls: int = 0  # governed pre-fill attention calls
 
-    def add(self, layer: int, computed: float, causal: float) -> None:
-        self.computed[layer] = self.computed.get(layer, 0.0) + computed
-        self.causal[layer] = self.causal.get(layer, 0.0) + causal
+    def add(self, layer: int, computed, causal) -> None:
+        self.computed.setdefault(layer, []).append(computed)
+        self.causal.setdefault(layer, []).append(causal)
         self.calls += 1
+
+    def _totals(self) -> dict[int, tuple[float, float]]:
+        return {
+            layer: (float(sum(float(x) for x in self.computed[layer])), float(sum(float(x) for x in self.causal[layer])))
+            for layer in sorted(self.causal)
+        }
 
     def reset(self) -> None:
         self.computed.clear()
@@ -57,11 +64,12 @@ class BudgetRecorder:
     @property
     def bud(self) -> float | None:
         """Computed / causal pairs over every governed layer and head (dense layers included)."""
-        total = sum(self.causal.values())
-        return sum(self.computed.values()) / total if total else None
+        totals = self._totals().values()
+        causal = sum(c for _, c in totals)
+        return sum(done for done, _ in totals) / causal if causal else None
 
     def per_layer(self) -> dict[int, float]:
-        return {layer: self.computed[layer] / c for layer, c in sorted(self.causal.items()) if c}
+        return {layer: done / causal for layer, (done, causal) in self._totals().items() if causal}
 
 
 @dataclass
