@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -253,6 +254,136 @@ def generate_cmd(
         console.print(f"[bold cyan]{name}[/]: {text}", highlight=False)
     if answer:
         console.print(f"[dim]expected answer: {answer}[/]")
+    console.print(table)
+
+
+
+# ------------------------------------------------------------------ profile
+
+GPU_DEFAULTS = ("llama3-8b", "8k,32k,128k")
+CPU_DEFAULTS = ("smollm2-135m", "1k,4k")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@app.command("profile")
+@guarded
+def profile_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Alias, HF id, local dir or .gguf. Default: llama3-8b on a GPU, smollm2-135m on the CPU."),
+    seq_len: Optional[str] = typer.Option(None, "--seq-len", help="Comma-separated lengths (8k,32k,128k or 131072). Default: 8k,32k,128k on a GPU, 1k,4k on the CPU."),
+    methods: List[str] = typer.Option(["dense,stem"], "--methods", "--method", help="Methods, comma-separated or repeated; dense is the speed-up baseline."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences per pre-fill."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed pre-fills first."),
+    repeat: int = typer.Option(5, "--repeat", min=1, help="Timed pre-fills (medians and spread over these)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Build the model from its config (chosen automatically, with a notice, when weights are not available)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with one table per method."),
+    set_: List[str] = typer.Option([], "--set", help="Parameter override NAME=VALUE or METHOD.NAME=VALUE (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),
+    output: Path = typer.Option(Path("profiles"), "--output", help="Folder for the JSON and PNG."),
+):
+    """Time pre-fill end to end against its attention (estimation + sparse attention) per method and length, with NVML telemetry.
+
+    [b]Example:[/b] stem profile --model llama3-8b --seq-len 8k,32k,128k --methods dense,stem,uniform --random-weights
+    """
+    import datetime
+    import sys
+
+    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.models import REGISTRY, ModelError, load_model, resolve_device
+    from stem_cli.nvml import NvmlSampler
+    from stem_cli.plots import plot_profile
+    from stem_cli.profile import environment, profile_prefill
+    from stem_cli.units import parse_lengths
+
+    dev = resolve_device(device)
+    on_gpu = dev.type == "cuda"
+    model = model or (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)[0]
+    try:
+        lengths = parse_lengths(seq_len or (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)[1])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    names = parse_method_list(methods)
+    configs = build_configs(names, str(config) if config else None, set_)
+    if not on_gpu:
+        err.print("[yellow]notice:[/] no GPU: these are CPU timings of a small model (PyTorch reference for sparse attention), not GPU kernel speed; NVML skipped")
+    try:
+        loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=err)
+    except ModelError as e:
+        if random_weights or model not in REGISTRY:
+            raise
+        err.print(f"[yellow]notice:[/] weights not available ({str(e).splitlines()[0]}); using random weights from the shipped config")
+        loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=True, console=err)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and max(lengths) > limit:
+        raise UsageError(f"--seq-len {max(lengths)} exceeds the model's context of {limit} tokens")
+    sampler_info = None
+    if on_gpu:
+        probe = NvmlSampler(dev.index or 0)
+        sampler_info = probe.static_info()
+        if not probe.available:
+            err.print(f"[yellow]notice:[/] {probe.reason}; continuing without GPU telemetry")
+
+    env = environment(dev, sampler_info)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    where = _slug(env.get("gpu", "cpu"))
+    stem_name = f"profile-{stamp:%Y%m%d-%H%M%S}-{where}-{_slug(model)}"
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {str(output)!r} is a file; give a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = output / f"{stem_name}.json", output / f"{stem_name}.png"
+    result = {
+        "command": " ".join(["stem", *sys.argv[1:]]),
+        "timestamp": stamp.isoformat(),
+        "model": model,
+        "model_source": loaded.source,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "environment": env,
+        "parameters": {"lengths": lengths, "methods": names, "batch": batch, "warmup": warmup, "repeat": repeat,
+                       "configs": {n: dataclasses.asdict(c) for n, c in configs.items()}},
+        "timing": "CUDA events" if on_gpu else "host clock (CPU timings)",
+        "rows": [],
+    }
+
+    def save(row=None):
+        if row is not None:
+            result["rows"].append(row)
+        json_path.write_text(json.dumps(result, indent=2, default=str))  # each row as it is made
+
+    with console.status("profiling") as status:
+        profile_prefill(loaded.model, names, configs, lengths, batch=batch, warmup=warmup, repeat=repeat,
+                        on_row=save, progress=lambda what: status.update(f"profiling {what}"))
+    save()
+    plot_profile(result["rows"], png_path, f"{model} pre-fill on {env.get('gpu', 'CPU')} ({result['dtype']})")
+    _profile_table(result)
+    console.print(f"wrote {json_path} and {png_path}")
+
+
+def _profile_table(result: dict) -> None:
+    from stem_cli.units import format_length
+
+    env = result["environment"]
+    table = Table(title=f"stem profile: {result['model']} on {env.get('gpu', 'CPU')} ({result['timing']})")
+    for col in ("method", "length", "e2e ms", "attention ms", "estimation ms", "other ms", "speed-up", "BUD", "tok/s", "decode ms", "peak GiB", "power W"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for row in result["rows"]:
+        if row.get("status") != "ok":
+            need = row.get("failed_allocation_gib")
+            table.add_row(row["method"], format_length(row["seq_len"]), f"[red]{row['status']}[/]" + (f" (+{need:.1f} GiB)" if need else ""), *[""] * 9)
+            continue
+        power = ((row.get("nvml") or {}).get("power_w") or {}).get("mean")
+        table.add_row(
+            row["method"], format_length(row["seq_len"]),
+            f"{row['e2e_ms']:.1f} ({row['e2e_min_ms']:.0f}-{row['e2e_max_ms']:.0f})", f"{row['attention_ms']:.1f}",
+            f"{row['estimation_ms']:.1f}", f"{row['other_ms']:.1f}", fmt(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""),
+            fmt(row.get("bud"), ".1%"), f"{row['tokens_per_s']:.0f}", f"{row['decode_ms']:.1f}", fmt(row.get("peak_gib"), ".1f"), fmt(power, ".0f"),
+        )
     console.print(table)
 
 

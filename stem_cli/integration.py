@@ -24,6 +24,7 @@ Usage:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from stem_cli.config import ConfigError, replace
 from stem_cli.executor import attend
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.methods import METHODS, Method, get_method
+from stem_cli.timing import StageTimer
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Runtime:
     method: Method
     config: Any
     recorder: BudgetRecorder = field(default_factory=BudgetRecorder)
+    timer: StageTimer | None = None  # set by the profiler: estimation / attention time per call
 
     @property
     def name(self) -> str:
@@ -136,11 +139,14 @@ def _make_forward(method_name: str):
         dense_layer = layer in getattr(config, "dense_layers", ())
         block_size = getattr(config, "block_size", 128)
 
-        if dense_layer or runtime.method.name == "dense":
-            index = BlockIndex.full_causal(batch, key.shape[1], n, block_size, device=query.device)
-        else:
-            index = runtime.method.select(query, key, value, layer=layer, config=config, scale=scale, key_valid=key_valid)
-        out = attend(query, key, value, index, scale=scale, key_valid=key_valid)
+        timer = runtime.timer
+        with timer.stage("estimation") if timer else nullcontext():
+            if dense_layer or runtime.method.name == "dense":
+                index = BlockIndex.full_causal(batch, key.shape[1], n, block_size, device=query.device)
+            else:
+                index = runtime.method.select(query, key, value, layer=layer, config=config, scale=scale, key_valid=key_valid)
+        with timer.stage("attention") if timer else nullcontext():
+            out = attend(query, key, value, index, scale=scale, key_valid=key_valid)
 
         pairs = block_pair_counts(key_valid, batch, n, index.block_size, device=query.device)
         causal = causal_pairs(pairs, hq)

@@ -5,7 +5,8 @@ and power the GPU actually ran at. Everything degrades to "not available" withou
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _init_nvml() -> tuple[Any, str | None]:
@@ -88,7 +89,7 @@ class NvmlSampler:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def __enter__(self) -> "NvmlSampler":
+    def __enter__(self) -> NvmlSampler:
         self._samples = []
         if not self.available:
             return self

@@ -1,0 +1,127 @@
+"""The pre-fill profile as one PNG: time breakdown per method and length, and speed-up vs dense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; must precede the pyplot import
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+from matplotlib.ticker import NullLocator
+
+from stem_cli.units import format_length
+
+PARTS = (("attention_ms", "attention", "#4c72b0"), ("estimation_ms", "estimation", "#dd8452"), ("other_ms", "other", "#a0a0a0"))
+
+
+def _failed(row: dict) -> str | None:
+    """The row's failure label ("OOM", "error"), or None when it has numbers to draw."""
+    status = row.get("status")
+    if not status or str(status).lower() == "ok":
+        return None
+    return str(status).split(":")[0]  # "error: CUDA ..." -> "error", short enough for a bar
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))  # first-seen order, duplicates dropped
+
+
+def plot_profile(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Write the two-panel profile plot of `rows` to `path` (PNG) and return the path."""
+    if not rows:
+        raise ValueError("plot_profile: no result rows to plot (the profile produced no rows)")
+    path = Path(path)
+    methods = _ordered(row["method"] for row in rows)
+    lengths = sorted(_ordered(int(row["seq_len"]) for row in rows))
+    by_key = {(int(row["seq_len"]), row["method"]): row for row in rows}
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=120, gridspec_kw={"width_ratios": [1.4, 1]})
+    fig.suptitle(title)
+
+    totals = [sum(row.get(key) or 0.0 for key, _, _ in PARTS) for row in rows if not _failed(row)]
+    nonzero = [t for t in totals if t > 0]
+    top = max(nonzero, default=1.0)
+    log_y = bool(nonzero) and top > 50 * min(nonzero)
+
+    width = 0.8 / len(methods)
+    bar_x, bar_names = [], []
+    for group, n in enumerate(lengths):
+        for slot, method in enumerate(methods):
+            row = by_key.get((n, method))
+            if row is None:
+                continue  # this method was not run at this length
+            x = group - 0.4 + width * (slot + 0.5)
+            bar_x.append(x)
+            bar_names.append(method)
+            failure = _failed(row)
+            if failure:
+                # Full height, so a failed run stands out instead of looking fast.
+                left.bar(x, top, width * 0.9, fill=False, hatch="///", edgecolor="#c44e52", linewidth=1)
+                left.text(x, top ** 0.5 if log_y else top / 2, failure, ha="center", va="center", rotation=90,
+                          fontsize=8, color="#c44e52", fontweight="bold", bbox={"fc": "white", "ec": "none", "pad": 1})
+                continue
+            bottom = 0.0
+            for key, _, color in PARTS:
+                value = row.get(key) or 0.0
+                left.bar(x, value, width * 0.9, bottom=bottom, color=color, edgecolor="white", linewidth=0.5)
+                bottom += value
+
+    # Method names as minor ticks under each bar, lengths as major ticks padded below them.
+    rotate = len(bar_x) > 8 or max(len(m) for m in methods) * len(methods) > 24
+    left.xaxis.remove_overlapping_locs = False  # else a bar at a group centre loses its name
+    left.set_xticks(bar_x, bar_names, minor=True, rotation=90 if rotate else 0, fontsize=8)
+    left.set_xticks(range(len(lengths)), [format_length(n) for n in lengths], fontweight="bold")
+    left.tick_params(axis="x", which="minor", length=0)
+    left.set_xlim(-0.5, len(lengths) - 0.5)
+    if log_y:
+        left.set_yscale("log")
+    left.set_ylabel("pre-fill time (ms)")
+    left.set_xlabel("sequence length / method")
+    left.set_title("time breakdown")
+    left.grid(axis="y", alpha=0.3)
+    left.set_axisbelow(True)
+    handles = [Patch(color=color, label=label) for _, label, color in PARTS]
+    if len(totals) < len(rows):
+        handles.append(Patch(fill=False, hatch="///", edgecolor="#c44e52", label="failed (OOM, error)"))
+    left.legend(handles=handles, fontsize=8, loc="best")
+
+    best = 0.0  # highest speed-up drawn, for the y range
+    for index, method in enumerate(methods):
+        if method == "dense":  # the baseline is the dashed line at 1.0
+            continue
+        points = [(n, by_key[(n, method)].get("speedup")) for n in lengths if (n, method) in by_key]
+        points = [(n, s) for n, s in points if isinstance(s, (int, float))]  # dense rows and OOMs have none
+        for n in lengths:  # say why a point is missing rather than leave a silent gap
+            failure = _failed(by_key.get((n, method), {}))
+            if failure:
+                right.annotate(f"{method}: {failure}", (n, 0), xytext=(0, 4 + 11 * index), textcoords="offset points",
+                               xycoords=("data", "axes fraction"), ha="center", fontsize=7, color=f"C{index % 10}")
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        right.plot(xs, ys, marker="os^Dvp<>"[index % 8], label=method, color=f"C{index % 10}")
+        best = max(best, *ys)
+    right.axhline(1.0, color="black", linestyle="--", linewidth=1, label="dense")
+    right.set_xscale("log", base=2)
+    right.set_xticks(lengths, [format_length(n) for n in lengths])
+    right.xaxis.set_minor_locator(NullLocator())  # log-scale minor ticks would add unlabelled clutter
+    right.set_xlim(lengths[0] / 1.5, lengths[-1] * 1.5)  # room for end markers and notes
+    right.set_xlabel("sequence length")
+    right.set_ylabel("speed-up vs dense (x)")
+    right.set_title("speed-up vs dense")
+    right.grid(alpha=0.3)
+    right.set_ylim(0, max(1.0, best) * 1.15)  # from zero, with room above the 1.0 line and the best point
+    right.legend(fontsize=8)
+
+    # Push the length labels just below the method names, measured once they are laid out.
+    fig.canvas.draw()
+    name_depth = max(label.get_window_extent().height for label in left.get_xticklabels(minor=True)) * 72 / fig.dpi
+    left.tick_params(axis="x", which="major", length=0, pad=name_depth + 8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)  # profiles can draw many plots in one process
+    return path

@@ -1,0 +1,55 @@
+"""plot_profile writes a readable PNG of the expected size, and refuses an empty profile."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import pytest
+
+from stem_cli.plots import plot_profile
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def rows_2x3() -> list[dict]:
+    rows = []
+    for n in (8192, 32768, 131072):
+        dense = n * n / 2e7
+        rows.append(dict(method="dense", seq_len=n, attention_ms=dense, estimation_ms=0.0,
+                         other_ms=5.0, e2e_ms=dense + 5.0, speedup=None))
+        if n == 131072:
+            rows.append(dict(method="stem", seq_len=n, status="OOM"))
+        else:
+            attention, estimation = dense / 6, n / 800
+            e2e = attention + estimation + 5.0
+            rows.append(dict(method="stem", seq_len=n, attention_ms=attention, estimation_ms=estimation,
+                             other_ms=5.0, e2e_ms=e2e, speedup=(dense + 5.0) / e2e))
+    return rows
+
+
+def test_png_written_with_expected_size(tmp_path):
+    path = plot_profile(rows_2x3(), tmp_path / "sub" / "profile.png", "SmolLM2 pre-fill")
+    assert path == tmp_path / "sub" / "profile.png"
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert (width, height) == (12 * 120, 5 * 120)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [dict(method="dense", seq_len=4096, attention_ms=3.0, estimation_ms=0.0, other_ms=1.0, e2e_ms=4.0, speedup=None)],
+        [dict(method="dense", seq_len=65536, status="OOM"), dict(method="stem", seq_len=65536, status="error: CUDA")],
+        [dict(method="stem", seq_len=1000, attention_ms=None, estimation_ms=1.0, other_ms=0.0, speedup=2.0, status="ok")],
+    ],
+    ids=["one-dense-row", "all-failed", "odd-length-missing-part"],
+)
+def test_edge_cases_still_render(tmp_path, rows):
+    path = plot_profile(rows, str(tmp_path / "p.png"), "edge")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_empty_rows_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no result rows"):
+        plot_profile([], tmp_path / "p.png", "empty")
+    assert not (tmp_path / "p.png").exists()
