@@ -22,13 +22,13 @@ def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-@pytest.mark.parametrize("command", [[], ["methods"], ["models"], ["models", "list"], ["models", "pull"], ["generate"]])
+@pytest.mark.parametrize("command", [[], ["methods"], ["models"], ["models", "list"], ["models", "pull"], ["generate"], ["profile"]])
 def test_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0, result.output
     text = plain(result.output)
     if not command:
-        for sub in ("methods", "models", "generate"):
+        for sub in ("methods", "models", "generate", "profile"):
             assert sub in text
     elif command != ["models"]:
         assert "Example:" in text
