@@ -102,3 +102,12 @@ def test_timers_on_cpu():
     totals = timer.collect()
     assert totals["a"] >= 15 and totals["b"] < totals["a"]
     assert timer.collect() == {}  # collected intervals are not counted twice
+
+
+def test_batch_of_two():
+    loaded = load_model("tiny-llama", device="cpu")
+    configs = build_configs(["dense", "stem"], None, ["block_size=16", "stem.k_start=4"])
+    rows = profile_module.profile_prefill(loaded.model, ["dense", "stem"], configs, [160], batch=2, warmup=0, repeat=2)
+    assert [r["batch"] for r in rows] == [2, 2]
+    assert rows[0]["tokens_per_s"] == pytest.approx(2 * 160 / (rows[0]["e2e_ms"] / 1e3))
+    assert 0 < rows[1]["bud"] < 1
