@@ -163,6 +163,10 @@ def test_selection_matches_brute_force(seed, p, heads, sinks, window, k_start, m
     budget = ref.row_budgets(p, lengths, first, schedule="code", mu=mu, tpd=tpd, k_start=min(k_start, p))
     forced = ref.forced_blocks(p, first, sinks, window)
     index = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8)
+    bounded = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, max_count=int(budget.max()) + sinks + window + 1)
+    assert torch.equal(bounded.counts, index.counts)
+    k = index.indices.shape[-1]
+    assert torch.equal(bounded.indices[..., :k], index.indices) and (bounded.indices[..., k:] == -1).all()
     want = brute_select(logits, budget, first, sinks, window)
     for (b, h, i), blocks in want.items():
         c = int(index.counts[b, h, i])

@@ -23,15 +23,20 @@ def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: 
 
 
 def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, key_valid: torch.Tensor | None) -> BlockIndex:
-    """TPD budget per row, forced sinks/window/diagonal, then top-k by the block logits."""
+    """TPD budget per row, forced sinks/window/diagonal, then top-k by the block logits.
+
+    Budgets are data-independent, so they are built on the host and nothing here waits
+    for the device (without padding): the forward keeps the GPU queue full."""
     batch, _, p, _ = logits.shape
-    first = ref.first_valid_block(key_valid, batch, config.block_size, logits.device)
-    lengths = torch.full((batch,), seq_len) if key_valid is None else key_valid.sum(-1).cpu()
+    valid = None if key_valid is None else key_valid.cpu()
+    first = ref.first_valid_block(valid, batch, config.block_size, "cpu")
+    lengths = torch.full((batch,), seq_len) if valid is None else valid.sum(-1)
     budget = ref.row_budgets(
         p, lengths, first, schedule=config.schedule, mu=config.mu, tpd=config.tpd, k_scale=config.k_scale, k_start=config.k_start
     )
-    forced = ref.forced_blocks(p, first, config.sink_blocks, config.window_blocks)
-    return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len)
+    forced = ref.forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
+    most = int(budget.max()) + config.sink_blocks + config.window_blocks + 1  # >= any row's count
+    return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most)
 
 
 DEFAULTS = StemConfig()
