@@ -28,7 +28,6 @@ import gc
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
@@ -38,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -48,6 +46,7 @@ from stem_cli.config import ConfigError, StemConfig
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.kernels import reference as ref
 from stem_cli.methods.stem import select_from_logits
+from stem_cli.profile import is_oom, package_version, slug
 from stem_cli.units import format_length, parse_lengths
 
 DEFAULT_LENGTHS = "8K,16K,32K,64K,128K"
@@ -250,11 +249,6 @@ def run_and_time(fn: Callable, timer: Timer, device: str):
 def short(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:limit]
-
-
-def is_oom(error: BaseException) -> bool:
-    # torch.compile and Triton wrap CUDA OOMs in their own exception types.
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def guarded(row: dict, key: str, fn: Callable, *, ours: bool):
@@ -677,10 +671,6 @@ def finish_row(row: dict, shape: Shape) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
 def driver_version() -> str | None:
     try:
         import pynvml
@@ -689,13 +679,6 @@ def driver_version() -> str | None:
         version = pynvml.nvmlSystemGetDriverVersion()
         return version.decode() if isinstance(version, bytes) else str(version)
     except Exception:  # noqa: BLE001 - no NVML, no driver: recorded as null
-        return None
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
         return None
 
 

@@ -133,14 +133,32 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
+    """Tiles must fit inside one index block; small blocks get one tile of the block's size."""
     block = kwargs["BLOCK"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block and c.kwargs["BLOCK_N"] <= block]
-    return kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
+    return kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2, pre_hook=configs[0].pre_hook)]
 
 
 _tuned = triton.autotune(
     configs=_configs(), key=["HEAD_DIM", "BLOCK", "STORE_LSE"], prune_configs_by={"early_config_prune": _prune}
 )(_block_sparse_attn_fwd)
+
+
+def launch_buffers(q, index: BlockIndex, scale, kv_start, return_lse: bool, out):
+    """Checks and device buffers both attention kernels launch with:
+    (scale, out, lse, counts, indices, start); lse and start alias other buffers when unused."""
+    batch, hq, n, d = q.shape
+    if index.block_size < 16 or index.block_size & (index.block_size - 1):
+        raise ValueError(f"block_size={index.block_size} is not supported by the Triton kernel: use a power of two >= 16")
+    if q.dtype not in (torch.bfloat16, torch.float16) and not INTERPRET:
+        raise ValueError(f"dtype {q.dtype} is not supported by the Triton kernel: use bfloat16 or float16")
+    scale = d**-0.5 if scale is None else scale
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(batch, hq, n, dtype=torch.float32, device=q.device) if return_lse else out
+    counts = index.counts.to(device=q.device, dtype=torch.int32)
+    indices = index.indices.to(device=q.device, dtype=torch.int32)
+    start = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else counts
+    return scale, out, lse, counts, indices, start
 
 
 def block_sparse_attention(
@@ -160,16 +178,7 @@ def block_sparse_attention(
     """
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
-    if index.block_size < 16 or index.block_size & (index.block_size - 1):
-        raise ValueError(f"block_size={index.block_size} is not supported by the Triton kernel: use a power of two >= 16")
-    if q.dtype not in (torch.bfloat16, torch.float16) and not INTERPRET:
-        raise ValueError(f"dtype {q.dtype} is not supported by the Triton kernel: use bfloat16 or float16")
-    scale = d**-0.5 if scale is None else scale
-    out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(batch, hq, n, dtype=torch.float32, device=q.device) if return_lse else out
-    counts = index.counts.to(device=q.device, dtype=torch.int32)
-    indices = index.indices.to(device=q.device, dtype=torch.int32)
-    start = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else counts
+    scale, out, lse, counts, indices, start = launch_buffers(q, index, scale, kv_start, return_lse, out)
     head_dim = triton.next_power_of_2(max(d, 16))
     args = (
         q, k, v, out, lse, counts, indices, start,

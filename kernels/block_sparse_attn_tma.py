@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from stem_cli.index import BlockIndex
-from stem_cli.kernels.block_sparse_attn import INTERPRET, _online_softmax_step, _write_output
+from stem_cli.kernels.block_sparse_attn import INTERPRET, _online_softmax_step, _prune, _write_output, launch_buffers
 
 
 @triton.jit
@@ -85,12 +85,6 @@ def _set_block_shape(nargs):
         nargs[name].block_shape = [1, 1, n, nargs["HEAD_DIM"]]
 
 
-def _prune(configs, named_args, **kwargs):
-    block = kwargs["BLOCK"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block and c.kwargs["BLOCK_N"] <= block]
-    return kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2, pre_hook=_set_block_shape)]
-
-
 _tuned = triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shape)
@@ -125,12 +119,7 @@ def block_sparse_attention(
     """Same contract as block_sparse_attn.block_sparse_attention; check `supported` first."""
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
-    scale = d**-0.5 if scale is None else scale
-    out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(batch, hq, n, dtype=torch.float32, device=q.device) if return_lse else out
-    counts = index.counts.to(device=q.device, dtype=torch.int32)
-    indices = index.indices.to(device=q.device, dtype=torch.int32)
-    start = kv_start.to(device=q.device, dtype=torch.int32) if kv_start is not None else counts
+    scale, out, lse, counts, indices, start = launch_buffers(q, index, scale, kv_start, return_lse, out)
     bn = min(64, index.block_size)
     k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, d])
     v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, d])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -264,10 +263,6 @@ GPU_DEFAULTS = ("llama3-8b", "8k,32k,128k")
 CPU_DEFAULTS = ("smollm2-135m", "1k,4k")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 @app.command("profile")
 @guarded
 def profile_cmd(
@@ -295,7 +290,7 @@ def profile_cmd(
     from stem_cli.models import REGISTRY, ModelError, load_model, resolve_device
     from stem_cli.nvml import NvmlSampler
     from stem_cli.plots import plot_profile
-    from stem_cli.profile import environment, profile_prefill
+    from stem_cli.profile import environment, profile_prefill, slug
     from stem_cli.units import parse_lengths
 
     dev = resolve_device(device)
@@ -328,8 +323,8 @@ def profile_cmd(
 
     env = environment(dev, sampler_info)
     stamp = datetime.datetime.now(datetime.timezone.utc)
-    where = _slug(env.get("gpu", "cpu"))
-    stem_name = f"profile-{stamp:%Y%m%d-%H%M%S}-{where}-{_slug(model)}"
+    where = slug(env.get("gpu", "cpu"))
+    stem_name = f"profile-{stamp:%Y%m%d-%H%M%S}-{where}-{slug(model)}"
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {str(output)!r} is a file; give a folder")
     output.mkdir(parents=True, exist_ok=True)

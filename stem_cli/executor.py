@@ -56,9 +56,9 @@ def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor 
     if index.full:
         return dense_attention(q, k, v, scale=scale, key_valid=key_valid)
     if q.is_cuda:
-        reason = _kernel_unsupported(q, index, key_valid)
+        start = None if key_valid is None else left_padding_start(key_valid)
+        reason = _kernel_unsupported(q, index, key_valid is not None and start is None)
         if reason is None:
-            start = None if key_valid is None else left_padding_start(key_valid)
             return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
         notice_once(
             f"reference:{reason}",
@@ -80,7 +80,7 @@ def sparse_kernel(q, k, v):
     return block_sparse_attn
 
 
-def _kernel_unsupported(q, index: BlockIndex, key_valid) -> str | None:
+def _kernel_unsupported(q, index: BlockIndex, other_padding: bool) -> str | None:
     """Why the Triton kernel cannot run this call, or None when it can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -88,6 +88,6 @@ def _kernel_unsupported(q, index: BlockIndex, key_valid) -> str | None:
         return f"the Triton kernel takes bfloat16/float16, not {q.dtype}"
     if index.block_size < 16:
         return f"the Triton kernel needs block_size >= 16, not {index.block_size}"
-    if key_valid is not None and left_padding_start(key_valid) is None:
+    if other_padding:
         return "the padding is not left padding"
     return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import statistics
 from contextlib import nullcontext
+from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ _UNIT = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB"
 
 
 def is_oom(error: BaseException) -> bool:
+    # torch.compile and Triton wrap CUDA OOMs in their own exception types: read the message too.
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
 
@@ -157,23 +159,28 @@ def profile_prefill(
     return rows
 
 
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def slug(text: str) -> str:
+    """A file-name piece: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
 def environment(device: torch.device, sampler_info: dict | None) -> dict[str, Any]:
     """What the numbers were measured on: device properties (never the name to branch on), versions."""
     import platform
-    from importlib import metadata
-
-    def version(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
 
     env: dict[str, Any] = {
         "device": device.type,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": version("triton"),
-        "transformers": version("transformers"),
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
