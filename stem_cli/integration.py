@@ -82,10 +82,23 @@ class Runtime:
     config: Any
     recorder: BudgetRecorder = field(default_factory=BudgetRecorder)
     timer: StageTimer | None = None  # set by the profiler: estimation / attention time per call
+    # Every layer of one forward gets the same mask object: derive the valid keys and the
+    # per-block pair counts once per (mask, length, block), not once per layer.
+    _padding: tuple | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.method.name
+
+    def padding(self, attention_mask, batch: int, n: int, block_size: int, device):
+        """(key_valid or None, (B, P, P) valid causal pair counts) for this call's mask."""
+        cached = self._padding
+        if cached is not None and cached[0] is attention_mask and cached[1:5] == (batch, n, block_size, device):
+            return cached[5], cached[6]
+        key_valid = _key_valid(attention_mask, batch, n)
+        pairs = block_pair_counts(key_valid, batch, n, block_size, device=device)
+        self._padding = (attention_mask, batch, n, block_size, device, key_valid, pairs)  # holds the mask: its id stays unique
+        return key_valid, pairs
 
 
 _default_runtimes: dict[str, Runtime] = {}
@@ -134,10 +147,10 @@ def _make_forward(method_name: str):
         config = runtime.config
         batch, hq, n, d = query.shape
         scale = scaling if scaling is not None else d**-0.5
-        key_valid = _key_valid(attention_mask, batch, n)
         layer = getattr(module, "layer_idx", 0)
         dense_layer = layer in getattr(config, "dense_layers", ())
         block_size = getattr(config, "block_size", 128)
+        key_valid, pairs = runtime.padding(attention_mask, batch, n, block_size, query.device)
 
         timer = runtime.timer
         with timer.stage("estimation") if timer else nullcontext():
@@ -148,7 +161,8 @@ def _make_forward(method_name: str):
         with timer.stage("attention") if timer else nullcontext():
             out = attend(query, key, value, index, scale=scale, key_valid=key_valid)
 
-        pairs = block_pair_counts(key_valid, batch, n, index.block_size, device=query.device)
+        if index.block_size != block_size:  # a selector on its own block grid
+            pairs = block_pair_counts(key_valid, batch, n, index.block_size, device=query.device)
         causal = causal_pairs(pairs, hq)
         done = causal if index.full else computed_pairs(index, pairs, hq)
         runtime.recorder.add(layer, done, causal)
