@@ -45,13 +45,14 @@ def guarded(fn):
     """Turn the errors a user can fix into a message and exit code 2."""
     import functools
 
+    from stem_cli.evaluate import TaskError
     from stem_cli.models import ModelError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ModelError, UsageError) as e:
+        except (ConfigError, ModelError, UsageError, TaskError) as e:
             raise fail(str(e)) from None
 
     return wrapper
@@ -257,6 +258,292 @@ def generate_cmd(
 
 
 
+# ------------------------------------------------------------------ eval
+
+EVAL_GPU_MODEL, EVAL_CPU_MODEL = "llama3-8b", "smollm2-135m"
+
+
+def _eval_plan(loaded, tasks: List[str], seq_len: str, data_dir: Optional[Path]):
+    from stem_cli.evaluate import TaskError, check_lengths, resolve_tasks
+    from stem_cli.units import parse_lengths
+
+    try:
+        lengths = parse_lengths(seq_len)
+        refs = resolve_tasks(tasks, data_dir)
+    except (ValueError, TaskError) as e:
+        raise UsageError(str(e)) from None
+    check_lengths(lengths, loaded.model)
+    return lengths, refs
+
+
+def _jobs(loaded, runner, names, configs, lengths, refs, budget: Optional[float]):
+    """One Job per (method, length); with --budget each method's knob is solved on the length's first prompt."""
+    from stem_cli.budget import solve_budget
+    from stem_cli.evaluate import Job
+
+    jobs = []
+    for n in lengths:
+        probe = None
+        for name in names:
+            if budget is None or name == "dense":
+                jobs.append(Job(name, configs[name], n))
+                continue
+            if probe is None:
+                ref = next((r for r in refs if r.kind != "lm-eval"), None)
+                if ref is None:
+                    raise UsageError("--budget needs at least one built-in task to fit the budget on")
+                sample = runner.samples(ref, n)[0]
+                probe = torch_ids(sample.input_ids, loaded.model)
+            with console.status(f"solving {name}'s budget knob for BUD {budget:.0%} at {n} tokens"):
+                config, info = solve_budget(loaded.model, name, configs[name], probe, budget)
+            err.print(f"[dim]{name} @ {n}: {info['name']}={info['value']:.4g} gives BUD {info['probe_bud']:.1%} on the probe prompt[/]")
+            jobs.append(Job(name, config, n, knob=info))
+    return jobs
+
+
+def torch_ids(ids, model):
+    import torch
+
+    return torch.tensor([ids], device=next(model.parameters()).device)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+
+
+def run_evaluation(*, model, tasks, methods, seq_len, limit, budget, output, resume, reuse_any, seed, data_dir,
+                   config, set_, device, dtype, random_weights, max_new_tokens, chat_template, kind, include_path=None):
+    """What `stem eval` and `stem compare` share: load, plan, solve budgets, run with progress, summarise."""
+    import datetime
+    import sys
+
+    from stem_cli.evaluate import EvalSettings, ResultStore, Runner, averages, summarize
+    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.models import load_model, resolve_device
+    from stem_cli.profile import environment, slug
+
+    names = parse_method_list(methods)
+    configs = build_configs(names, str(config) if config else None, set_)
+    if budget is not None and not 0 < budget <= 1:
+        raise UsageError(f"--budget {budget!r} is not allowed: use a fraction in (0, 1], e.g. 0.3")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {str(output)!r} is a file; give a folder")
+    dev = resolve_device(device)
+    model = model or (EVAL_GPU_MODEL if dev.type == "cuda" else EVAL_CPU_MODEL)
+    loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=err)
+    lengths, refs = _eval_plan(loaded, tasks, seq_len, data_dir)
+    model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    if include_path is not None and not include_path.is_dir():
+        raise UsageError(f"--include-path {str(include_path)!r} is not a folder of lm-eval task YAML files")
+    settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
+    store = ResultStore(output / f"results-{slug(model)}.jsonl")
+    runner = Runner(loaded, store, settings, reuse=True)
+    jobs = _jobs(loaded, runner, names, configs, lengths, refs, budget)
+    if not (resume or reuse_any):
+        existing = sum(
+            runner.key(j, r, s.id) in store
+            for j in jobs for r in refs if r.kind != "lm-eval" for s in runner.samples(r, j.seq_len)
+        )
+        if existing:
+            raise UsageError(f"{existing} results of this run are already in {store.path}: pass --resume to continue from them, "
+                             "or --output DIR for a fresh run")
+    err.print(f"[dim]{loaded.source} ({model_dtype}) on {dev}; {len(refs)} task(s) x {len(lengths)} length(s) x "
+              f"{len(names)} method(s), up to {limit} sample(s) each; results -> {store.path}[/]")
+    bars: dict[str, int] = {}
+    try:
+        with _progress() as progress:
+            def on_progress(what, done, total):
+                if what not in bars:
+                    bars[what] = progress.add_task(what, total=total)
+                progress.update(bars[what], completed=done, total=total)
+
+            runner.progress = on_progress
+            records = runner.run(jobs, refs)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted:[/] {runner.computed} new result(s) are saved in {store.path}; "
+                  "run the same command with --resume to continue")
+        raise typer.Exit(130)
+    rows = summarize(records)
+    avg = averages(rows)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    summary = {
+        "command": " ".join(["stem", *sys.argv[1:]]),
+        "timestamp": stamp.isoformat(),
+        "kind": kind,
+        "model": model,
+        "model_source": loaded.source,
+        "dtype": model_dtype,
+        "environment": environment(dev, None),
+        "settings": {"tasks": [r.name for r in refs], "lengths": lengths, "limit": limit, "seed": seed, "budget": budget,
+                     "max_new_tokens": max_new_tokens},
+        "jobs": [{"method": j.method, "seq_len": j.seq_len, "config": dataclasses.asdict(j.config), "knob": j.knob} for j in jobs],
+        "results_file": str(store.path),
+        "computed": runner.computed,
+        "reused": runner.reused,
+        "rows": rows,
+        "averages": [{"method": m, "seq_len": n, **v} for (m, n), v in avg.items()],
+    }
+    return EvalRun(loaded, model, rows, avg, summary, stamp, jobs, store)
+
+
+@dataclasses.dataclass
+class EvalRun:
+    loaded: object
+    model: str
+    rows: list
+    averages: dict
+    summary: dict
+    stamp: object
+    jobs: list
+    store: object
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Alias, HF id, local dir or .gguf. Default: {EVAL_CPU_MODEL} (without a GPU), {EVAL_GPU_MODEL} on a GPU."),
+    task: List[str] = typer.Option(["ruler"], "--task", "-t", help="ruler, niah, ruler/NAME, longbench, longbench/NAME, fidelity, ppl, or any lm-eval task; comma-separated or repeated."),
+    method: List[str] = typer.Option(["dense,stem"], "--method", "--methods", help="Methods, comma-separated or repeated."),
+    seq_len: str = typer.Option("4k", "--seq-len", help="Prompt lengths, comma-separated: 4k, 128K, 131072."),
+    limit: int = typer.Option(5, "--limit", min=1, help="Samples per task and length."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Equal-budget run: solve each method's knob so its BUD is this fraction (e.g. 0.3)."),
+    output: Path = typer.Option(Path("runs"), "--output", help="Folder for the results JSONL and the summary JSON."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from results already in the output folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the built-in task generators."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with LongBench's <subset>.jsonl files."),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAMLs (local tasks)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Override the tasks' answer lengths."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Default: the model's chat template when it has one."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with one table per method."),
+    set_: List[str] = typer.Option([], "--set", help="Parameter override NAME=VALUE or METHOD.NAME=VALUE (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config (plumbing checks only: accuracy is meaningless)."),
+):
+    """Long-context accuracy per task, length and method; every result written as it is scored.
+
+    [b]Example:[/b] stem eval --model smollm2-135m --task niah --seq-len 4k --method dense,stem,uniform --set block_size=32 --limit 4
+    """
+    from stem_cli.profile import slug
+    from stem_cli.report import eval_table
+
+    run = run_evaluation(
+        model=model, tasks=task, methods=method, seq_len=seq_len, limit=limit, budget=budget, output=output, resume=resume,
+        reuse_any=False, seed=seed, data_dir=data_dir, config=config, set_=set_, device=device, dtype=dtype,
+        random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=chat_template, kind="eval",
+        include_path=include_path)
+    summary = run.summary
+    path = output / f"eval-{slug(run.model)}-{run.stamp:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    console.print(eval_table(run.rows, run.averages, f"stem eval: {run.model} (scores in %, {summary['computed']} computed, {summary['reused']} reused)"))
+    console.print(f"wrote {summary['results_file']} and {path}")
+
+
+# ------------------------------------------------------------------ compare
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+@app.command("compare")
+@guarded
+def compare_cmd(
+    methods: List[str] = typer.Argument(..., help="Methods to compare, e.g. dense stem uniform (dense is added as the baseline when missing)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Alias, HF id, local dir or .gguf. Default: {EVAL_CPU_MODEL} (without a GPU), {EVAL_GPU_MODEL} on a GPU."),
+    task: List[str] = typer.Option(["niah"], "--task", "-t", help="Tasks as in stem eval (ruler, niah, ruler/NAME, longbench, fidelity, ppl, lm-eval names)."),
+    seq_len: str = typer.Option("4k", "--seq-len", help="Prompt lengths, comma-separated: 4k, 128K, 131072."),
+    limit: int = typer.Option(3, "--limit", min=1, help="Samples per task and length."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Equal budget: solve each method's knob so its BUD is this fraction (e.g. 0.3); without it, published defaults."),
+    profile: Optional[bool] = typer.Option(None, "--profile/--no-profile", help="Also time the pre-fill of each method and length (default: on a GPU only)."),
+    fmt: str = typer.Option("table", "--format", help="table, markdown, csv or json (printed; all are written to --output)."),
+    output: Path = typer.Option(Path("runs"), "--output", help="Folder for results (shared with stem eval: reused across runs) and the comparison files."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute results even when identical ones are stored."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the built-in task generators."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with LongBench's <subset>.jsonl files."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Override the tasks' answer lengths."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with one table per method."),
+    set_: List[str] = typer.Option([], "--set", help="Parameter override NAME=VALUE or METHOD.NAME=VALUE (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights from the config (plumbing and timing only)."),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="Timed pre-fills per method and length when profiling."),
+):
+    """Methods side by side on the same tasks, samples and lengths: accuracy, delta vs dense, BUD, time, speed-up.
+
+    [b]Example:[/b] stem compare dense stem uniform --budget 0.3 --seq-len 4k --set block_size=32
+    """
+    import sys
+
+    from stem_cli.methods import parse_method_list
+    from stem_cli.plots import plot_compare
+    from stem_cli.profile import slug
+    from stem_cli.report import compare_rows, compare_table, render
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not allowed: use {', '.join(FORMATS)}")
+    names = parse_method_list(methods)
+    if "dense" not in names:
+        err.print("[dim]dense added as the baseline of the comparison[/]")
+        names = ["dense", *names]
+    run = run_evaluation(
+        model=model, tasks=task, methods=names, seq_len=seq_len, limit=limit, budget=budget, output=output, resume=True,
+        reuse_any=not no_cache, seed=seed, data_dir=data_dir, config=config, set_=set_, device=device, dtype=dtype,
+        random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=None, kind="compare")
+    model, summary, stamp = run.model, run.summary, run.stamp
+    on_gpu = next(run.loaded.model.parameters()).is_cuda
+    timings = None
+    if profile if profile is not None else on_gpu:
+        timings = _compare_profile(run, repeat, reuse=not no_cache)
+        summary["profile"] = timings
+    flat = compare_rows(run.rows, run.averages, timings)
+    summary["table"] = flat
+    base = output / f"compare-{slug(model)}-{stamp:%Y%m%d-%H%M%S}"
+    base.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
+    base.with_suffix(".md").write_text(f"`{summary['command']}`\n\n" + render(flat, "markdown"))
+    base.with_suffix(".csv").write_text(render(flat, "csv"))
+    plot_compare(flat, base.with_suffix(".png"), f"{model}: " + ", ".join(names) + (f" at BUD {budget:.0%}" if budget else ""))
+    title = f"stem compare: {model}" + (f", equal budget {budget:.0%}" if budget else ", published defaults") + " (scores in %)"
+    if fmt == "table":
+        console.print(compare_table(flat, title))
+    else:
+        sys.stdout.write(render(flat, fmt))
+    err.print(f"wrote {base}.json/.md/.csv/.png (results: {summary['results_file']}, {summary['computed']} computed, {summary['reused']} reused)")
+
+
+def _compare_profile(run: EvalRun, repeat: int, reuse: bool) -> list[dict]:
+    """Pre-fill timings of the compared jobs (each length's configs as solved); dense is the speed-up baseline.
+
+    Stored next to the accuracy results, keyed by the device and the repeat count as well,
+    so a method already timed on this machine is not timed again."""
+    from stem_cli.evaluate import config_dict, record_key
+    from stem_cli.profile import environment, profile_prefill
+
+    device = next(run.loaded.model.parameters()).device
+    if device.type != "cuda":
+        err.print("[yellow]notice:[/] profiling on the CPU: PyTorch reference executor timings, not GPU kernel speed")
+    where = environment(device, None).get("gpu", "cpu")
+    settings = run.summary
+    rows = []
+    with console.status("profiling") as status:
+        for n in settings["settings"]["lengths"]:
+            jobs = [j for j in run.jobs if j.seq_len == n]
+            keys = {j.method: record_key(model=settings["model_source"], dtype=settings["dtype"], method=j.method, config=config_dict(j.config),
+                                         task="profile", seq_len=n, seed=0, sample=f"{where}|repeat={repeat}") for j in jobs}
+            todo = [j for j in jobs if not (reuse and keys[j.method] in run.store)]
+            fresh = profile_prefill(run.loaded.model, [j.method for j in todo], {j.method: j.config for j in todo}, [n],
+                                    warmup=1, repeat=repeat, progress=lambda what: status.update(f"profiling {what}")) if todo else []
+            for row in fresh:
+                run.store.add({"key": keys[row["method"]], "task": "profile", "device": where, **row})
+            at_length = [run.store.get(keys[j.method]) for j in jobs]
+            dense = next((r for r in at_length if r["method"] == "dense" and r.get("status") == "ok"), None)
+            for r in at_length:  # speed-up from this set of rows, cached or fresh
+                r["speedup"] = dense["e2e_ms"] / r["e2e_ms"] if dense and r.get("status") == "ok" else None
+            rows += at_length
+    return rows
+
+
 # ------------------------------------------------------------------ profile
 
 GPU_DEFAULTS = ("llama3-8b", "8k,32k,128k")
@@ -278,11 +565,21 @@ def profile_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),
     output: Path = typer.Option(Path("profiles"), "--output", help="Folder for the JSON and PNG."),
+    decode: bool = typer.Option(False, "--decode", help="Profile decode steps instead: per-token attention latency of dense vs decode methods "
+                                "(default dense,topk-decode,prhs,quest at 32k,128k on a GPU) on a synthetic KV cache shaped as --model; "
+                                "--warmup/--repeat count decode steps."),
 ):
     """Time pre-fill end to end against its attention (estimation + sparse attention) per method and length, with NVML telemetry.
 
     [b]Example:[/b] stem profile --model llama3-8b --seq-len 8k,32k,128k --methods dense,stem,uniform --random-weights
+    [b]Decode:[/b] stem profile --decode --seq-len 32k,128k --warmup 8 --repeat 64
     """
+    if decode:  # stem_cli/decode_profile.py
+        from stem_cli.decode_profile import run_profile_command
+
+        run_profile_command(model=model, seq_len=seq_len, methods=methods, batch=batch, warmup=warmup, repeat=repeat, config=config,
+                            set_=set_, device=device, dtype=dtype, output=output, console=console, err=err)
+        return
     import datetime
     import sys
 
@@ -380,6 +677,157 @@ def _profile_table(result: dict) -> None:
             fmt(row.get("bud"), ".1%"), f"{row['tokens_per_s']:.0f}", f"{row['decode_ms']:.1f}", fmt(row.get("peak_gib"), ".1f"), fmt(power, ".0f"),
         )
     console.print(table)
+
+
+# ------------------------------------------------------------------ elastic (calibrate, train-router)
+
+
+def _elastic_setup(model: str, seq_len: str, config: Optional[Path], set_: List[str], device: str, dtype: str, random_weights: bool):
+    """(elastic config, loaded model, length) for calibrate / train-router."""
+    from stem_cli.methods import build_configs
+    from stem_cli.models import load_model
+    from stem_cli.units import parse_length
+
+    try:
+        length = parse_length(seq_len)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    elastic = build_configs(["elastic"], str(config) if config else None, set_)["elastic"]
+    loaded = load_model(model, dtype=dtype, device=device, random_weights=random_weights, console=err)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and length > limit:
+        raise UsageError(f"--seq-len {seq_len}: {length} tokens exceed the model's context of {limit} tokens")
+    return elastic, loaded, length
+
+
+def _prompt_source(prompts: str) -> Optional[str]:
+    if prompts == "auto":
+        return None
+    if prompts == "needle" or prompts.startswith("ruler:niah"):
+        return prompts
+    raise UsageError(f"--prompts {prompts!r}: use auto, needle or ruler:niah_TASK (e.g. ruler:niah_single_2)")
+
+
+@app.command("calibrate")
+@guarded
+def calibrate_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry alias, Hugging Face id, local directory or .gguf file."),
+    target_sparsity: float = typer.Option(0.7, "--target-sparsity", min=0.0, max=1.0, help="Fraction of heads that will not be dense (Omega)."),
+    seq_len: str = typer.Option("4k", "--seq-len", help="Length of the retrieval prompts, answer included (2k, 4096)."),
+    samples: int = typer.Option(4, "--samples", min=1, help="Retrieval prompts the scores are averaged over."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts (same seed, same map)."),
+    streaming_threshold: float = typer.Option(0.05, "--streaming-threshold", min=0.0, help="A non-dense head streams when its relative output error is at most this (or at most Stem's), else runs Stem."),
+    prompts: str = typer.Option("auto", "--prompts", help="auto (RULER niah_single_2 when tasks/ruler.py is there, else the built-in needle), needle, or ruler:niah_TASK."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Head map JSON to write. Default: head-maps/MODEL.json."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file; its \\[elastic] table sets the modes' parameters."),
+    set_: List[str] = typer.Option([], "--set", help="Elastic parameter NAME=VALUE (block_size, streaming_window_tokens, mu, ...): calibrate with what you will run."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Build the model from its config with random weights (testing only)."),
+):
+    """Rank heads without training (Elastic Attention): keep the best retrieval heads dense, the rest stem or streaming.
+
+    Per (layer, KV head): retrieval score = attention from the answer positions to the needle on synthetic
+    retrieval prompts; fidelity = relative output error of Stem and of streaming against dense. The top
+    (1 - target) heads by retrieval stay dense; the others stream where that is accurate enough, else run Stem.
+    Use the map with [b]--method elastic --set elastic.head_map=FILE[/b].
+
+    [b]Example:[/b] stem calibrate --model smollm2-135m --seq-len 2k --set block_size=32 --output smollm2.json
+    """
+    from stem_cli.elastic.calibrate import calibrate
+    from stem_cli.elastic.headmap import save_head_map
+    from stem_cli.profile import slug
+
+    source = _prompt_source(prompts)
+    elastic, loaded, length = _elastic_setup(model, seq_len, config, set_, device, dtype, random_weights)
+    try:
+        head_map = calibrate(
+            loaded.model, loaded.tokenizer, model_name=model, config=elastic, target_sparsity=target_sparsity, seq_len=length,
+            samples=samples, seed=seed, streaming_threshold=streaming_threshold, source=source, console=err,
+        )
+    except ValueError as e:  # prompts that cannot be built at this length, a model with no governed layer
+        raise UsageError(str(e)) from None
+    path = save_head_map(head_map, output or Path("head-maps") / f"{slug(model)}.json")
+
+    cal = head_map.calibration
+    table = Table(title=f"stem calibrate: {model}, {samples} x {cal['prompt_tokens'][0]} tokens ({cal['source']})")
+    for col in ("layer", "modes (per KV head)", "retrieval", "stem error", "streaming error"):
+        table.add_column(col, justify="left" if col.startswith("modes") else "right")
+    short = {"dense": "[bold]D[/]", "stem": "[cyan]S[/]", "streaming": "[yellow]W[/]"}
+    scores = head_map.scores
+    for layer, modes in enumerate(head_map.modes):
+        if layer not in cal["governed_layers"]:
+            continue
+        cells = [" ".join("-" if x is None else f"{x:.2f}" for x in scores[name][layer]) for name in ("retrieval", "stem_error", "streaming_error")]
+        table.add_row(str(layer), " ".join(short[m] for m in modes), *cells)
+    console.print(table)
+    governed = [m for layer in cal["governed_layers"] for m in head_map.modes[layer]]
+    counts = {m: governed.count(m) for m in ("dense", "stem", "streaming")}
+    console.print(
+        f"Omega (heads not dense) = [bold]{cal['governed_sparsity']:.1%}[/] (target {target_sparsity:.0%}): "
+        f"dense {counts['dense']}, stem {counts['stem']}, streaming {counts['streaming']} of {len(governed)} KV heads "
+        f"(D dense, S stem, W streaming) in {cal['seconds']:.0f} s"
+    )
+    console.print(f"[green]saved[/] {path}   use it: stem generate --model {model} --method elastic --set elastic.head_map={path}", highlight=False)
+
+
+@app.command("train-router")
+@guarded
+def train_router_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry alias, Hugging Face id, local directory or .gguf file."),
+    steps: int = typer.Option(200, "--steps", min=1, help="Optimisation steps (one prompt each)."),
+    target_sparsity: float = typer.Option(0.7, "--target-sparsity", min=0.0, max=1.0, help="Fraction of heads not dense (Omega) the router aims at."),
+    seq_len: str = typer.Option("2k", "--seq-len", help="Length of the training prompts, answer included."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Distinct training prompts (cycled)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts, the router's initialisation and the Gumbel noise."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="AdamW learning rate."),
+    sparsity_weight: float = typer.Option(10.0, "--sparsity-weight", min=0.0, help="lambda of lambda * (sparsity - target)^2."),
+    tau: float = typer.Option(1.0, "--tau", min=1e-3, help="Gumbel-softmax temperature."),
+    prompts: str = typer.Option("auto", "--prompts", help="auto, needle, or ruler:niah_TASK (as calibrate)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Router file to write. Default: routers/MODEL.pt."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file; its \\[elastic] table sets the modes' parameters."),
+    set_: List[str] = typer.Option([], "--set", help="Elastic parameter NAME=VALUE (block_size, default_dense_layers = layers never routed, ...)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Build the model from its config with random weights (testing only)."),
+):
+    """Train the Elastic Attention router (backbone frozen): per input, each KV head's mode from its pooled pre-RoPE keys.
+
+    Loss = answer cross-entropy on synthetic retrieval prompts under the straight-through Gumbel-softmax mixture
+    of the three modes + lambda (sparsity - target)^2. Layers in default_dense_layers stay dense.
+    Use the router with [b]--method elastic --set elastic.router=FILE[/b].
+
+    [b]Example:[/b] stem train-router --model smollm2-135m --steps 200 --target-sparsity 0.7 --output smollm2-router.pt
+    """
+    from stem_cli.elastic.train import train_router
+    from stem_cli.profile import slug
+
+    source = _prompt_source(prompts)
+    elastic, loaded, length = _elastic_setup(model, seq_len, config, set_, device, dtype, random_weights)
+    try:
+        router, history = train_router(
+            loaded.model, loaded.tokenizer, model_name=model, config=elastic, steps=steps, target_sparsity=target_sparsity,
+            seq_len=length, samples=samples, seed=seed, lr=lr, sparsity_weight=sparsity_weight, tau=tau, source=source, console=err,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    path = router.save(output or Path("routers") / f"{slug(model)}.pt")
+    info = router.training_info
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    per_layer = router.num_parameters(int(next(iter(router.layers)))) if len(router.layers) else 0
+    console.print(
+        f"router: {router.num_parameters():,} parameters ({per_layer:,} per routed layer), {len(router.layers)} routed layers, "
+        f"dense layers {list(router.dense_layers)}"
+    )
+    console.print(
+        f"last {min(10, len(history))} steps: loss {fmt(info['final_loss'], '.3f')}, answer CE {fmt(info['final_lm'], '.3f')}, "
+        f"sparsity {fmt(info['final_sparsity'], '.1%')}; argmax (inference) on {min(4, samples)} prompts: answer CE "
+        f"{fmt(info['eval_lm'], '.3f')}, Omega {fmt(info['eval_sparsity'], '.1%')} (target {target_sparsity:.0%}); {info['seconds']:.0f} s"
+    )
+    console.print(f"[green]saved[/] {path}   use it: stem generate --model {model} --method elastic --set elastic.router={path}", highlight=False)
 
 
 def main():

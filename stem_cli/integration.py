@@ -82,6 +82,11 @@ class Runtime:
     config: Any
     recorder: BudgetRecorder = field(default_factory=BudgetRecorder)
     timer: StageTimer | None = None  # set by the profiler: estimation / attention time per call
+    # Set by the budget solver: called with each governed pre-fill call's (layer, q, k, v, scale,
+    # key_valid) before the method runs, to try selections on the real activations.
+    probe: Any = None
+    # A decode method's runtime (stem_cli.decode.DecodeRuntime) for q_len == 1 steps, or None: dense decode.
+    decode: Any = None
     # Every layer of one forward gets the same mask object: derive the valid keys and the
     # per-block pair counts once per (mask, length, block), not once per layer.
     _padding: tuple | None = field(default=None, repr=False)
@@ -135,7 +140,17 @@ def _make_forward(method_name: str):
 
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         q_len, kv_len = query.shape[2], key.shape[2]
-        if q_len != kv_len or q_len == 1 or not _governed(module, kwargs) or not getattr(module, "is_causal", True):
+        governed = _governed(module, kwargs) and getattr(module, "is_causal", True)
+        decode = _runtime_for(module, method_name).decode if governed else None
+        if decode is not None and q_len == 1 and kv_len > 1:  # a decode step: the decode method's
+            if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+                raise NotImplementedError("stem: decode methods do not support softcap / s_aux attention")
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = decode.forward(module, query, key, value, _key_valid(attention_mask, query.shape[0], kv_len), scale)
+            return out.transpose(1, 2).contiguous(), None
+        if decode is not None and q_len > 1:  # a new pre-fill (or chunk): decode state starts over
+            decode.new_prefill(getattr(module, "layer_idx", 0))
+        if q_len != kv_len or q_len == 1 or not governed:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         for unsupported in ("softcap", "s_aux"):
             if kwargs.get(unsupported) is not None:
@@ -152,6 +167,8 @@ def _make_forward(method_name: str):
         block_size = getattr(config, "block_size", 128)
         key_valid, pairs = runtime.padding(attention_mask, batch, n, block_size, query.device)
 
+        if runtime.probe is not None:
+            runtime.probe(layer, query, key, value, scale, key_valid)
         timer = runtime.timer
         with timer.stage("estimation") if timer else nullcontext():
             if dense_layer or runtime.method.name == "dense":
@@ -198,13 +215,19 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def apply(model, method: str = "stem", config: Any = None, **params) -> Runtime:
+def apply(model, method: str = "stem", config: Any = None, decode: str | None = None, **params) -> Runtime:
     """Switch `model`'s attention to `method` (registry name) with `config` or parameter overrides.
 
     Returns the Runtime whose recorder reports BUD and timings. Works on any
     model whose attention follows transformers' AttentionInterface.
+    A decode method (decode="prhs", or a spec "stem+prhs") governs decode steps;
+    its statistics are on runtime.decode (stats(), reset()).
     """
+    from stem_cli.decode import attach
+
     register()
+    if decode is not None:
+        method = f"{method}+{decode}"
     m = get_method(method)
     cfg = config if config is not None else m.defaults
     if params:
@@ -212,7 +235,10 @@ def apply(model, method: str = "stem", config: Any = None, **params) -> Runtime:
     modules = attention_modules(model)
     if not modules:
         raise ConfigError(f"{type(model).__name__} has no attention layers that stem knows (modules with q_proj/k_proj/v_proj)")
-    runtime = Runtime(m, cfg)
+    m, cfg, decode_runtime = attach(m, cfg, model)
+    if m.prepare is not None:  # the method's apply-time hook (stem_cli.methods)
+        cfg = m.prepare(model, cfg)
+    runtime = Runtime(m, cfg, decode=decode_runtime)
     for module in modules:
         module.stem_runtime = runtime
     model.set_attn_implementation(m.attn_implementation)

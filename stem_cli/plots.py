@@ -125,3 +125,53 @@ def plot_profile(rows: list[dict], path: str | Path, title: str) -> Path:
     fig.savefig(path, format="png")
     plt.close(fig)  # profiles can draw many plots in one process
     return path
+
+
+def plot_compare(flat: list[dict], path: str | Path, title: str) -> Path:
+    """Accuracy against BUD per method (one point per length), and speed-up against length when profiled."""
+    if not flat:
+        raise ValueError("plot_compare: no rows to plot")
+    path = Path(path)
+    methods = _ordered(row["method"] for row in flat)
+    profiled = any(row.get("speedup") is not None for row in flat)
+    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(12 if profiled else 6.5, 5), dpi=120, squeeze=False)
+    fig.suptitle(title)
+    acc = axes[0][0]
+    for index, method in enumerate(methods):
+        points = [(row["bud"], row["average"], row["seq_len"]) for row in flat
+                  if row["method"] == method and row.get("bud") is not None and row.get("average") is not None]
+        if not points:
+            continue
+        xs, ys, ns = zip(*points)
+        acc.plot([100 * x for x in xs], [100 * y for y in ys], marker="os^Dvp<>"[index % 8], linestyle="-" if len(xs) > 1 else "none",
+                 label=method, color=f"C{index % 10}")
+        for x, y, n in points:
+            acc.annotate(format_length(n), (100 * x, 100 * y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    acc.set_xlabel("BUD (% of dense attention's token pairs)")
+    acc.set_ylabel("average accuracy (%)")
+    acc.set_title("accuracy vs budget")
+    acc.set_xlim(0, 105)
+    acc.grid(alpha=0.3)
+    acc.legend(fontsize=8)
+    if profiled:
+        speed = axes[0][1]
+        for index, method in enumerate(methods):
+            points = sorted((row["seq_len"], row["speedup"]) for row in flat if row["method"] == method and row.get("speedup") is not None)
+            if points and method != "dense":
+                xs, ys = zip(*points)
+                speed.plot(xs, ys, marker="os^Dvp<>"[index % 8], label=method, color=f"C{index % 10}")
+        lengths = sorted({row["seq_len"] for row in flat})
+        speed.axhline(1.0, color="black", linestyle="--", linewidth=1, label="dense")
+        speed.set_xscale("log", base=2)
+        speed.set_xticks(lengths, [format_length(n) for n in lengths])
+        speed.xaxis.set_minor_locator(NullLocator())
+        speed.set_xlabel("sequence length")
+        speed.set_ylabel("pre-fill speed-up vs dense (x)")
+        speed.set_title("speed-up vs dense")
+        speed.grid(alpha=0.3)
+        speed.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

@@ -2,6 +2,8 @@
 
 A selector maps (q, k, v, layer, config) to a BlockIndex; it never runs attention.
 Adding a method means adding one module here and one line to METHODS.
+A method module may also export `prepare(model, config) -> config`, which stem_cli.apply calls
+once per apply, before the runtime is built (checks against the model, hooks).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any, Callable
 
 from stem_cli.config import ConfigError, parse_overrides, read_toml, replace
 from stem_cli.methods import dense, sam, stem, streaming, uniform
+from stem_cli.methods import flexprefill, minference, stem_tpd, xattention
+from stem_cli.methods import elastic
+from stem_cli.methods.knob import Knob
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,12 @@ class Method:
     select: Callable
     defaults: Any
     description: str
+    knob: Knob | None = None  # the budget knob an equal-budget solver bisects (methods/knob.py)
+    # Optional split of `select` = choose(estimate(...)) where the knob only affects `choose`:
+    # the budget solver then estimates once per layer and chooses for every knob value.
+    estimate: Callable | None = None
+    choose: Callable | None = None
+    prepare: Callable | None = None  # prepare(model, config) -> config, run by stem_cli.apply
 
     @property
     def attn_implementation(self) -> str:
@@ -28,7 +39,8 @@ class Method:
 
 
 def _method(name: str, module: ModuleType) -> Method:
-    return Method(name, module.select, module.DEFAULTS, module.DESCRIPTION)
+    return Method(name, module.select, module.DEFAULTS, module.DESCRIPTION, getattr(module, "BUDGET_KNOB", None),
+                  getattr(module, "estimate", None), getattr(module, "choose", None), getattr(module, "prepare", None))
 
 
 METHODS: dict[str, Method] = {
@@ -39,18 +51,30 @@ METHODS: dict[str, Method] = {
         _method("uniform", uniform),
         _method("sam", sam),
         _method("streaming", streaming),
+        _method("stem-tpd", stem_tpd),
+        _method("xattention", xattention),
+        _method("flexprefill", flexprefill),
+        _method("minference", minference),
+        _method("elastic", elastic),
     )
 }
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
+        from stem_cli.decode import combined_method, is_decode_spec
+
+        if is_decode_spec(name):  # "stem+prhs", or a bare decode method: dense pre-fill + it (stem_cli/decode)
+            return combined_method(name)
         raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(METHODS)}")
     return METHODS[name]
 
 
 def parse_method_list(items: list[str]) -> list[str]:
-    """['dense,stem', 'uniform'] -> ['dense', 'stem', 'uniform'], each checked, order kept, no repeats."""
+    """['dense,stem', 'uniform'] -> ['dense', 'stem', 'uniform'], each checked, order kept, no repeats.
+
+    A name may also be a decode spec, kept as written: 'stem+prhs' (pre-fill + decode method)
+    or a bare decode method 'prhs' (dense pre-fill); get_method resolves both."""
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
     if not names:
         raise ConfigError(f"no method given; registered methods: {', '.join(METHODS)}")

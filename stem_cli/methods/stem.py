@@ -8,9 +8,16 @@ from stem_cli.config import StemConfig
 from stem_cli.index import BlockIndex
 from stem_cli.kernels import reference as ref
 from stem_cli.kernels import score
+from stem_cli.methods.knob import Knob
 
 
 def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
+    logits = estimate(q, k, v, layer=layer, config=config, scale=scale, key_valid=key_valid)
+    return choose(logits, seq_len=q.shape[2], config=config, key_valid=key_valid)
+
+
+def estimate(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Output-Aware block logits (B, H, P, P), H = query heads or KV heads (gqa='kv')."""
     logits = score.block_logits(
         q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid
     )
@@ -19,7 +26,11 @@ def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: 
         # every head of a group shares its causal and padding structure).
         batch, hq, p, _ = logits.shape
         logits = logits.view(batch, k.shape[1], hq // k.shape[1], p, p).mean(2)
-    return select_from_logits(logits, q.shape[2], config, key_valid)
+    return logits
+
+
+def choose(logits: torch.Tensor, *, seq_len: int, config: StemConfig, key_valid: torch.Tensor | None) -> BlockIndex:
+    return select_from_logits(logits, seq_len, config, key_valid)
 
 
 def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, key_valid: torch.Tensor | None) -> BlockIndex:
@@ -41,3 +52,6 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
 
 DEFAULTS = StemConfig()
 DESCRIPTION = "Stem: TPD per-row budget (decays to mu*k_start) + Output-Aware Metric (score + beta*value norm)"
+# k_scale multiplies k_start (clamped to [1, P]): 0.01 leaves the forced sinks/window/diagonal, 16 reaches
+# k_start = P (dense) for every schedule up to 128K tokens (paper rule 0.1P needs 10, uniform 2/(1+mu) more).
+BUDGET_KNOB = Knob("k_scale", 0.01, 16.0, integer=False)

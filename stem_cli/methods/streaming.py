@@ -7,6 +7,7 @@ import torch
 from stem_cli.config import StreamingConfig
 from stem_cli.index import BlockIndex
 from stem_cli.kernels import reference as ref
+from stem_cli.methods.knob import Knob
 
 
 def select(q, k, v, *, layer: int, config: StreamingConfig, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
@@ -19,3 +20,5 @@ def select(q, k, v, *, layer: int, config: StreamingConfig, scale: float, key_va
 
 DEFAULTS = StreamingConfig()
 DESCRIPTION = "attention sinks + local window (StreamingLLM / A-shape); data-independent"
+# window_blocks 1 = sinks + diagonal; 1024 blocks covers every row up to 128K tokens at block 128.
+BUDGET_KNOB = Knob("window_blocks", 1, 1024, integer=True)

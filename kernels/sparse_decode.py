@@ -1,0 +1,197 @@
+"""Sparse decode attention over a gathered set of cached positions (Triton, split-K).
+
+One query per (sequence b, query head h) against a KV cache of T positions; the
+selection is a row of positions per (b, KV head) shared by the GQA group:
+indices (B, Hkv, K), counts (B, Hkv); entry i is used when i < count and
+0 <= index < T (so -1 pads anywhere are skipped). For used set S:
+
+    o_h = sum_{j in S} softmax_S(scale * q_h . k_j) v_j,      lse_h = log sum_{j in S} exp(scale * q_h . k_j)
+
+Pass 1 (grid: B * Hkv rows x SPLITS): a program takes one row and one chunk of
+its used entries, loads the whole GQA group's queries as one BLOCK_H x d tile
+(each gathered K/V row is read once for the group), and folds BLOCK_N gathered
+keys at a time into the online-softmax state (running max m, sum l, unnormalised
+accumulator; exponentials in base 2 with log2(e) folded into the scale), then
+writes (m, l, acc) for its split.
+Pass 2 (grid: B * Hq): m* = max_s m_s, w_s = 2^(m_s - m*),
+o = sum_s w_s acc_s / sum_s w_s l_s, lse = ln 2 (m* + log2 sum_s w_s l_s).
+Empty rows give zeros and lse = -inf, never NaN.
+
+Splits are chosen on the host so that B * Hkv * SPLITS covers the GPU about
+twice (at least one BLOCK_N tile per split); autotuned on the tile shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from stem_cli.kernels.block_sparse_attn import _online_softmax_step
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CHUNK_ALIGN = 64  # split chunks are whole multiples of the widest BLOCK_N
+
+
+@triton.jit
+def _sparse_decode_partial(
+    Q, K, V, Idx, Counts, Acc, M, L,
+    sqb, sqh, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sib, sih, sik,
+    scb, sch,
+    n_kv_heads, group, n_keys, chunk, n_splits, qk_scale_log2, head_dim,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid_row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_row // n_kv_heads).to(tl.int64)
+    kvh = pid_row % n_kv_heads
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < group
+    heads = kvh * group + offs_h
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+
+    count = tl.load(Counts + b * scb + kvh * sch)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, count)
+    idx_row = Idx + b * sib + kvh * sih
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        in_row = offs < hi
+        idx = tl.load(idx_row + offs * sik, mask=in_row, other=-1)
+        ok = in_row & (idx >= 0) & (idx < n_keys)
+        pos = tl.where(ok, idx, 0).to(tl.int64)
+        k = tl.load(k_base + pos[None, :] * skn + offs_d[:, None] * skd, mask=ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        v = tl.load(v_base + pos[:, None] * svn + offs_d[None, :] * svd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
+
+    out_heads = (b * n_kv_heads * group + heads) * n_splits + split  # (B, Hq, SPLITS) row-major
+    tl.store(M + out_heads, m_i, mask=h_ok)
+    tl.store(L + out_heads, l_i, mask=h_ok)
+    tl.store(Acc + out_heads[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_ok[:, None])
+
+
+@triton.jit
+def _sparse_decode_combine(
+    Acc, M, L, Out, Lse,
+    sob, soh, sod,
+    n_q_heads, n_splits, head_dim,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // n_q_heads
+    h = pid % n_q_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = pid.to(tl.int64) * n_splits
+    m = tl.load(M + base + offs_s, mask=s_ok, other=float("-inf"))
+    l = tl.load(L + base + offs_s, mask=s_ok, other=0.0)
+    acc = tl.load(Acc + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m_star = tl.max(m, 0)
+    m_safe = tl.where(m_star == float("-inf"), 0.0, m_star)
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))
+    l_sum = tl.sum(w * l, 0)
+    has_key = l_sum > 0
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(has_key, l_sum, 1.0)
+    tl.store(Out + b.to(tl.int64) * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < head_dim)
+    lse = tl.where(has_key, (m_safe + tl.math.log2(tl.where(has_key, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + pid, lse)
+
+
+def _configs():
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in [(64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 8, 2), (32, 2, 2), (64, 2, 3)]
+    ]
+
+
+_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_H"])(_sparse_decode_partial)
+
+_sm_count: dict[int, int] = {}
+
+
+def _num_splits(rows: int, width: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): about two programs per SM, at least CHUNK_ALIGN entries per split."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sm_count:
+            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        target = 2 * _sm_count[index]
+    else:
+        target = 4
+    splits = max(1, min(triton.cdiv(target, max(rows, 1)), triton.cdiv(max(width, 1), CHUNK_ALIGN), 128))
+    chunk = triton.cdiv(triton.cdiv(max(width, 1), splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    return triton.cdiv(max(width, 1), chunk), chunk
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    splits: int | None = None,
+):
+    """q (B, Hq, d) or (B, Hq, 1, d), k/v (B, Hkv, T, d) (any strides, last dim contiguous preferred),
+    indices (B, Hkv, K), counts (B, Hkv) -> output of q's shape and dtype (and lse (B, Hq) float32)."""
+    squeeze = q.dim() == 4
+    q3 = q[:, :, 0] if squeeze else q
+    batch, hq, d = q3.shape
+    hkv, n_keys = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if q.dtype not in (torch.bfloat16, torch.float16) and not INTERPRET:
+        raise ValueError(f"dtype {q.dtype} is not supported by the Triton decode kernel: use bfloat16 or float16")
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    idx = indices.to(device=q.device, dtype=torch.int32)
+    width = idx.shape[-1]
+    cnt = (torch.full((batch, hkv), width, dtype=torch.int32, device=q.device) if counts is None
+           else counts.to(device=q.device, dtype=torch.int32))
+    head_dim = triton.next_power_of_2(max(d, 16))
+    block_h = max(16, triton.next_power_of_2(group))
+    if splits is None:
+        n_splits, chunk = _num_splits(batch * hkv, width, q.device)
+    else:
+        n_splits = max(1, splits)
+        chunk = max(1, triton.cdiv(max(width, 1), n_splits))
+    acc = torch.empty(batch, hq, n_splits, head_dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(batch, hq, n_splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    args = (
+        q3, k, v, idx, cnt, acc, m, l,
+        *q3.stride(), *k.stride(), *v.stride(), *idx.stride(), *cnt.stride(),
+        hkv, group, n_keys, chunk, n_splits, scale * 1.4426950408889634, d,
+    )
+    grid = (batch * hkv, n_splits)
+    if INTERPRET:  # the interpreter runs on the CPU: one config, no autotuning
+        _sparse_decode_partial[grid](*args, BLOCK_H=block_h, BLOCK_N=32, HEAD_DIM=head_dim)
+    else:
+        _tuned[grid](*args, BLOCK_H=block_h, HEAD_DIM=head_dim)
+    out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
+    _sparse_decode_combine[(batch * hq,)](
+        acc, m, l, out, lse, *out.stride(), hq, n_splits, d,
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HEAD_DIM=head_dim,
+    )
+    if squeeze:
+        out = out[:, :, None]
+    return (out, lse) if return_lse else out

@@ -1,0 +1,269 @@
+"""prhs: pre-hoc KV selection for decoding (PrHS), with the dropped mass reported and bounded.
+
+Per layer and (sequence, KV head) row, each decode step keeps sinks + window +
+a salient set, chosen before scoring wherever it can be:
+
+time (index sharing). An anchor step scores every candidate position and keeps
+  the exact top (budget - forced) by the group's mean softmax probability (as
+  topk-decode). It stores its query and a shared set: its best k_a salient
+  positions, k_a the largest count with k_a + 2r ceil(k_a / 3) <= the salient
+  budget, dilated by +-r positions around the top third (ceil(k_a / 3)) of them.
+  A later step whose queries all have cosine similarity > tau with the anchor's
+  (the minimum over the GQA group, since the set serves every head of it) keeps
+  sinks + the current window + the shared set (minus what the window now covers or
+  the progressive window now drops) and scores nothing; otherwise it re-anchors.
+  Shared steps keep at most the budget, like every other step.
+depth (progressive window). From l_s = floor(depth_start L) on, layer l drops the
+  oldest floor((1 - phi^(alpha (l - l_s)/(L - l_s))) t) tokens after the sinks
+  (t = the sequence's context length, padding excluded; the recent window is
+  never dropped).
+layer (early-token freezing). From l_f = floor(freeze_start L) on, layer l freezes
+  the first floor((1 - psi^(gamma (l - l_f)/(L - l_f))) t) tokens after the sinks:
+  an anchor step does not score them and keeps, there, what the previous sparse
+  layer kept at this step (cross-layer sharing). Their logits are never computed
+  unless the full scores are needed anyway (audit, max_delta).
+
+Dropped mass. Anchor steps that scored every position know their exact delta.
+With max_delta > 0 every anchor scores every position, and an anchor row whose
+set (with the depth and layer selectors' restrictions) drops more than max_delta
+falls back to exact top-k over all candidates (a "fallback"); a shared set's
+delta is estimated before it is used, and a row whose estimate exceeds max_delta
+re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
+(counted as over_max_delta: the budget is too small for it). Estimates:
+- 'exact': a dense scoring pass gives delta exactly (the default when audit is on,
+  which computes that pass anyway);
+- 'bound' (default otherwise): with m the anchor query's full-softmax mass on the
+  old positions the set still keeps, and eps = scale ||q - q_a|| max_j ||k_j||
+  bounding every logit's change, delta <= (1 - m) / ((1 - m) + e^(-2 eps) m).
+  A guarantee (tokens added since the anchor must all be in the window, else the
+  row falls back), but loose: large query drifts always fall back;
+- 'anchor': 1 - m, the anchor query's view of the set (cheap, no guarantee).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stem_cli.decode.common import (
+    NEG_INF,
+    Selection,
+    StepContext,
+    dedupe,
+    drop_fraction,
+    dropped_from_probs,
+    freeze_fraction,
+    full_logits,
+    pad_to,
+    row_budget,
+    salient_width,
+    schedule_count,
+    softmax_rows,
+    topk_rows,
+)
+from stem_cli.decode.config import PrhsConfig
+
+
+def delta_check(config: PrhsConfig) -> str:
+    if config.delta_check == "auto":
+        return "exact" if config.audit else "bound"
+    return config.delta_check
+
+
+def share_count(avail: torch.Tensor, r: int) -> torch.Tensor:
+    """Largest k with k + 2r ceil(k/3) <= avail (elementwise)."""
+    k = (3 * avail.clamp_min(0)) // (3 + 2 * r)
+    for _ in range(r + 2):
+        k = torch.where(k + 2 * r * ((k + 2) // 3) > avail, (k - 1).clamp_min(0), k)
+    return k
+
+
+def dilate(ranked: torch.Tensor, k_a: torch.Tensor, r: int) -> tuple:
+    """Ranked salient rows (R, W) best first, counts k_a (R,) -> (kept top k_a (R, W),
+    the +-r neighbours of the top ceil(k_a/3) (R, 2r W)), -1 elsewhere."""
+    rank = torch.arange(ranked.shape[-1], device=ranked.device)
+    top = torch.where((rank < k_a[:, None]) & (ranked >= 0), ranked, torch.full_like(ranked, -1))
+    third = torch.where((rank < ((k_a + 2) // 3)[:, None]) & (ranked >= 0), ranked, torch.full_like(ranked, -1))
+    around = [torch.where(third >= 0, third + o, torch.full_like(third, -1)) for o in range(-r, r + 1) if o != 0]
+    return top, torch.cat(around, dim=-1) if around else ranked[:, :0]
+
+
+def compact(idx: torch.Tensor, width: int) -> torch.Tensor:
+    """Used entries first (descending), cut or padded to width."""
+    if idx.shape[-1] == 0:
+        return pad_to(idx, width)
+    s, _ = torch.sort(idx, dim=-1, descending=True)
+    return pad_to(s[..., :width], width)
+
+
+def _put(state: dict, key: str, rows, value: torch.Tensor, n_rows: int, fill) -> None:
+    """state[key][rows] = value for flat per-row state; the last dim may differ and is padded with fill."""
+    cur = state.get(key)
+    if cur is None or cur.shape[0] != n_rows or cur.shape[1:-1] != value.shape[1:-1]:
+        cur = value.new_full((n_rows, *value.shape[1:]), fill)
+    if value.dim() > 1 and cur.shape[-1] != value.shape[-1]:
+        width = max(cur.shape[-1], value.shape[-1])
+        cur, value = (torch.cat([x, x.new_full((*x.shape[:-1], width - x.shape[-1]), fill)], -1) for x in (cur, value))
+    if rows is None:
+        cur = value.clone()
+    else:
+        cur[rows] = value
+    state[key] = cur
+
+
+def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
+    b, h, t = ctx.batch, ctx.kv_heads, ctx.n_keys
+    n_rows, g = b * h, ctx.q.shape[2]
+    flat_b = torch.arange(n_rows, device=ctx.device) // h
+    ws = ctx.window_start()
+    f_drop = drop_fraction(ctx.layer, ctx.num_layers, phi=config.phi, alpha=config.alpha, start=config.depth_start) if config.uses("depth") else 0.0
+    f_freeze = freeze_fraction(ctx.layer, ctx.num_layers, psi=config.psi, gamma=config.gamma, start=config.freeze_start) if config.uses("layer") else 0.0
+    frozen = schedule_count(f_freeze, t)  # host-side: an upper bound of every row's frozen count
+    sink_end = (ctx.start + ctx.sinks).clamp_max(ws)
+    drop_end = (sink_end + schedule_count(f_drop, ctx.n_valid)).clamp_max(ws)  # t = each sequence's valid tokens
+    freeze_end = (sink_end + schedule_count(f_freeze, ctx.n_valid)).clamp_max(ws)
+    excl_end = torch.maximum(drop_end, freeze_end)  # [sink_end, excl_end): never scored at an anchor
+    avail = (row_budget(ctx, config.budget, config.budget_fraction) - ctx.forced_count())[flat_b]  # (R,)
+    width = salient_width(ctx, config.budget, config.budget_fraction)
+    forced = ctx.forced_indices()[flat_b]  # (R, F)
+    check = delta_check(config) if config.max_delta > 0 else None
+    need_full = config.audit or check is not None or frozen == 0
+
+    logits_all = full_logits(ctx).flatten(0, 1) if config.audit else None  # (R, g, T)
+    p_all = None
+    qf = ctx.q.float().flatten(0, 1)  # (R, g, d)
+    share = torch.zeros(n_rows, dtype=torch.bool, device=ctx.device)
+    cos_fail, fallback = share.clone(), share.clone()
+    delta = torch.zeros(n_rows, g, device=ctx.device)
+    known = share.clone()
+    shared_idx = None
+
+    if config.uses("time") and state.get("has") is not None and state["has"].shape[0] == n_rows:
+        qa = state["q"]
+        cos = (qf * qa).sum(-1) / (qf.norm(dim=-1) * qa.norm(dim=-1)).clamp_min(1e-12)
+        similar = cos.amin(-1) > config.tau
+        share, cos_fail = state["has"] & similar, state["has"] & ~similar
+        static = state["static"]
+        keep_static = (static >= 0) & (static < ws) & ~((static >= sink_end[flat_b, None]) & (static < drop_end[flat_b, None]))
+        shared_idx = torch.cat([forced, torch.where(keep_static, static, torch.full_like(static, -1))], dim=-1)
+        if check is not None:
+            if check == "exact":
+                logits_all = full_logits(ctx).flatten(0, 1) if logits_all is None else logits_all
+                p_all = softmax_rows(logits_all)
+                est = dropped_from_probs(p_all, shared_idx)
+                delta, known = torch.where(share[:, None], est, delta), share.clone()
+            else:
+                fpos = state["forced_pos"]
+                sink_slot = torch.arange(fpos.shape[-1], device=ctx.device) < ctx.sinks
+                kept_forced = (fpos >= 0) & (sink_slot | (fpos >= ws))
+                m = (state["p_forced"] * kept_forced[:, None, :]).sum(-1) + (state["p_static"] * keep_static[:, None, :]).sum(-1)
+                m = m.clamp(0.0, 1.0)
+                if check == "anchor":
+                    est = 1.0 - m
+                else:
+                    eps = ctx.scale * (qf - qa).norm(dim=-1) * state["kmax"][:, None]
+                    est = (1.0 - m) / ((1.0 - m) + torch.exp(-2.0 * eps) * m).clamp_min(1e-30)
+                est = torch.where((state["T"] >= ws)[:, None], est, torch.ones_like(est))
+            fallback = share & (est.amax(-1) > config.max_delta)
+            share = share & ~fallback
+            known = known & share
+
+    anchor = ~share
+    n_anchor, n_cos, n_fallback = (int(x) for x in torch.stack([anchor.sum(), cos_fail.sum(), fallback.sum()]).tolist())
+    out_width = forced.shape[-1] + width
+    final = (pad_to(shared_idx, out_width) if shared_idx is not None
+             else torch.full((n_rows, out_width), -1, dtype=torch.long, device=ctx.device))
+    out_width = final.shape[-1]
+
+    if n_anchor:
+        rows = None if n_anchor == n_rows else anchor.nonzero().squeeze(1)
+        rb = flat_b if rows is None else flat_b[rows]  # the rows' sequences, for (B, ...) tensors
+        ra = slice(None) if rows is None else rows  # the rows themselves, for flat (R, ...) tensors
+        # Before lo lie only padding, sinks and frozen tokens, for every row: with left padding,
+        # start + floor(f (T - start)) >= floor(f T). Those logits are never computed.
+        lo = 0 if need_full else min(ctx.sinks + schedule_count(f_freeze, t), ws)
+        pos = torch.arange(lo, t, device=ctx.device)
+        if logits_all is not None:
+            lo, pos, logits = 0, torch.arange(t, device=ctx.device), (logits_all if rows is None else logits_all[rows])
+        else:
+            logits = full_logits(ctx, lo, rows=rows)
+            logits = logits.flatten(0, 1) if rows is None else logits
+            if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
+                logits = logits.masked_fill((pos < freeze_end[rb, None])[:, None, :], NEG_INF)
+        p = softmax_rows(logits)  # (Ra, g, T - lo); the full softmax when lo == 0
+        cand = (ctx.valid_mask()[rb, lo:] & ~ctx.forced_mask()[rb, lo:]
+                & ~((pos >= sink_end[rb, None]) & (pos < excl_end[rb, None])))
+        scores = p.mean(1).masked_fill(~cand, NEG_INF)
+        prev = ctx.prev_indices
+        if frozen > 0 and prev is not None:
+            prev = prev if rows is None else prev[rows]
+            inherit = (prev >= drop_end[rb, None]) & (prev < freeze_end[rb, None])
+            inherited = compact(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width))
+        else:
+            inherited = forced.new_full((rb.shape[0], 0), -1)
+        n_inherited = (inherited >= 0).sum(-1)
+        free = (avail[ra] - n_inherited).clamp_min(0)
+        ranked = topk_rows(scores, free, width)
+        ranked = torch.where(ranked >= 0, ranked + lo, ranked)
+        anchor_idx = torch.cat([forced[ra], compact(torch.cat([inherited, ranked], -1), width)], dim=-1)
+        d_a = dropped_from_probs(p, anchor_idx) if lo == 0 else None
+        if check is not None and (f_drop > 0 or f_freeze > 0):
+            # max_delta guards the depth and layer selectors too: a row whose restricted set drops more
+            # than max_delta falls back to exact top-k over every candidate (lo == 0 here: exact delta).
+            bad = d_a.amax(-1) > config.max_delta
+            n_bad = int(bad.sum())
+            if n_bad:
+                n_fallback += n_bad
+                every = ctx.valid_mask()[rb] & ~ctx.forced_mask()[rb]
+                exact = topk_rows(p.mean(1).masked_fill(~every, NEG_INF), avail[ra], width)
+                ranked = torch.where(bad[:, None], exact, ranked)
+                inherited = torch.where(bad[:, None], torch.full_like(inherited, -1), inherited)
+                free = (avail[ra] - (inherited >= 0).sum(-1)).clamp_min(0)
+                exact_idx = torch.cat([forced[ra], compact(exact, width)], dim=-1)
+                anchor_idx = torch.where(bad[:, None], exact_idx, anchor_idx)
+                d_a = torch.where(bad[:, None], dropped_from_probs(p, exact_idx), d_a)
+        if d_a is not None:
+            if rows is None:
+                delta, known = d_a, torch.ones_like(known)
+            else:
+                delta[rows], known[rows] = d_a, True
+        if rows is None:
+            final = pad_to(anchor_idx, out_width)
+        else:
+            final[rows] = pad_to(anchor_idx, out_width)
+
+        if config.uses("time"):
+            top, around = dilate(ranked, share_count(free, config.r), config.r)
+            valid = ctx.valid_mask()[rb]
+            ok = (around >= 0) & (around < t)
+            safe = torch.where(ok, around, torch.zeros_like(around))
+            ok &= valid.gather(1, safe) & (safe >= excl_end[rb, None])  # not padding, sinks, dropped or frozen
+            around = torch.where(ok, around, torch.full_like(around, -1))
+            static = compact(dedupe(torch.cat([inherited, top, around], -1)), width)
+            n = n_rows
+            _put(state, "q", rows, qf if rows is None else qf[rows], n, 0.0)
+            _put(state, "has", rows, torch.ones(rb.shape[0], dtype=torch.bool, device=ctx.device), n, False)
+            _put(state, "T", rows, torch.full((rb.shape[0],), t, dtype=torch.long, device=ctx.device), n, 0)
+            _put(state, "static", rows, static, n, -1)
+            if check in ("bound", "anchor"):  # lo == 0 here: p is the full softmax
+                def at(idx):
+                    got = p.gather(2, idx.clamp_min(0)[:, None, :].expand(-1, g, -1))
+                    return got.masked_fill((idx < 0)[:, None, :], 0.0)
+
+                _put(state, "p_static", rows, at(static), n, 0.0)
+                _put(state, "p_forced", rows, at(forced[ra]), n, 0.0)
+                _put(state, "forced_pos", rows, forced[ra], n, -1)
+                norms = torch.linalg.vector_norm(ctx.k, dim=-1, dtype=torch.promote_types(ctx.k.dtype, torch.float32)).masked_fill(~ctx.valid_mask()[:, None, :], 0.0).amax(-1).flatten()
+                _put(state, "kmax", rows, norms if rows is None else norms[rows], n, 0.0)
+
+    logits_out = logits_all.view(b, h, g, t) if logits_all is not None else None
+    return Selection(
+        final.view(b, h, out_width), delta.view(b, h, g), known.view(b, h), logits_out,
+        decisions=n_rows, anchors=n_anchor, cosine_reanchors=n_cos, fallbacks=n_fallback,
+    )
+
+
+DEFAULTS = PrhsConfig()
+DESCRIPTION = (
+    "PrHS: pre-hoc KV selection for decoding: anchor steps take exact top-k, similar later queries (cosine > tau) "
+    "reuse the anchor's dilated set; progressive window and early-token freezing in deeper layers; delta reported/bounded"
+)

@@ -1,0 +1,290 @@
+"""Decode profiling (`stem profile --decode`): per-token decode attention latency per method and context length.
+
+What is timed. A synthetic KV cache with the attention shapes of the chosen model
+(default llama3-8b: 32 layers, 32 query / 8 KV heads, head dim 128; random values
+in the run's dtype, bf16 on a GPU), not a model: one decode step runs every
+layer's attention over its cache, so the numbers are attention only (no
+projections, MLP or sampling). This keeps 128K contexts inside a small device
+budget. Each step appends one token to every layer's cache (a preallocated
+buffer, sliced), so windows slide and PrHS's anchors age as in generation.
+
+Queries drift like a decode stream's: per layer and head q_{t+1} = |q_t| normalise(q_t + sigma xi),
+xi ~ N(0, I), sigma = 0.2 (consecutive cosine about 0.98; cosine with an anchor
+falls under tau = 0.8 after about 14 steps), so PrHS's index sharing is exercised.
+The random keys make attention nearly uniform: delta values here say nothing about
+accuracy (use `stem generate` / evaluation for that); latency is what this measures.
+
+Per (length, method): `warmup` untimed steps (kernel compilation, autotuning,
+first anchors), then `repeat` timed steps with CUDA events around each whole step
+(host clock on the CPU), then another `repeat` steps with per-stage events
+(selection / attention / audit, summed over layers) for the breakdown, kept apart
+so the per-stage events do not inflate the per-token latency. dense = SDPA over
+the cache (FlashAttention / cuDNN on GPU). Rows go into profiles/ as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import statistics
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from stem_cli.timing import Interval, StageTimer
+
+GPU_DEFAULTS = ("llama3-8b", "32k,128k")
+CPU_DEFAULTS = ("smollm2-135m", "2k,8k")
+DECODE_METHODS_DEFAULT = "dense,topk-decode,prhs,quest"
+DRIFT_SIGMA = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads, head_dim)
+
+
+def _drift(q: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(q.shape, generator=generator, device=q.device, dtype=torch.float32)
+    qf = q.float()
+    nxt = qf + DRIFT_SIGMA * noise * qf.norm(dim=-1, keepdim=True) / q.shape[-1] ** 0.5
+    return (nxt * (qf.norm(dim=-1, keepdim=True) / nxt.norm(dim=-1, keepdim=True))).to(q.dtype)
+
+
+def profile_decode(
+    methods: list[str],
+    decode_configs: dict[str, Any],
+    lengths: list[int],
+    shape: Shape,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int = 1,
+    warmup: int = 4,
+    repeat: int = 32,
+    seed: int = 0,
+    on_row: Callable[[dict], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Rows, one per (length, method); decode_configs maps each non-dense method to its decode config."""
+    from stem_cli.decode import get_decode_method, split_spec
+    from stem_cli.decode.runtime import DecodeRuntime, dense_decode
+    from stem_cli.profile import failed_allocation_gib, is_oom
+
+    layers = [SimpleNamespace(layer_idx=i) for i in range(shape.layers)]
+    scale = shape.head_dim**-0.5
+    rows: list[dict] = []
+    for n in lengths:
+        total = n + warmup + 2 * repeat
+        gen = torch.Generator(device=device).manual_seed(seed + n)
+        by_method: dict[str, dict] = {}
+        caches = None
+        try:
+            # Each layer's decode queries for every step, drawn up front (same for every method, not timed).
+            qgen = torch.Generator(device=device).manual_seed(seed + 7 * n)
+            queries = []
+            for _ in layers:
+                q = [torch.randn(batch, shape.q_heads, 1, shape.head_dim, generator=qgen, device=device, dtype=dtype)]
+                for _ in range(total - n - 1):
+                    q.append(_drift(q[-1], qgen))
+                queries.append(torch.stack(q))
+            caches = [
+                tuple(torch.randn(batch, shape.kv_heads, total, shape.head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
+                for _ in layers
+            ]
+        except Exception as error:
+            if not is_oom(error):
+                raise
+            for method in methods:
+                row = {"method": method, "seq_len": n, "batch": batch, "status": "OOM",
+                       "failed_allocation_gib": failed_allocation_gib(error), "error": str(error).splitlines()[0][:300]}
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+            continue
+        for method in methods:
+            if progress:
+                progress(f"{method} at {n} tokens")
+            runtime = None
+            if method != "dense":
+                _, decode_name = split_spec(method)
+                runtime = DecodeRuntime(get_decode_method(decode_name), decode_configs[method], shape.layers)
+            row: dict[str, Any] = {"method": method, "seq_len": n, "batch": batch}
+            clock = [n]  # the cache length of the next step
+
+            def step(timer=None, caches=caches, queries=queries, runtime=runtime, clock=clock, n=n):
+                t = clock[0] = clock[0] + 1
+                for i, module in enumerate(layers):
+                    k, v, q = caches[i][0][:, :, :t], caches[i][1][:, :, :t], queries[i][t - 1 - n]
+                    if runtime is None:
+                        with timer.stage("attention") if timer else nullcontext():
+                            dense_decode(q, k, v, None, scale)
+                    else:
+                        runtime.forward(module, q, k, v, None, scale)
+
+            try:
+                with torch.no_grad():
+                    for _ in range(warmup):
+                        step()
+                    if runtime is not None:
+                        runtime.reset_stats()  # statistics of the timed steps only; anchors carry over
+                    per_token = []
+                    for _ in range(repeat):
+                        with Interval(device) as interval:
+                            step()
+                        per_token.append(interval)
+                    per_token_ms = [x.ms() for x in per_token]
+                    timer = StageTimer(device)
+                    stages: list[dict] = []
+                    if runtime is not None:
+                        runtime.timer = timer
+                    for _ in range(repeat):
+                        step(timer)
+                        stages.append(timer.collect())
+                med = statistics.median(per_token_ms)
+                row.update(
+                    status="ok",
+                    per_token_ms=med,
+                    per_token_min_ms=min(per_token_ms),
+                    per_token_max_ms=max(per_token_ms),
+                    tokens_per_s=batch * 1e3 / med,
+                    selection_ms=statistics.median(s.get("selection", 0.0) for s in stages),
+                    attention_ms=statistics.median(s.get("attention", 0.0) for s in stages),
+                    audit_ms=statistics.median(s.get("audit", 0.0) for s in stages),
+                    steps=repeat,
+                )
+                if runtime is not None:
+                    row["decode_stats"] = runtime.stats()
+                    row["kept_fraction"] = row["decode_stats"]["kept_fraction"]
+                    row["reanchor_fraction"] = row["decode_stats"]["reanchor_fraction"]
+                else:
+                    row["kept_fraction"], row["reanchor_fraction"] = 1.0, None
+            except Exception as error:
+                if not is_oom(error):
+                    raise
+                row.update(status="OOM", failed_allocation_gib=failed_allocation_gib(error), error=str(error).splitlines()[0][:300])
+            finally:
+                if runtime is not None:
+                    runtime.timer = None
+            by_method[method] = row
+            rows.append(row)
+            if on_row:
+                on_row(row)
+        caches = queries = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        dense = by_method.get("dense")
+        for row in by_method.values():
+            ok = row.get("status") == "ok" and dense is not None and dense.get("status") == "ok"
+            row["speedup"] = dense["per_token_ms"] / row["per_token_ms"] if ok else None
+    return rows
+
+
+def run_profile_command(*, model, seq_len, methods, batch, warmup, repeat, config, set_, device, dtype, output, console, err) -> dict:
+    """The body of `stem profile --decode` (cli.profile_cmd delegates here); returns the result dict."""
+    import json
+
+    from rich.table import Table
+
+    from stem_cli.cli import UsageError
+    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.models import REGISTRY, resolve_device, resolve_dtype, shipped_config
+    from stem_cli.profile import environment, slug
+    from stem_cli.units import format_length, parse_lengths
+
+    dev = resolve_device(device)
+    on_gpu = dev.type == "cuda"
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    model = model or defaults[0]
+    if model not in REGISTRY:
+        raise UsageError(f"--model {model!r}: --decode takes the attention shapes of a registry alias ({', '.join(REGISTRY)})")
+    shape = Shape.of(shipped_config(model))
+    try:
+        lengths = parse_lengths(seq_len or defaults[1])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if list(methods) == ["dense,stem"]:  # the pre-fill default: decode's own default instead
+        methods = [DECODE_METHODS_DEFAULT]
+    names = parse_method_list(list(methods))
+    from stem_cli.decode import split_spec
+
+    bad = [n for n in names if n != "dense" and split_spec(n)[1] is None]
+    if bad:
+        raise UsageError(f"--decode profiles decode methods: {bad[0]!r} is a pre-fill method; use dense, prhs, topk-decode, quest (or PREFILL+DECODE)")
+    configs = build_configs(names, str(config) if config else None, set_)
+    decode_configs = {n: c.decode for n, c in configs.items() if n != "dense"}
+    torch_dtype = resolve_dtype(dtype, dev)
+    if not on_gpu:
+        err.print("[yellow]notice:[/] no GPU: CPU timings with the PyTorch reference, not GPU kernel speed")
+    err.print(f"[dim]synthetic KV cache shaped as {model}: {shape.layers} layers, {shape.q_heads} query / {shape.kv_heads} KV heads, "
+              f"head dim {shape.head_dim}, {str(torch_dtype).removeprefix('torch.')}; attention only, no model weights[/]")
+
+    env = environment(dev, None)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    name = f"profile-decode-{stamp:%Y%m%d-%H%M%S}-{slug(env.get('gpu', 'cpu'))}-{slug(model)}"
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {str(output)!r} is a file; give a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / f"{name}.json"
+    result = {
+        "command": " ".join(["stem", *sys.argv[1:]]),
+        "timestamp": stamp.isoformat(),
+        "kind": "decode",
+        "model_shape": model,
+        "shape": dataclasses.asdict(shape),
+        "data": "synthetic KV cache and drifting queries (random values), attention only; see stem_cli/decode_profile.py",
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "environment": env,
+        "parameters": {"lengths": lengths, "methods": names, "batch": batch, "warmup_steps": warmup, "timed_steps": repeat,
+                       "query_drift_sigma": DRIFT_SIGMA,
+                       "configs": {n: dataclasses.asdict(c) for n, c in decode_configs.items()}},
+        "timing": "CUDA events" if on_gpu else "host clock (CPU timings)",
+        "rows": [],
+    }
+
+    def save(row=None):
+        if row is not None:
+            result["rows"].append(row)
+        json_path.write_text(json.dumps(result, indent=2, default=str))
+
+    with console.status("profiling decode") as status:
+        profile_decode(names, decode_configs, lengths, shape, device=dev, dtype=torch_dtype, batch=batch, warmup=warmup,
+                       repeat=repeat, on_row=save, progress=lambda what: status.update(f"profiling decode: {what}"))
+    save()
+
+    table = Table(title=f"stem profile --decode: {model}-shaped synthetic cache on {env.get('gpu', 'CPU')} ({result['timing']})")
+    for col in ("method", "context", "ms/token", "selection ms", "attention ms", "speed-up", "tok/s", "kept", "re-anchor"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for row in result["rows"]:
+        if row.get("status") != "ok":
+            table.add_row(row["method"], format_length(row["seq_len"]), f"[red]{row['status']}[/]", *[""] * 6)
+            continue
+        table.add_row(
+            row["method"], format_length(row["seq_len"]),
+            f"{row['per_token_ms']:.2f} ({row['per_token_min_ms']:.2f}-{row['per_token_max_ms']:.2f})",
+            f"{row['selection_ms']:.2f}", f"{row['attention_ms']:.2f}",
+            fmt(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""), f"{row['tokens_per_s']:.0f}",
+            fmt(row.get("kept_fraction"), ".1%"), fmt(row.get("reanchor_fraction"), ".1%"),
+        )
+    console.print(table)
+    console.print(f"[dim]attention only (all {shape.layers} layers per token; no projections/MLP); "
+                  f"speed-up = dense SDPA's ms/token over the method's, same run. wrote {json_path}[/]")
+    return result

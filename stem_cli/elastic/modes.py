@@ -1,0 +1,384 @@
+"""Per-head modes -> one BlockIndex; who decides the modes; Omega accounting.
+
+Index construction (`mixed_index`): modes are per (batch, KV head). The combined index
+is per query head when some head runs Stem with gqa='query' (Stem's rows differ within
+a group), else per KV head. Its rows are
+- dense heads: every causal block 0..i of query block i;
+- streaming heads: sink blocks + the window ending at the diagonal (data-independent);
+- stem heads: Stem's selection, run on the stem heads only (their q/k/v sliced out),
+  so a layer with few stem heads pays scoring for those alone;
+padded with -1 to the longest row. One layer, one index, one executor call. When every
+head of a layer runs one mode the index is that mode's own (dense: the full index, which
+the executor runs with SDPA; stem: exactly the `stem` method's index).
+
+Omega (model sparsity ratio) = query heads not dense / query heads, over every governed
+layer of every pre-fill call since the BudgetRecorder was last reset: the same window
+and the same layers as BUD. Read it after a forward as
+
+    runtime.recorder.elastic.omega        # set on the recorder by the first elastic call
+    runtime.config.stats.omega            # the same object, always present on an ElasticConfig
+
+(`stem_cli.methods.elastic.omega(runtime)` returns it or None.)
+
+Apply time (`prepare`, called by stem_cli.apply): the head map / router is checked against
+the model, the config learns the model's attention layers (to find the runtime's recorder),
+and with a router each routed layer's key projection is hooked so the selector can pool the
+pre-RoPE keys (PreRopeKeys). Re-applying replaces those hooks; they never accumulate.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from stem_cli.config import ConfigError
+from stem_cli.elastic.config import DENSE, MODES, STEM, STREAMING
+from stem_cli.index import PAD, BlockIndex
+from stem_cli.kernels import reference as ref
+
+# ------------------------------------------------------------------ index construction
+
+
+def streaming_index(batch: int, heads: int, seq_len: int, block_size: int, sink_blocks: int, window_blocks: int,
+                    key_valid: torch.Tensor | None, device) -> BlockIndex:
+    """Sinks + local window per row, the same for every head: (B, heads, P, K), heads broadcast."""
+    p = -(-seq_len // block_size)
+    first = ref.first_valid_block(key_valid, batch, block_size, device)
+    keep = ref.forced_blocks(p, first, sink_blocks, window_blocks)  # (B, P, P)
+    one = BlockIndex.from_mask(keep[:, None], block_size, seq_len)
+    return BlockIndex(one.counts.expand(batch, heads, p), one.indices.expand(batch, heads, p, one.indices.shape[-1]), block_size, seq_len)
+
+
+def _stem_select(q, k, v, config, scale, key_valid) -> BlockIndex:
+    from stem_cli.methods import stem as stem_method
+
+    return stem_method.select(q, k, v, layer=-1, config=config.stem, scale=scale, key_valid=key_valid)
+
+
+def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
+    """One BlockIndex for a layer whose KV heads run `modes` (B, Hkv) int (0 dense, 1 stem, 2 streaming)."""
+    batch, hq, n, _ = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    bs = config.block_size
+    p = -(-n // bs)
+    modes = modes.to("cpu", torch.long).expand(batch, hkv)
+    present = set(modes.unique().tolist())
+    sink_b, window_b = config.streaming_blocks
+    if present == {DENSE}:
+        return BlockIndex.full_causal(batch, hkv, n, bs, device=q.device)
+    if present == {STEM}:
+        return _stem_select(q, k, v, config, scale, key_valid)
+    if present == {STREAMING}:
+        return streaming_index(batch, hkv, n, bs, sink_b, window_b, key_valid, q.device)
+
+    per_query = STEM in present and config.stem.gqa == "query"
+    heads = hq if per_query else hkv
+    head_modes = (modes.repeat_interleave(group, dim=1) if per_query else modes).to(q.device)  # (B, heads)
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # mode -> counts (B|1, heads|1, P), ids (B|1, heads|1, P, K)
+    if DENSE in present:
+        ids = torch.arange(p, device=q.device, dtype=torch.int32)
+        parts[DENSE] = ((ids + 1)[None, None], torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)[None, None])
+    if STREAMING in present:
+        s = streaming_index(batch, 1, n, bs, sink_b, window_b, key_valid, q.device)
+        parts[STREAMING] = (s.counts, s.indices)
+    if STEM in present:
+        stem_kv = [h for h in range(hkv) if bool((modes[:, h] == STEM).any())]  # selected for any sequence that needs it
+        if len(stem_kv) == hkv:
+            sub = _stem_select(q, k, v, config, scale, key_valid)
+            counts, ids = sub.counts, sub.indices
+        else:
+            kv_ids = torch.tensor(stem_kv, device=q.device)
+            q_ids = (kv_ids[:, None] * group + torch.arange(group, device=q.device)).flatten()
+            sub = _stem_select(q.index_select(1, q_ids), k.index_select(1, kv_ids), v.index_select(1, kv_ids), config, scale, key_valid)
+            where = q_ids if per_query else kv_ids  # the sub-index's heads in the combined head order
+            counts = sub.counts.new_zeros(batch, heads, p)
+            ids = sub.indices.new_full((batch, heads, p, sub.indices.shape[-1]), PAD)
+            counts[:, where], ids[:, where] = sub.counts, sub.indices
+        parts[STEM] = (counts, ids)
+
+    width = max(ids.shape[-1] for _, ids in parts.values())
+    counts = torch.zeros(batch, heads, p, dtype=torch.int32, device=q.device)
+    indices = torch.full((batch, heads, p, width), PAD, dtype=torch.int32, device=q.device)
+    for mode, (c, ids) in parts.items():
+        if ids.shape[-1] < width:
+            ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], width - ids.shape[-1]), PAD)], dim=-1)
+        chosen = (head_modes == mode)[:, :, None]
+        counts = torch.where(chosen, c.to(torch.int32), counts)
+        indices = torch.where(chosen[..., None], ids.to(torch.int32), indices)
+    return BlockIndex(counts.contiguous(), indices.contiguous(), bs, n)
+
+
+# ------------------------------------------------------------------ pooled pre-RoPE keys
+
+
+class PreRopeKeys:
+    """The latest pre-RoPE keys per layer, written by forward hooks on the model's key projection.
+
+    The selector gets q/k/v after RoPE only; the router wants the keys before RoPE. `prepare`
+    (at stem_cli.apply time) hooks each routed attention layer's `k_norm` where it has one
+    (Qwen3, Gemma3: the normalised keys) else its `k_proj`; the hook keeps a reference to that
+    output (no copy) here, the selector takes it, and a hook on the attention layer itself
+    drops whatever is left when the layer's forward ends, so nothing outlives the layer's call.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> k_norm / k_proj output of its current call
+        self.handles: list = []  # torch RemovableHandles of the hooks writing here
+
+    def take(self, layer: int) -> torch.Tensor | None:
+        return self.keys.pop(layer, None)
+
+    def remove_hooks(self, handles=None) -> None:
+        """Remove `handles` (default: every hook writing here) and forget what they stored."""
+        handles = list(self.handles if handles is None else handles)
+        for handle in handles:
+            handle.remove()
+        gone = {id(h) for h in handles}
+        self.handles = [h for h in self.handles if id(h) not in gone]
+        self.keys.clear()
+
+
+def key_source(module: torch.nn.Module) -> torch.nn.Module:
+    """The submodule whose output is the pre-RoPE keys: k_norm where the layer has one, else k_proj."""
+    norm = getattr(module, "k_norm", None)
+    return norm if isinstance(norm, torch.nn.Module) else module.k_proj
+
+
+def hook_pre_rope_keys(modules, holder: PreRopeKeys) -> list:
+    """Hook each attention layer in `modules` to store its pre-RoPE keys in `holder`; the handles."""
+    handles = []
+    for module in modules:
+        layer = module.layer_idx
+
+        def store(_source, _inputs, output, layer=layer):
+            holder.keys[layer] = output
+
+        def drop(_module, _inputs, _output, layer=layer):
+            holder.keys.pop(layer, None)
+
+        handles.append(key_source(module).register_forward_hook(store))
+        handles.append(module.register_forward_hook(drop))
+    holder.handles.extend(handles)
+    return handles
+
+
+_HOOKS_ATTR = "_stem_elastic_key_hooks"  # on the model: (holder, handles) of the elastic hooks installed there
+
+
+def remove_model_hooks(model) -> None:
+    """Remove the pre-RoPE key hooks a previous elastic prepare installed on `model` (if any)."""
+    installed = getattr(model, _HOOKS_ATTR, None)
+    if installed is not None:
+        holder, handles = installed
+        holder.remove_hooks(handles)
+        delattr(model, _HOOKS_ATTR)
+
+
+def model_counts(modules) -> tuple[int | None, int | None, int | None]:
+    """(layers, KV heads, head dim) of the model whose attention layers are `modules` (None: unknown)."""
+    if not modules:
+        return None, None, None
+    module = modules[0]
+    cfg = getattr(module, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or len(modules)
+    hkv = getattr(cfg, "num_key_value_heads", None)
+    head_dim = getattr(module, "head_dim", None) or getattr(cfg, "head_dim", None)
+    if head_dim is None and hkv and getattr(module.k_proj, "out_features", None):
+        head_dim = module.k_proj.out_features // hkv
+    return layers, hkv, head_dim
+
+
+def prepare(model, config):
+    """Attach an ElasticConfig to `model` (the method's apply-time hook, see stem_cli.methods).
+
+    Checks the head map / router against the model's layers, KV heads and head dim
+    (ConfigError naming both counts), remembers the model's attention layers (to find the
+    runtime's recorder for Omega), removes the key hooks of any earlier elastic apply on this
+    model, and with a router hooks the routed layers' pre-RoPE keys (PreRopeKeys).
+    """
+    from stem_cli.integration import attention_modules
+
+    modules = attention_modules(model)
+    num_layers, hkv, head_dim = model_counts(modules)
+    router = None
+    if config.router:
+        from stem_cli.elastic.router import load_router
+
+        router = load_router(config.router)
+        router.check_model(num_layers, hkv, head_dim, where=f"router {config.router!r}")
+    if config.head_map:
+        from stem_cli.elastic.headmap import load_head_map
+
+        load_head_map(config.head_map).check_model(num_layers, hkv, where=f"head map {config.head_map!r}")
+    state = config.state
+    state.attach(modules)
+    remove_model_hooks(model)
+    if router is not None:
+        routed = [m for m in modules if router.routes(m.layer_idx) and getattr(m, "sliding_window", None) is None]
+        setattr(model, _HOOKS_ATTR, (state.keys, hook_pre_rope_keys(routed, state.keys)))
+    return config
+
+
+def _pool_positions(n: int, key_valid: torch.Tensor | None, batch: int, pool: int) -> list[tuple]:
+    """Per sequence: positions (index tensors, or slices without padding) of its first and last `pool` valid tokens."""
+    if key_valid is None:
+        return [(slice(0, pool), slice(max(0, n - pool), n))] * batch
+    out = []
+    for b in range(batch):
+        pos = key_valid[b].cpu().nonzero().flatten()
+        if pos.numel() == 0:
+            pos = torch.arange(n)
+        out.append((pos[:pool], pos[-pool:]))
+    return out
+
+
+def _on(index, device):
+    return index if isinstance(index, slice) else index.to(device)
+
+
+def pooled_keys(pre_rope: torch.Tensor | None, k: torch.Tensor, key_valid: torch.Tensor | None, pool: int = 100) -> torch.Tensor:
+    """(B, Hkv, 2d) float32: means of the pre-RoPE keys of the first and the last `pool` valid tokens.
+
+    `pre_rope`: the layer's k_proj (then k_norm, where the model has one) output for this call,
+    (B, N, Hkv * d) or (B, N, Hkv, d), as the hooks of `prepare` store it. Without it (a config
+    that stem_cli.apply did not prepare, a selector called directly) the post-RoPE keys `k`
+    stand in (notice once): an approximation a trained router was not trained on.
+    """
+    batch, hkv, n, d = k.shape
+    spans = _pool_positions(n, key_valid, batch, pool)
+    if pre_rope is None or tuple(pre_rope.shape[:2]) != (batch, n) or pre_rope.numel() != batch * n * hkv * d:
+        _notice("elastic:post-rope", "stem elastic: no pre-RoPE keys were captured for this layer (the config was not "
+                "prepared by stem_cli.apply); the router sees pooled post-RoPE keys instead")
+        feats = [torch.cat([k[b, :, _on(first, k.device)].float().mean(1), k[b, :, _on(last, k.device)].float().mean(1)], -1)
+                 for b, (first, last) in enumerate(spans)]
+        return torch.stack(feats)
+    keys = pre_rope.detach().reshape(batch, n, hkv, d)
+    feats = [torch.cat([keys[b, _on(first, keys.device)].float().mean(0), keys[b, _on(last, keys.device)].float().mean(0)], -1)
+             for b, (first, last) in enumerate(spans)]
+    return torch.stack(feats)
+
+
+_noticed: set[str] = set()
+
+
+def _notice(key: str, message: str) -> None:
+    if key not in _noticed:
+        _noticed.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+# ------------------------------------------------------------------ Omega accounting
+
+
+class ElasticStats:
+    """Query heads per mode, per governed layer, over the pre-fill calls since the recorder reset.
+
+    The BudgetRecorder is reset by runners between runs; these counts follow it: a call
+    that finds the recorder at 0 calls (or fewer than last seen) starts afresh, and
+    reading after a reset with no elastic call since gives None.
+    """
+
+    def __init__(self):
+        self.heads: dict[int, torch.Tensor] = {}  # layer -> (3,) query heads per mode, summed over calls and batch
+        self.last_modes: dict[int, list[list[str]]] = {}  # layer -> per sequence, per KV head mode of the last call
+        self.calls = 0
+        self._recorder = None
+        self._seen = 0
+
+    def reset(self) -> None:
+        self.heads.clear()
+        self.last_modes.clear()
+        self.calls = 0
+
+    def record(self, layer: int, modes: torch.Tensor, group: int, recorder=None) -> None:
+        if recorder is not None:
+            if recorder is not self._recorder or recorder.calls == 0 or recorder.calls < self._seen:
+                self.reset()
+            self._recorder, self._seen = recorder, recorder.calls + 1  # the recorder's add() follows this call
+        modes = modes.cpu()
+        per_mode = torch.bincount(modes.flatten(), minlength=len(MODES)) * group
+        self.heads[layer] = self.heads.get(layer, torch.zeros(len(MODES), dtype=torch.long)) + per_mode
+        self.last_modes[layer] = [[MODES[m] for m in row] for row in modes.tolist()]
+        self.calls += 1
+
+    def _stale(self) -> bool:
+        return self._recorder is not None and self._recorder.calls < self._seen
+
+    @property
+    def omega(self) -> float | None:
+        """Fraction of query heads not dense, over governed layers and calls (None before any call)."""
+        if self._stale() or not self.heads:
+            return None
+        total = torch.stack(list(self.heads.values())).sum(0)
+        return float(total[STEM] + total[STREAMING]) / float(total.sum())
+
+    def mode_fractions(self) -> dict[str, float] | None:
+        if self._stale() or not self.heads:
+            return None
+        total = torch.stack(list(self.heads.values())).sum(0).double()
+        return {m: float(total[i] / total.sum()) for i, m in enumerate(MODES)}
+
+    def per_layer(self) -> dict[int, float]:
+        if self._stale():
+            return {}
+        return {layer: float(c[STEM] + c[STREAMING]) / float(c.sum()) for layer, c in sorted(self.heads.items())}
+
+
+# ------------------------------------------------------------------ who decides
+
+
+@dataclass
+class ElasticState:
+    """Mutable companion of a (frozen) ElasticConfig: Omega stats, pre-RoPE keys, the model's layers."""
+
+    stats: ElasticStats = field(default_factory=ElasticStats)
+    keys: PreRopeKeys = field(default_factory=PreRopeKeys)
+    # layer -> weak reference to the attention layer `prepare` attached this config to (None: not prepared)
+    layers: dict = field(default_factory=dict)
+
+    def attach(self, modules) -> None:
+        self.layers = {getattr(m, "layer_idx", i): weakref.ref(m) for i, m in enumerate(modules)}
+
+    def recorder(self, layer: int):
+        """The BudgetRecorder of the runtime stem_cli.apply put on `layer` with this config, else None."""
+        ref = self.layers.get(layer)
+        module = ref() if ref is not None else None
+        runtime = getattr(module, "stem_runtime", None)  # set by stem_cli.integration.apply
+        if runtime is None or getattr(runtime.config, "state", None) is not self:
+            return None
+        return getattr(runtime, "recorder", None)
+
+
+def decide_modes(q, k, *, layer: int, config, key_valid) -> torch.Tensor:
+    """(B, Hkv) int64 mode ids of this layer for this input (router, else head map, else default).
+
+    The file's layer and KV-head counts were checked against the model by `prepare`; here only
+    what the call itself shows (KV heads, head dim, the layer index) is checked again."""
+    batch, hkv = k.shape[0], k.shape[1]
+    if config.router:
+        from stem_cli.elastic.router import load_router
+
+        router = load_router(config.router)
+        where = f"router {config.router!r}"
+        router.check_model(layer + 1 if layer >= router.num_layers else None, hkv, k.shape[-1], where=where)
+        if not router.routes(layer):
+            config.state.keys.take(layer)
+            return torch.zeros(batch, hkv, dtype=torch.long)
+        feats = pooled_keys(config.state.keys.take(layer), k, key_valid)
+        with torch.no_grad():
+            return router.to(feats.device).modes(layer, feats).cpu()  # one small device sync per layer
+    if config.head_map:
+        from stem_cli.elastic.headmap import load_head_map
+
+        head_map = load_head_map(config.head_map)
+        where = f"head map {config.head_map!r}"
+        head_map.check_model(None, hkv, where=where)
+        if layer >= head_map.num_layers:
+            raise ConfigError(f"{where} has {head_map.num_layers} layers but the model has at least {layer + 1}")
+        return head_map.mode_ids()[layer].expand(batch, hkv)
+    mode = DENSE if layer in config.default_dense_layers else MODES.index(config.default_mode)
+    return torch.full((batch, hkv), mode, dtype=torch.long)

@@ -1,0 +1,172 @@
+"""The Elastic Attention router: per layer, pooled pre-RoPE keys per KV head -> mode logits.
+
+Input per KV head h of a layer: x_h = [mean of the pre-RoPE keys of the first 100 valid
+tokens, mean of those of the last 100] (2d numbers, d = head dim), layer-normalised
+without parameters (key scales differ a lot between layers).
+
+Two small MLPs per layer (spec section 3):
+    f_h      = W2 gelu(W1 x_h + b1) + b2 + e_h          feature MLP, shared by the layer's
+                                                         KV heads; e_h a learned head embedding
+    c        = mean_h f_h                                the layer's context
+    logits_h = W4 gelu(W3 [f_h, c] + b3) + b4            mode MLP -> (dense, stem, streaming)
+with hidden width H = 2d. Parameters per layer: (2d H + H) + (H^2 + H) + Hkv H
++ (2H H + H) + (3 H + 3); for Llama-3-8B (d = 128, Hkv = 8) that is 265,731, the
+"about 0.27M per layer" of the published router. At pre-fill the mode is the argmax.
+
+Saved with torch.save as plain dicts of tensors and numbers, so torch.load(weights_only=True)
+reads it: no code is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stem_cli.config import ConfigError
+from stem_cli.elastic.config import MODES
+
+FORMAT = "stem-elastic-router"
+VERSION = 1
+POOL_TOKENS = 100  # first and last tokens pooled into the router's input
+
+
+class LayerRouter(nn.Module):
+    def __init__(self, num_kv_heads: int, head_dim: int, hidden: int | None = None):
+        super().__init__()
+        h = hidden or 2 * head_dim
+        self.norm = nn.LayerNorm(2 * head_dim, elementwise_affine=False)
+        self.feature = nn.Sequential(nn.Linear(2 * head_dim, h), nn.GELU(), nn.Linear(h, h))
+        self.head_embedding = nn.Parameter(torch.randn(num_kv_heads, h) * 0.02)
+        self.mode = nn.Sequential(nn.Linear(2 * h, h), nn.GELU(), nn.Linear(h, len(MODES)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, 2d) pooled keys -> (B, Hkv, 3) mode logits."""
+        f = self.feature(self.norm(x)) + self.head_embedding
+        context = f.mean(1, keepdim=True).expand_as(f)
+        return self.mode(torch.cat([f, context], dim=-1))
+
+
+class ElasticRouter(nn.Module):
+    """One LayerRouter per routed layer; the layers in `dense_layers` are always dense."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        hidden: int | None = None,
+        dense_layers=(),
+        model: str = "",
+        target_sparsity: float | None = None,
+        training: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.hidden = hidden or 2 * head_dim
+        self.dense_layers = tuple(sorted(int(x) for x in dense_layers if 0 <= int(x) < num_layers))
+        self.model_name = model
+        self.target_sparsity = target_sparsity
+        self.training_info = dict(training or {})
+        self.layers = nn.ModuleDict(
+            {str(i): LayerRouter(num_kv_heads, head_dim, self.hidden) for i in range(num_layers) if i not in self.dense_layers}
+        )
+
+    def routes(self, layer: int) -> bool:
+        return str(layer) in self.layers
+
+    def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, 2d) -> (B, Hkv, 3) float32 logits of a routed layer."""
+        router = self.layers[str(layer)]
+        w = router.feature[0].weight
+        return router(features.to(device=w.device, dtype=w.dtype))
+
+    def modes(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv) mode ids, argmax of the logits (dense for the always-dense layers)."""
+        if not self.routes(layer):
+            return torch.zeros(features.shape[:2], dtype=torch.long, device=features.device)
+        return self.logits(layer, features).argmax(-1)
+
+    def init_prior(self, target_sparsity: float) -> None:
+        """Start every head at P(dense) = 1 - target, the rest split evenly (a neutral prior)."""
+        t = min(max(target_sparsity, 1e-3), 1 - 1e-3)
+        prior = torch.tensor([math.log(1 - t), math.log(t / 2), math.log(t / 2)])
+        with torch.no_grad():
+            for r in self.layers.values():
+                r.mode[-1].weight.mul_(0.1)
+                r.mode[-1].bias.copy_(prior)
+
+    def num_parameters(self, layer: int | None = None) -> int:
+        mods = [self.layers[str(layer)]] if layer is not None else list(self.layers.values())
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    def check_model(self, num_layers: int | None, num_kv_heads: int | None, head_dim: int | None, where: str = "router") -> None:
+        problems = []
+        for name, mine, theirs in (("layers", self.num_layers, num_layers), ("KV heads per layer", self.num_kv_heads, num_kv_heads),
+                                   ("head dim", self.head_dim, head_dim)):
+            if theirs is not None and theirs != mine:
+                problems.append(f"{mine} {name} but the model has {theirs}")
+        if problems:
+            raise ConfigError(
+                f"{where} (trained on {self.model_name!r}) does not fit this model: it has {' and '.join(problems)}; "
+                "train one for this model with `stem train-router --model ...`"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "model": self.model_name,
+                "num_layers": self.num_layers,
+                "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+                "hidden": self.hidden,
+                "dense_layers": list(self.dense_layers),
+                "target_sparsity": self.target_sparsity,
+                "training": self.training_info,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            },
+            path,
+        )
+        return path
+
+
+_cache: dict[tuple, ElasticRouter] = {}
+
+
+def load_router(path: str | Path) -> ElasticRouter:
+    """Read a router file (weights_only: plain tensors and numbers); ConfigError if it is not one."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"router file {str(path)!r} does not exist (make one with `stem train-router`)")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _cache:
+        return _cache[key]
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, ...
+        raise ConfigError(f"router file {str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"router file {str(path)!r} is not a stem router (format {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise ConfigError(f"router file {str(path)!r}: version {data.get('version')!r} is not supported (this stem reads {VERSION})")
+    try:
+        router = ElasticRouter(
+            int(data["num_layers"]), int(data["num_kv_heads"]), int(data["head_dim"]), hidden=int(data["hidden"]),
+            dense_layers=data.get("dense_layers", ()), model=str(data.get("model", "")),
+            target_sparsity=data.get("target_sparsity"), training=data.get("training"),
+        )
+        router.load_state_dict(data["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"router file {str(path)!r} is damaged: {str(e).splitlines()[0]}") from None
+    router.eval().requires_grad_(False)
+    _cache[key] = router
+    return router

@@ -1,0 +1,428 @@
+"""`stem eval`: long-context accuracy per task, length and method, every result on disk as it is made.
+
+Task names (what `--task` accepts):
+- `ruler` (every built-in RULER task), `niah` (its eight needle tasks), `ruler/NAME` (one task);
+- `longbench` (every LongBench subset), `longbench/NAME`: from `--data-dir` JSONL files, or
+  through lm-eval's longbench tasks when their data is reachable;
+- `fidelity`, `ppl`: measurements against dense attention (output error, perplexity);
+- anything else goes to lm-eval (`simple_evaluate` over the already patched model).
+
+Results are JSON lines, one per (method, task, length, sample), written and flushed as
+soon as a sample is scored. Each carries a key hashed from everything that determines
+it (model, dtype, method and its full config, task, length, seed, sample id), so
+`--resume` skips what is already there and `stem compare` reuses results across runs.
+A torn last line (the process killed mid-write) is dropped when the file is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+import stem_cli
+from stem_cli.config import ConfigError
+
+BUILT_IN = ("ruler", "niah", "longbench", "fidelity", "ppl")
+
+
+# A task cannot run (unknown name, data unreachable, lm-eval failure); the message says why and what to do.
+from stem_cli.tasks.harness import TaskError  # noqa: E402  (one error type for every task source)
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    name: str  # shown and stored: "ruler/vt", "longbench/hotpotqa", "fidelity", "lm-eval/gsm8k"
+    kind: str  # "generate" | "measure" | "lm-eval"
+    sub: str  # the name inside its source: "vt", "hotpotqa", "fidelity", "gsm8k"
+
+
+def resolve_tasks(items: Iterable[str], data_dir: Path | None = None) -> list[TaskRef]:
+    """'ruler,ppl' -> TaskRefs, expanded and checked, order kept, no repeats."""
+    from stem_cli.tasks import ruler
+
+    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    if not names:
+        raise TaskError(f"no task given; built-in tasks: {', '.join(BUILT_IN)}, ruler/NAME, longbench/NAME; other names go to lm-eval")
+    refs: list[TaskRef] = []
+    for name in names:
+        if name in ruler.GROUPS:
+            refs += [TaskRef(f"ruler/{t}", "generate", t) for t in ruler.GROUPS[name]]
+        elif name.startswith("ruler/"):
+            sub = name.removeprefix("ruler/")
+            if sub not in ruler.TASKS:
+                raise TaskError(f"unknown RULER task {sub!r}; built-in RULER tasks: {', '.join(ruler.TASKS)}")
+            refs.append(TaskRef(name, "generate", sub))
+        elif name == "longbench" or name.startswith("longbench/"):
+            refs += _longbench_refs(name, data_dir)
+        elif name in ("fidelity", "ppl"):
+            refs.append(TaskRef(name, "measure", name))
+        else:
+            refs.append(TaskRef(f"lm-eval/{name.removeprefix('lm-eval/')}", "lm-eval", name.removeprefix("lm-eval/")))
+    return list(dict.fromkeys(refs))
+
+
+def _longbench_refs(name: str, data_dir: Path | None) -> list[TaskRef]:
+    from stem_cli.tasks import longbench
+
+    subsets = list(longbench.SUBSETS) if name == "longbench" else [name.removeprefix("longbench/")]
+    for sub in subsets:
+        if sub not in longbench.ALL_SUBSETS:
+            raise TaskError(f"unknown LongBench subset {sub!r}; subsets: {', '.join(longbench.ALL_SUBSETS)}")
+    how = longbench.resolve(data_dir)
+    if how == "local":
+        if name == "longbench":  # the whole benchmark: the subsets whose files are there
+            subsets = [s for s in subsets if (Path(data_dir) / f"{s}.jsonl").is_file()]
+        return [TaskRef(f"longbench/{s}", "generate", s) for s in subsets]
+    # lm-eval names the group "longbench" and its tasks "longbench_<subset>".
+    sub = "longbench" if name == "longbench" else f"longbench_{subsets[0]}"
+    return [TaskRef(f"lm-eval/{sub}", "lm-eval", sub)]
+
+
+def measure_module(ref: TaskRef):
+    return importlib.import_module(f"stem_cli.tasks.{ref.sub}")
+
+
+# ------------------------------------------------------------------ results on disk
+
+
+def config_dict(config) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()} if dataclasses.is_dataclass(config) else {}
+
+
+def record_key(*, model: str, dtype: str, method: str, config: dict, task: str, seq_len: int, seed: int, sample: str) -> str:
+    """What determines a result, hashed: equal keys mean the same computation."""
+    what = {"model": model, "dtype": dtype, "method": method, "config": config, "task": task, "seq_len": seq_len, "seed": seed, "sample": sample}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class ResultStore:
+    """Append-only JSONL of results, indexed by key. Each line is flushed and fsynced when added."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a torn last line: the process died mid-write; drop it
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+            data = data[:end]
+        for number, line in enumerate(data.decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise TaskError(f"{self.path}:{number} is not a JSON line; the results file is damaged (move it away or use another --output)") from None
+            self.records[record["key"]] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def add(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, default=str) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[record["key"]] = record
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class Job:
+    """One method at one length: its name and the config it runs with (possibly budget-solved)."""
+
+    method: str
+    config: Any
+    seq_len: int
+    knob: dict | None = None  # {"name", "value", "target", "probe_bud"} when solved for a budget
+
+
+@dataclass
+class EvalSettings:
+    model_id: str  # loaded.source: where the weights came from
+    dtype: str
+    seed: int
+    limit: int
+    use_chat_template: bool | None = None
+    data_dir: Path | None = None
+    max_new_tokens: int | None = None  # overrides the task's
+    include_path: Path | None = None  # a folder of extra lm-eval task YAMLs
+
+
+class Runner:
+    """Runs jobs x tasks x samples on one loaded model, writing to a ResultStore.
+
+    `reuse`: a result whose key is already in the store is taken from it (resume,
+    compare's cache); otherwise it is computed and appended.
+    """
+
+    def __init__(self, loaded, store: ResultStore, settings: EvalSettings, *, reuse: bool = True,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.loaded = loaded
+        self.store = store
+        self.settings = settings
+        self.reuse = reuse
+        self.progress = progress or (lambda what, done, total: None)
+        self._samples: dict[tuple[str, int], list] = {}
+        self.computed = 0
+        self.reused = 0
+
+    # ---- samples
+
+    def samples(self, ref: TaskRef, seq_len: int) -> list:
+        cache_key = (ref.name, seq_len)
+        if cache_key not in self._samples:
+            try:
+                self._samples[cache_key] = self._build(ref, seq_len)
+            except ValueError as e:  # a generator's "too short" / bad input: the user's to fix
+                raise TaskError(f"{ref.name} at {seq_len} tokens: {e}") from None
+        return self._samples[cache_key]
+
+    def _build(self, ref: TaskRef, seq_len: int) -> list:
+        s, tok = self.settings, self.loaded.tokenizer
+        if ref.name.startswith("ruler/"):
+            from stem_cli.tasks import ruler
+
+            return ruler.build_samples(ref.sub, tok, seq_len, seed=s.seed, limit=s.limit, use_chat_template=s.use_chat_template)
+        if ref.name.startswith("longbench/"):
+            from stem_cli.tasks import longbench
+
+            return longbench.build_samples(ref.sub, tok, seq_len, data_dir=s.data_dir, limit=s.limit, use_chat_template=s.use_chat_template)
+        return measure_module(ref).build_samples(tok, seq_len, seed=s.seed, limit=s.limit, use_chat_template=s.use_chat_template)
+
+    def key(self, job: Job, ref: TaskRef, sample_id: str) -> str:
+        s = self.settings
+        config = config_dict(job.config)
+        if s.max_new_tokens is not None:
+            config = {**config, "_max_new_tokens": s.max_new_tokens}
+        return record_key(model=s.model_id, dtype=s.dtype, method=job.method, config=config, task=ref.name,
+                          seq_len=job.seq_len, seed=s.seed, sample=sample_id)
+
+    # ---- running
+
+    def run(self, jobs: list[Job], refs: list[TaskRef]) -> list[dict]:
+        """Every (job, task, sample) result, in a fixed order; computed ones are in the store as they finish."""
+        results: list[dict] = []
+        lengths = list(dict.fromkeys(j.seq_len for j in jobs))
+        for seq_len in lengths:
+            at_length = [j for j in jobs if j.seq_len == seq_len]
+            for ref in refs:
+                if ref.kind == "lm-eval":
+                    results += self._run_lm_eval(at_length, ref)
+                    continue
+                samples = self.samples(ref, seq_len)
+                total, done = len(samples) * len(at_length), 0
+                what = f"{ref.name} @ {_length(seq_len)}"
+                self.progress(what, 0, total)
+                for sample in samples:  # samples outer: every method sees a prompt while it is hot in cache
+                    for job in at_length:
+                        results.append(self._one(job, ref, sample))
+                        done += 1
+                        self.progress(what, done, total)
+        return results
+
+    def _one(self, job: Job, ref: TaskRef, sample) -> dict:
+        key = self.key(job, ref, sample.id)
+        if self.reuse and key in self.store:
+            self.reused += 1
+            return self.store.get(key)
+        runtime = stem_cli.apply(self.loaded.model, job.method, job.config)
+        runtime.recorder.reset()
+        record = {
+            "key": key, "method": job.method, "task": ref.name, "seq_len": job.seq_len, "seed": self.settings.seed,
+            "sample": sample.id, "model": self.settings.model_id, "dtype": self.settings.dtype,
+        }
+        if job.knob:
+            record["knob"] = job.knob
+        if ref.kind == "measure":
+            record.update(measure_module(ref).measure(self.loaded.model, job.method, job.config, sample))
+        else:
+            record.update(self._generate(runtime, sample))
+        record["config"] = config_dict(job.config)
+        self.store.add(record)
+        self.computed += 1
+        return record
+
+    def _generate(self, runtime, sample) -> dict:
+        from stem_cli.generation import greedy, stop_ids_of
+        from stem_cli.tasks.base import score
+
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        device = next(model.parameters()).device
+        ids = torch.tensor([sample.input_ids], device=device)
+        budget = self.settings.max_new_tokens or sample.max_new_tokens
+        decode = getattr(runtime, "decode", None)
+        if decode is not None:
+            decode.reset()
+        gen = greedy(model, ids, max_new_tokens=budget, stop_ids=stop_ids_of(model, tok))
+        prediction = tok.decode(gen.new_tokens, skip_special_tokens=True).strip()
+        result = {
+            "prediction": prediction,
+            "references": sample.references,
+            "metric": sample.metric,
+            "score": score(sample.metric, prediction, sample.references, sample.meta),
+            "bud": runtime.recorder.bud,
+            "prompt_tokens": len(sample.input_ids),
+            "new_tokens": len(gen.new_tokens),
+            "prefill_s": gen.prefill_seconds,
+            "decode_s": gen.decode_seconds,
+        }
+        for name, stats in _runtime_stats(runtime).items():
+            result[name] = stats
+        return result
+
+    def _run_lm_eval(self, jobs: list[Job], ref: TaskRef) -> list[dict]:
+        from stem_cli.tasks import harness
+
+        results = []
+        for job in jobs:
+            runtime = stem_cli.apply(self.loaded.model, job.method, job.config)
+            key = self.key(job, ref, "aggregate")
+            if self.reuse and key in self.store:
+                self.reused += 1
+                results.append(self.store.get(key))
+                continue
+            runtime.recorder.reset()
+            cache = self.store.path.parent / "lm-eval-cache" / f"{key}.sqlite"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            self.progress(f"{ref.name} @ {_length(job.seq_len)} ({job.method}, lm-eval)", 0, 1)
+            samples_path = self.store.path.with_name(f"{self.store.path.stem}.lm-eval-{key}.jsonl")
+            with open(samples_path, "w") as f:  # lm-eval hands samples over when its run is complete
+                def log(record: dict, f=f):
+                    f.write(json.dumps({**record, "method": job.method}, default=str) + "\n")
+                    f.flush()
+
+                out = harness.run_lm_eval(self.loaded.model, self.loaded.tokenizer, [ref.sub], limit=self.settings.limit,
+                                          seed=self.settings.seed, max_length=job.seq_len, cache_path=str(cache), log_samples_to=log,
+                                          include_path=self.settings.include_path)
+            metrics = out.get(ref.sub) or next(iter(out.values()), {})
+            headline = _headline_metric(metrics)
+            record = {
+                "key": key, "method": job.method, "task": ref.name, "seq_len": job.seq_len, "seed": self.settings.seed,
+                "sample": "aggregate", "model": self.settings.model_id, "dtype": self.settings.dtype,
+                "score": headline[1] if headline else None, "metric": headline[0] if headline else None,
+                "lm_eval": out, "bud": runtime.recorder.bud, "samples_file": samples_path.name, "config": config_dict(job.config),
+            }
+            self.store.add(record)
+            self.computed += 1
+            self.progress(f"{ref.name} @ {_length(job.seq_len)} ({job.method}, lm-eval)", 1, 1)
+            results.append(record)
+        return results
+
+
+def _headline_metric(metrics: dict) -> tuple[str, float] | None:
+    """lm-eval's first numeric metric that is not a standard error, scaled to [0, 1] as it reports it."""
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and "stderr" not in name and not isinstance(value, bool):
+            return name, float(value)
+    return None
+
+
+def _runtime_stats(runtime) -> dict[str, Any]:
+    """Per-sample statistics beyond BUD that a method's runtime exposes (decode delta, head modes)."""
+    stats = {}
+    decode = getattr(runtime, "decode", None)
+    if decode is not None and hasattr(decode, "stats"):
+        stats["decode"] = decode.stats()
+    extra = getattr(runtime.recorder, "extra_stats", None)
+    if callable(extra):
+        stats.update(extra())
+    return stats
+
+
+def _length(n: int) -> str:
+    from stem_cli.units import format_length
+
+    return format_length(n)
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, length, method): mean score, samples, mean BUD, pre-fill tokens/s."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["seq_len"], r["method"]), []).append(r)
+    rows = []
+    for (task, seq_len, method), rs in groups.items():
+        row: dict[str, Any] = {"task": task, "seq_len": seq_len, "method": method, "n": len(rs)}
+        if task in ("fidelity", "ppl"):
+            module = importlib.import_module(f"stem_cli.tasks.{task}")
+            row.update(module.aggregate(rs))
+            row["higher_is_better"] = module.HIGHER_IS_BETTER
+        else:
+            scores = [r["score"] for r in rs if r.get("score") is not None]
+            row["score"] = sum(scores) / len(scores) if scores else None
+            row["higher_is_better"] = True
+        buds = [r["bud"] for r in rs if r.get("bud") is not None]
+        row["bud"] = sum(buds) / len(buds) if buds else None
+        tokens = sum(r.get("prompt_tokens", 0) for r in rs)
+        seconds = sum(r.get("prefill_s", 0.0) for r in rs)
+        row["prefill_tokens_per_s"] = tokens / seconds if seconds else None
+        knobs = [r["knob"] for r in rs if r.get("knob")]
+        if knobs:
+            row["knob"] = knobs[0]
+        for name in ("omega",):
+            values = [r[name] for r in rs if r.get(name) is not None]
+            if values:
+                row[name] = sum(values) / len(values)
+        deltas = [r["decode"]["delta_mean"] for r in rs if isinstance(r.get("decode"), dict) and r["decode"].get("delta_mean") is not None]
+        if deltas:
+            row["decode_delta_mean"] = sum(deltas) / len(deltas)
+        rows.append(row)
+    return rows
+
+
+def accuracy_tasks(rows: list[dict]) -> list[str]:
+    """Tasks whose score is an accuracy (averaged in the 'average' row); fidelity/ppl are not."""
+    return list(dict.fromkeys(r["task"] for r in rows if r["task"] not in ("fidelity", "ppl")))
+
+
+def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:
+    """Per (method, length) and per method over all lengths: mean accuracy over tasks, mean BUD, tokens/s."""
+    out: dict[tuple[str, int | None], dict] = {}
+    acc = [r for r in rows if r["task"] not in ("fidelity", "ppl") and r.get("score") is not None]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for seq_len in [*dict.fromkeys(r["seq_len"] for r in rows), None]:
+            rs = [r for r in acc if r["method"] == method and (seq_len is None or r["seq_len"] == seq_len)]
+            if not rs:
+                continue
+            buds = [r["bud"] for r in rs if r.get("bud") is not None]
+            tps = [r["prefill_tokens_per_s"] for r in rs if r.get("prefill_tokens_per_s")]
+            out[(method, seq_len)] = {
+                "score": sum(r["score"] for r in rs) / len(rs),
+                "bud": sum(buds) / len(buds) if buds else None,
+                "prefill_tokens_per_s": sum(tps) / len(tps) if tps else None,
+                "tasks": len(rs),
+            }
+    return out
+
+
+def check_lengths(lengths: list[int], model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(text, "max_position_embeddings", limit)
+    if limit and max(lengths) > limit:
+        raise ConfigError(f"--seq-len {max(lengths)} exceeds the model's context of {limit} tokens; use lengths up to {limit}")

@@ -1,0 +1,53 @@
+"""elastic: per-head computation modes (dense / stem / streaming) chosen per input (spec section 3).
+
+The selector decides every KV head's mode for this input (a trained router, else a
+calibrated head map, else the default: default_dense_layers dense, all other heads
+default_mode), then builds ONE BlockIndex for the whole layer (stem_cli.elastic.modes:
+dense rows, Stem's selection, sink + window rows) for the one executor call.
+`prepare` (run by stem_cli.apply) checks the map / router against the model and hooks
+the routed layers' pre-RoPE keys for the router.
+
+Omega, the model sparsity ratio (fraction of query heads not dense over the governed
+layers, same calls as BUD), after a forward:
+
+    runtime = stem_cli.apply(model, "elastic", head_map="map.json")
+    model(ids)
+    runtime.recorder.bud, runtime.recorder.elastic.omega      # or omega(runtime)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stem_cli.elastic.config import ElasticConfig
+from stem_cli.elastic.modes import decide_modes, mixed_index
+from stem_cli.elastic.modes import prepare as _prepare
+from stem_cli.index import BlockIndex
+
+
+def prepare(model, config: ElasticConfig) -> ElasticConfig:
+    """Apply time: check the head map / router against `model`; with a router, hook its pre-RoPE keys."""
+    return _prepare(model, config)
+
+
+def select(q, k, v, *, layer: int, config: ElasticConfig, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
+    modes = decide_modes(q, k, layer=layer, config=config, key_valid=key_valid)
+    recorder = config.state.recorder(layer)
+    if recorder is not None and getattr(recorder, "elastic", None) is not config.stats:
+        recorder.elastic = config.stats
+    config.stats.record(layer, modes, q.shape[1] // k.shape[1], recorder)
+    return mixed_index(q, k, v, modes, config, scale=scale, key_valid=key_valid)
+
+
+def omega(runtime) -> float | None:
+    """Model sparsity ratio of the elastic calls since the recorder's last reset (None otherwise)."""
+    stats = getattr(runtime.recorder, "elastic", None)
+    return None if stats is None else stats.omega
+
+
+DEFAULTS = ElasticConfig()
+DESCRIPTION = (
+    "Elastic Attention: each (layer, KV head) runs dense, stem or streaming, chosen per input by a router "
+    "(router=FILE from `stem train-router`) or a calibrated head map (head_map=FILE from `stem calibrate`); "
+    "default: default_dense_layers dense, the rest default_mode; reports Omega = fraction of heads not dense"
+)

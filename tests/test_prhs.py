@@ -1,0 +1,422 @@
+"""Decode methods (prhs, topk-decode, quest): selections, schedules, dropped mass, configs, integration."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stem_cli.kernels import decode_reference as ref
+
+import stem_cli
+from stem_cli.config import ConfigError
+from stem_cli.decode import (
+    DECODE_METHODS,
+    DecodeRuntime,
+    combined_method,
+    get_decode_method,
+    prhs,
+    quest,
+    split_spec,
+    topk,
+)
+from stem_cli.decode.common import context_from, freeze_prefix, progressive_drop
+from stem_cli.decode.config import PrhsConfig, QuestConfig, TopkDecodeConfig
+
+
+def case(batch=1, hq=4, hkv=2, t=200, d=16, seed=0, dtype=torch.float64, peaky=3.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, 1, d, generator=g, dtype=dtype) * peaky
+    k, v = (torch.randn(batch, hkv, t, d, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def ctx_of(q, k, v, config, *, layer=5, num_layers=8, key_valid=None, scale=0.25):
+    return context_from(layer, num_layers, q, k, v, key_valid, scale, sinks=config.sink_tokens, window=config.window_tokens)
+
+
+def as_sets(idx):
+    return [[{x for x in row.tolist() if x >= 0} for row in b] for b in idx]
+
+
+def no_duplicates(idx):
+    for b in idx:
+        for row in b:
+            used = [x for x in row.tolist() if x >= 0]
+            assert len(used) == len(set(used))
+
+
+# ------------------------------------------------------------------ topk-decode and quest
+
+
+def test_topk_decode_equals_brute_force():
+    cfg = TopkDecodeConfig(budget=40, sink_tokens=3, window_tokens=8)
+    q, k, v = case(batch=2, hq=6, hkv=2, t=150, seed=1)
+    valid = torch.ones(2, 150, dtype=torch.bool)
+    valid[1, :20] = False  # left padding
+    ctx = ctx_of(q, k, v, cfg, key_valid=valid)
+    sel = topk.select(ctx, cfg, {})
+    no_duplicates(sel.indices)
+    got = as_sets(sel.indices)
+    s = ref.full_logits(q, k, valid, scale=0.25)  # (B, Hkv, g, T)
+    probs = torch.softmax(s, -1).mean(2)
+    for b in range(2):
+        start = 0 if b == 0 else 20
+        forced = set(range(start, start + 3)) | set(range(150 - 8, 150))
+        for h in range(2):
+            order = [j for j in torch.argsort(probs[b, h], descending=True).tolist() if j >= start and j not in forced]
+            want = forced | set(order[: 40 - len(forced)])
+            assert got[b][h] == want
+    # every position scored: the exact delta comes with the selection
+    assert sel.known.all()
+    torch.testing.assert_close(sel.delta.reshape(2, -1).double(), ref.dropped_mass(q, k, sel.indices, None, valid, scale=0.25))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), page=st.sampled_from([1, 4, 16]), n_pages=st.integers(1, 6), pad=st.integers(0, 15))
+def test_quest_page_bound_is_an_upper_bound(seed, page, n_pages, pad):
+    g = torch.Generator().manual_seed(seed)
+    t = page * n_pages
+    q = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(2, 3, t, 8, generator=g, dtype=torch.float64) * 3
+    valid = torch.arange(t)[None, :] >= torch.tensor([0, min(pad, t - 1)])[:, None]
+    mins, maxs = quest.page_min_max(k, valid, page)
+    bound = quest.page_upper_bound(q, mins, maxs)  # (B, H, g, P)
+    scores = torch.einsum("bhgd,bhtd->bhgt", q, k).float()
+    per_key_bound = bound.repeat_interleave(page, dim=-1)
+    ok = scores <= per_key_bound + 1e-5
+    assert ok[valid[:, None, None, :].expand_as(ok)].all()
+    # pages with no valid key are never chosen
+    empty = ~valid.reshape(2, n_pages, page).any(-1)
+    assert torch.isinf(bound[empty[:, None, None, :].expand_as(bound)]).all()
+
+
+def test_quest_keeps_whole_pages_within_budget_and_caches_full_pages():
+    cfg = QuestConfig(budget=64, page_size=8, sink_tokens=2, window_tokens=8)
+    q, k, v = case(t=203, seed=2)
+    state: dict = {}
+    sel = quest.select(ctx_of(q, k, v, cfg), cfg, state)
+    no_duplicates(sel.indices)
+    kept = as_sets(sel.indices)[0]
+    for row in kept:
+        assert len(row) <= 64
+        salient = row - set(range(2)) - set(range(203 - 8, 203))
+        pages = {j // 8 for j in salient}
+        assert all(set(range(p * 8, min(p * 8 + 8, 203))) - set(range(2)) - set(range(195, 203)) <= row for p in pages)
+    assert state["pages"][0].shape[2] == 203 // 8  # full pages cached for the next step
+    q2, k2, v2 = case(t=204, seed=2)
+    k2[:, :, :203], v2[:, :, :203] = k, v
+    cached = quest.select(ctx_of(q2, k2, v2, cfg), cfg, state)
+    assert state["pages"][0].shape[2] == 204 // 8
+    assert as_sets(cached.indices) == as_sets(quest.select(ctx_of(q2, k2, v2, cfg), cfg, {}).indices)  # same as from scratch
+
+
+# ------------------------------------------------------------------ PrHS
+
+
+def test_schedules_against_hand_computed_values():
+    # l_s = floor(0.5 * 32) = 16: layer 24 drops floor((1 - 0.5^(8/16)) * 1000) = floor(292.89) = 292
+    assert progressive_drop(24, 32, 1000, phi=0.5, alpha=1.0, start=0.5) == 292
+    assert progressive_drop(31, 32, 1000, phi=0.5, alpha=1.0, start=0.5) == 477  # 1 - 0.5^(15/16) = 0.4779
+    assert progressive_drop(16, 32, 1000, phi=0.5, alpha=1.0, start=0.5) == 0
+    assert progressive_drop(3, 32, 1000, phi=0.5, alpha=1.0, start=0.5) == 0
+    assert progressive_drop(24, 32, 1000, phi=0.5, alpha=2.0, start=0.5) == 500  # 1 - 0.5^1
+    # l_f = floor(0.25 * 32) = 8: layer 20 freezes floor((1 - 0.25^(2 * 12/24)) * 100) = 75
+    assert freeze_prefix(20, 32, 100, psi=0.25, gamma=2.0, start=0.25) == 75
+    assert freeze_prefix(8, 32, 100, psi=0.25, gamma=2.0, start=0.25) == 0
+    assert freeze_prefix(20, 32, 100, psi=1.0, gamma=2.0, start=0.25) == 0  # psi = 1: nothing frozen
+    d = PrhsConfig()  # defaults: the last of 32 layers drops floor((1 - 0.75^(15/16)) t)
+    assert progressive_drop(31, 32, 10_000, phi=d.phi, alpha=d.alpha, start=d.depth_start) == math.floor((1 - 0.75 ** (15 / 16)) * 10_000)
+
+
+def test_progressive_window_drops_the_oldest_tokens_but_not_sinks_or_window():
+    cfg = PrhsConfig(budget=60, sink_tokens=4, window_tokens=8, selectors="depth", phi=0.5, alpha=1.0, depth_start=0.5)
+    q, k, v = case(t=300, seed=3, peaky=0.1)  # near-uniform attention: top-k would take old tokens too
+    ctx = ctx_of(q, k, v, cfg, layer=7, num_layers=8)
+    drop = progressive_drop(7, 8, 300, phi=0.5, alpha=1.0, start=0.5)  # floor((1 - 0.5^(3/4)) 300) = 121
+    assert drop == 121
+    sel = prhs.select(ctx, cfg, {})
+    for row in as_sets(sel.indices)[0]:
+        assert set(range(4)) <= row and set(range(292, 300)) <= row
+        assert not row & set(range(4, 4 + drop))
+        assert len(row) == 60
+
+
+def test_shared_set_is_a_superset_of_the_dilated_anchor_set():
+    cfg = PrhsConfig(budget=50, sink_tokens=2, window_tokens=6, selectors="time", tau=0.8, r=1)
+    q, k, v = case(batch=2, t=160, seed=4)
+    state: dict = {}
+    first = prhs.select(ctx_of(q, k, v, cfg), cfg, state)
+    assert first.anchors == 4 and first.known.all()
+    # the anchor step is exact top-k
+    assert as_sets(first.indices) == as_sets(topk.select(ctx_of(q, k, v, cfg), TopkDecodeConfig(budget=50, sink_tokens=2, window_tokens=6), {}).indices)
+    # what the anchor shares: its best k_a salient positions and +-1 around the best third of them
+    probs = torch.softmax(ref.full_logits(q, k, None, scale=0.25), -1).mean(2)
+    avail = 50 - 2 - 6
+    k_a = int(prhs.share_count(torch.tensor([avail]), 1))
+    assert k_a + 2 * math.ceil(k_a / 3) <= avail
+    q2 = q + 0.01 * torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=q.dtype)  # cosine ~ 1
+    k2, v2 = (torch.cat([x, torch.randn(2, 2, 1, 16, dtype=x.dtype)], 2) for x in (k, v))
+    second = prhs.select(ctx_of(q2, k2, v2, cfg), cfg, state)
+    assert second.anchors == 0 and second.decisions == 4
+    no_duplicates(second.indices)
+    for b in range(2):
+        for h in range(2):
+            forced = set(range(2)) | set(range(154, 160))
+            order = [j for j in torch.argsort(probs[b, h], descending=True).tolist() if j not in forced]
+            top = order[:k_a]
+            dilated = set(top) | {j + o for j in top[: math.ceil(k_a / 3)] for o in (-1, 1)}
+            dilated = {j for j in dilated if 2 <= j < 160}
+            kept = as_sets(second.indices)[b][h]
+            assert dilated <= kept  # superset of the anchor's dilated set
+            assert set(range(2)) | set(range(161 - 6, 161)) <= kept  # sinks and the current window
+            assert len(kept) <= 50
+
+
+def test_dissimilar_query_reanchors_and_selectors_off_is_topk():
+    cfg = PrhsConfig(budget=50, sink_tokens=2, window_tokens=6)
+    q, k, v = case(t=160, seed=6)
+    state: dict = {}
+    prhs.select(ctx_of(q, k, v, cfg, layer=1), cfg, state)
+    sel = prhs.select(ctx_of(-q, k, v, cfg, layer=1), cfg, state)  # cosine -1
+    assert sel.anchors == 2 and sel.cosine_reanchors == 2
+    off = PrhsConfig(budget=50, sink_tokens=2, window_tokens=6, selectors="none")
+    want = topk.select(ctx_of(q, k, v, cfg), TopkDecodeConfig(budget=50, sink_tokens=2, window_tokens=6), {})
+    assert as_sets(prhs.select(ctx_of(q, k, v, off), off, {}).indices) == as_sets(want.indices)
+
+
+def test_freezing_inherits_the_previous_layers_early_tokens():
+    cfg = PrhsConfig(budget=80, sink_tokens=2, window_tokens=6, selectors="layer", psi=0.5, gamma=1.0, freeze_start=0.0)
+    q, k, v = case(t=200, seed=7)
+    frozen = freeze_prefix(7, 8, 200, psi=0.5, gamma=1.0, start=0.0)  # floor((1 - 0.5^(7/8)) 200) = floor(90.94) = 90
+    assert frozen == 90
+    prev = torch.full((2, 30), -1, dtype=torch.long)
+    prev[0, :5] = torch.tensor([3, 10, 50, 91, 150])  # 3, 10, 50, 91 lie in the frozen prefix [2, 92)
+    prev[1, :2] = torch.tensor([0, 199])
+    ctx = ctx_of(q, k, v, cfg, layer=7, num_layers=8)
+    ctx.prev_indices = prev
+    sel = prhs.select(ctx, cfg, {})
+    rows = as_sets(sel.indices)[0]
+    assert {3, 10, 50, 91} <= rows[0]
+    assert not (rows[0] & set(range(2, 92))) - {3, 10, 50, 91}  # nothing else from the frozen prefix
+    assert not rows[1] & set(range(2, 92))
+    assert all(len(r) <= 80 for r in rows)
+    assert not sel.known.any()  # the frozen prefix was never scored: delta unknown without audit
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("prhs", {}),
+        ("prhs", {"max_delta": 0.05, "delta_check": "bound"}),
+        ("prhs", {"audit": True, "max_delta": 0.05}),
+        ("topk-decode", {}),
+        ("quest", {"page_size": 4}),
+    ],
+)
+def test_full_window_reduces_to_dense(method, params):
+    """With the window covering the cache every selector keeps everything: the float64 dense output."""
+    q, k, v = case(batch=2, hq=6, hkv=2, t=40, seed=8)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :9] = False
+    m = get_decode_method(method)
+    cfg = type(m.defaults)(**{"budget": 64, "window_tokens": 60, "dense_decode_layers": (), **params})
+    runtime = DecodeRuntime(m, cfg, num_layers=8)
+    runtime.dense_fast_path = False  # run the selector, not the shortcut
+    want = ref.dense_decode_attention(q, k, v, valid, scale=0.25)
+    for step in range(3):
+        for layer in range(8):
+            out = runtime.forward(SimpleNamespace(layer_idx=layer), q, k, v, valid, 0.25)
+            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    stats = runtime.stats()
+    assert stats["kept_fraction"] == pytest.approx(1.0)
+    if stats["delta_samples"]:
+        assert stats["delta_max"] < 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), noise=st.floats(0.0, 0.6), temperature=st.floats(0.5, 4.0))
+def test_bound_estimate_bounds_the_exact_delta_of_the_shared_set(seed, noise, temperature):
+    cfg = PrhsConfig(budget=30, sink_tokens=2, window_tokens=4, selectors="time", tau=-1.0, max_delta=0.999, delta_check="bound")
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, 1, 8, generator=g, dtype=torch.float64) * temperature
+    k, v = (torch.randn(1, 2, 81, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    state: dict = {}
+    prhs.select(ctx_of(q[..., :], k[:, :, :80], v[:, :, :80], cfg), cfg, state)
+    q2 = q + noise * torch.randn(q.shape, generator=g, dtype=q.dtype) * temperature
+    ctx = ctx_of(q2, k, v, cfg)
+    # recompute the estimate exactly as select does, then compare with the truth for the shared set
+    static = state["static"]
+    keep = (static >= 0) & (static < ctx.window_start())
+    shared = torch.cat([ctx.forced_indices().expand(2, -1), torch.where(keep, static, torch.full_like(static, -1))], -1)
+    fpos = state["forced_pos"]
+    kept_f = (fpos >= 0) & ((torch.arange(fpos.shape[-1]) < 2) | (fpos >= ctx.window_start()))
+    m = ((state["p_forced"] * kept_f[:, None]).sum(-1) + (state["p_static"] * keep[:, None]).sum(-1)).clamp(0, 1)
+    eps = 0.25 * (q2[:, :, 0].reshape(2, 2, 8) - q[:, :, 0].reshape(2, 2, 8)).norm(dim=-1) * state["kmax"][:, None]
+    bound = (1 - m) / ((1 - m) + torch.exp(-2 * eps) * m)
+    exact = ref.dropped_mass(q2, k, shared.reshape(1, 2, -1), None, None, scale=0.25).reshape(2, 2)
+    assert (exact <= bound + 1e-9).all()
+
+
+def test_max_delta_falls_back_and_counts():
+    q, k, v = case(t=120, seed=9, peaky=0.5)
+    for check in ("exact", "bound", "anchor"):
+        cfg = PrhsConfig(budget=30, sink_tokens=2, window_tokens=4, selectors="time", tau=-1.0, max_delta=1e-4,
+                         delta_check=check, audit=check == "exact")
+        runtime = DecodeRuntime(get_decode_method("prhs"), cfg, num_layers=4)
+        for _ in range(3):
+            runtime.forward(SimpleNamespace(layer_idx=3), q, k, v, None, 0.25)
+        stats = runtime.stats()
+        assert stats["reanchor_fraction"] == 1.0 and stats["fallbacks"] == 4  # 2 rows x 2 shared-would-be steps
+        assert stats["over_max_delta"] > 0  # even exact top-k of 30 of 120 near-uniform keys drops more than 1e-4
+    loose = PrhsConfig(budget=30, sink_tokens=2, window_tokens=4, selectors="time", tau=-1.0, max_delta=0.99, delta_check="exact", audit=True)
+    runtime = DecodeRuntime(get_decode_method("prhs"), loose, num_layers=4)
+    for _ in range(3):
+        runtime.forward(SimpleNamespace(layer_idx=3), q, k, v, None, 0.25)
+    stats = runtime.stats()
+    assert stats["fallbacks"] == 0 and stats["reanchor_fraction"] == pytest.approx(1 / 3)
+    assert stats["delta_samples"] == 3 * 4 and stats["delta_max"] <= 0.99
+    runtime.reset()
+    assert runtime.stats()["decisions"] == 0 and runtime.states == {}
+
+
+def test_max_delta_guards_the_depth_selector():
+    """An old token holding most of the mass: the progressive window drops it, max_delta brings it back."""
+    q, k, v = case(t=300, seed=11, peaky=0.1)
+    q[0, 1], q[0, 3] = q[0, 0], q[0, 2]  # each GQA group's two heads ask the same
+    lead = q[0, [0, 2], 0]
+    k[:, :, 10] = lead / lead.norm(dim=-1, keepdim=True) * 200  # position 10, among the oldest tokens, holds most of the mass
+    base = {"budget": 60, "sink_tokens": 4, "window_tokens": 8, "selectors": "depth", "phi": 0.5, "depth_start": 0.5}
+    free = prhs.select(ctx_of(q, k, v, PrhsConfig(**base), layer=7, num_layers=8), PrhsConfig(**base), {})
+    assert all(10 not in row for row in as_sets(free.indices)[0]) and free.delta.amax() > 0.5
+    guarded_cfg = PrhsConfig(**base, max_delta=0.2)
+    guarded = prhs.select(ctx_of(q, k, v, guarded_cfg, layer=7, num_layers=8), guarded_cfg, {})
+    assert all(10 in row for row in as_sets(guarded.indices)[0])
+    assert guarded.fallbacks == 2 and guarded.known.all() and guarded.delta.amax() <= 0.2
+
+
+def test_left_padding_never_selected_and_rows_independent():
+    q, k, v = case(batch=2, hq=4, hkv=2, t=100, seed=10)
+    k[1, :, 30:], v[1, :, 30:], q[1] = k[0, :, :70], v[0, :, :70], q[0]  # sequence 1 = sequence 0 shifted right by 30
+    valid = torch.ones(2, 100, dtype=torch.bool)
+    valid[1, :30] = False
+    for name in DECODE_METHODS:
+        m = get_decode_method(name)
+        cfg = type(m.defaults)(budget=24, sink_tokens=2, window_tokens=4, dense_decode_layers=())
+        sel = m.select(ctx_of(q, k[..., :], v, cfg, key_valid=valid), cfg, {})
+        assert not (set().union(*as_sets(sel.indices)[1]) & set(range(30)))
+        if name == "quest":  # pages are cut from position 0, so padding shifts the page grid
+            continue
+        alone = m.select(ctx_of(q[1:], k[1:, :, 30:], v[1:, :, 30:], cfg), cfg, {})
+        assert [{j + 30 for j in s} for s in as_sets(alone.indices)[0]] == as_sets(sel.indices)[1], name
+
+
+# ------------------------------------------------------------------ configs, specs, integration
+
+
+def test_bad_selectors_and_parameters_raise_config_errors():
+    with pytest.raises(ConfigError, match="unknown selector 'tme'"):
+        PrhsConfig(selectors="tme,depth")
+    for bad, match in [
+        ({"tau": 1.5}, "tau=1.5"), ({"r": -1}, "r=-1"), ({"phi": 0.0}, "phi=0.0"), ({"psi": 2.0}, "psi=2.0"),
+        ({"depth_start": 1.0}, "depth_start=1.0"), ({"max_delta": 1.0}, "max_delta=1.0"), ({"delta_check": "guess"}, "delta_check='guess'"),
+        ({"budget": 10}, "budget=10"), ({"window_tokens": 0}, "window_tokens=0"), ({"dense_decode_layers": [-1]}, "dense_decode_layers"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            PrhsConfig(**bad)
+    with pytest.raises(ConfigError, match="page_size=0"):
+        QuestConfig(page_size=0)
+    assert PrhsConfig(selectors=["layer", "time"]).selectors == "time,layer"
+    assert PrhsConfig(selectors="none").selectors == "none"
+
+
+def test_specs_and_combined_configs():
+    assert split_spec("stem+prhs") == ("stem", "prhs") and split_spec("quest") == ("dense", "quest")
+    with pytest.raises(ConfigError, match="unknown decode method 'nosuch'"):
+        combined_method("stem+nosuch")
+    with pytest.raises(ConfigError, match="unknown pre-fill method 'nosuch'"):
+        combined_method("nosuch+prhs")
+    from stem_cli.methods import build_configs, parse_method_list
+
+    names = parse_method_list(["dense,stem+prhs", "topk-decode"])
+    assert names == ["dense", "stem+prhs", "topk-decode"]
+    configs = build_configs(names, None, ["budget=256", "block_size=32", "stem+prhs.tau=0.9"])
+    both = configs["stem+prhs"]
+    assert both.decode.budget == 256 and both.decode.tau == 0.9 and both.prefill.block_size == 32
+    assert configs["topk-decode"].decode.budget == 256
+    with pytest.raises(ConfigError, match="tau=2"):
+        build_configs(["stem+prhs"], None, ["tau=2"])
+    with pytest.raises(ConfigError, match="selectors"):
+        build_configs(["prhs"], None, ["selectors=time,nope"])
+
+
+def tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=4, num_attention_heads=6,
+                      num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_tiny_model_full_window_generates_dense_tokens_and_sparse_runs():
+    model = tiny_llama()
+    ids = torch.randint(3, 300, (2, 160), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :40], mask[1, :40] = 0, 0  # left padding
+    gen = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "attention_mask": mask}
+    with torch.no_grad():
+        dense = model.generate(ids, **gen)
+        runtime = stem_cli.apply(model, "stem", decode="prhs", block_size=16, dense_layers=[], k_start=10_000, mu=1.0,
+                                 budget=512, window_tokens=500, dense_decode_layers=[])
+        runtime.decode.dense_fast_path = False
+        full = model.generate(ids, **gen)
+        assert torch.equal(full, dense)
+        stats = runtime.decode.stats()
+        assert stats["decode_steps"] == 4 and stats["kept_fraction"] == pytest.approx(1.0)
+        runtime = stem_cli.apply(model, "dense+prhs", budget=40, window_tokens=8, dense_decode_layers=[0], audit=True)
+        sparse = model.generate(ids, **gen)
+    stats = runtime.decode.stats()
+    assert sparse.shape == dense.shape
+    assert 0 < stats["kept_fraction_sparse_layers"] < 0.5 and stats["delta_coverage"] == 1.0
+    assert 0 < stats["delta_mean"] <= stats["delta_p95"] <= stats["delta_max"] <= 1
+
+
+def test_cli_bad_decode_spec_exits_2():
+    from typer.testing import CliRunner
+
+    from stem_cli.cli import app
+
+    runner = CliRunner()
+    for spec, message in [("stem+nosuch", "unknown decode method 'nosuch'"), ("nosuch+prhs", "unknown pre-fill method")]:
+        result = runner.invoke(app, ["generate", "--model", "tiny-llama", "--method", spec], env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+        assert result.exit_code == 2, result.output
+        assert message in result.output.replace("\n", " ")
+    result = runner.invoke(app, ["generate", "--model", "tiny-llama", "--method", "prhs", "--set", "selectors=time,nope"],
+                           env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_cli_profile_decode_writes_rows(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stem_cli.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["profile", "--decode", "--device", "cpu", "--model", "tiny-llama", "--seq-len", "200", "--warmup", "1", "--repeat", "2",
+         "--set", "budget=80", "--set", "window_tokens=8", "--output", str(tmp_path)],
+        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(tmp_path.glob("profile-decode-*.json")).read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "topk-decode", "prhs", "quest"} and data["shape"]["kv_heads"] == 2
+    assert all(r["status"] == "ok" and r["per_token_ms"] > 0 for r in rows.values())
+    assert rows["topk-decode"]["decode_stats"]["kept_fraction_sparse_layers"] < 0.5  # 80 of ~200 tokens
+    assert rows["dense"]["speedup"] == 1.0 and rows["prhs"]["reanchor_fraction"] is not None
