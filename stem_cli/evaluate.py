@@ -345,9 +345,9 @@ def _runtime_stats(runtime) -> dict[str, Any]:
     decode = getattr(runtime, "decode", None)
     if decode is not None and hasattr(decode, "stats"):
         stats["decode"] = decode.stats()
-    extra = getattr(runtime.recorder, "extra_stats", None)
-    if callable(extra):
-        stats.update(extra())
+    elastic = getattr(runtime.recorder, "elastic", None)  # Elastic Attention's head modes
+    if elastic is not None and elastic.omega is not None:
+        stats["omega"] = elastic.omega
     return stats
 
 
@@ -388,9 +388,11 @@ def summarize(records: list[dict]) -> list[dict]:
             values = [r[name] for r in rs if r.get(name) is not None]
             if values:
                 row[name] = sum(values) / len(values)
-        deltas = [r["decode"]["delta_mean"] for r in rs if isinstance(r.get("decode"), dict) and r["decode"].get("delta_mean") is not None]
-        if deltas:
-            row["decode_delta_mean"] = sum(deltas) / len(deltas)
+        decode = [r["decode"] for r in rs if isinstance(r.get("decode"), dict)]
+        for key in ("delta_mean", "delta_max", "reanchor_fraction", "kept_fraction"):  # a decode method's statistics
+            values = [d[key] for d in decode if d.get(key) is not None]
+            if values:
+                row[f"decode_{key}"] = max(values) if key == "delta_max" else sum(values) / len(values)
         rows.append(row)
     return rows
 
@@ -417,6 +419,10 @@ def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:
                 "prefill_tokens_per_s": sum(tps) / len(tps) if tps else None,
                 "tasks": len(rs),
             }
+            for key in ("omega", "decode_delta_mean", "decode_reanchor_fraction"):
+                values = [r[key] for r in rs if r.get(key) is not None]
+                if values:
+                    out[(method, seq_len)][key] = sum(values) / len(values)
     return out
 
 

@@ -64,6 +64,10 @@ def eval_table(rows: list[dict], averages: dict, title: str) -> Table:
         table.add_row("[b]average[/b]", where, *[f"[b]{_pct(averages.get((m, n), {}).get('score'))}[/b]" for m in methods])
         table.add_row("BUD %", where, *[_pct(averages.get((m, n), {}).get("bud")) for m in methods])
         table.add_row("pre-fill tok/s", where, *[_num(averages.get((m, n), {}).get("prefill_tokens_per_s"), ".0f") for m in methods])
+        for key, label, show in (("omega", "Ω % (heads not dense)", _pct), ("decode_delta_mean", "decode δ (dropped mass)", lambda x: _num(x, ".3f")),
+                                 ("decode_reanchor_fraction", "re-anchored steps %", _pct)):
+            if any(averages.get((m, n), {}).get(key) is not None for m in methods):
+                table.add_row(label, where, *[show(averages.get((m, n), {}).get(key)) for m in methods])
     return table
 
 
@@ -95,6 +99,9 @@ def compare_rows(rows: list[dict], averages: dict, profile: list[dict] | None = 
             flat["delta_vs_dense"] = None if base is None or avg.get("score") is None or m == baseline else avg["score"] - base
             budgets = [by[(t, n, m)].get("bud") for t in tasks if (t, n, m) in by and by[(t, n, m)].get("bud") is not None]
             flat["bud"] = sum(budgets) / len(budgets) if budgets else None
+            for key, source in (("omega", "omega"), ("delta", "decode_delta_mean"), ("reanchor", "decode_reanchor_fraction")):
+                values = [by[(t, n, m)][source] for t in tasks if by.get((t, n, m), {}).get(source) is not None]
+                flat[key] = sum(values) / len(values) if values else None
             knob = next((by[(t, n, m)]["knob"] for t in tasks if (t, n, m) in by and by[(t, n, m)].get("knob")), None)
             flat["knob"] = f"{knob['name']}={knob['value']:.4g}" if knob else None
             p = timing.get((m, n))
@@ -108,7 +115,7 @@ def compare_rows(rows: list[dict], averages: dict, profile: list[dict] | None = 
 
 _PERCENT = {"average", "delta_vs_dense", "bud"}
 _FIXED = ("method", "seq_len")
-_TAIL = ("average", "delta_vs_dense", "bud", "knob", "estimation_ms", "attention_ms", "e2e_ms", "speedup")
+_TAIL = ("average", "delta_vs_dense", "bud", "omega", "delta", "reanchor", "knob", "estimation_ms", "attention_ms", "e2e_ms", "speedup")
 
 
 def _columns(flat: list[dict]) -> list[str]:
@@ -129,14 +136,17 @@ def _text(key: str, value) -> str:
         return f"{value:.1f}"
     if key == "delta_vs_dense":
         return f"{100 * value:+.1f}"
-    if key == "ppl":
+    if key in ("ppl",):
         return f"{value:.2f}"
+    if key == "delta":
+        return f"{value:.3f}"
     if isinstance(value, float):
         return _pct(value)
     return str(value)
 
 
-_HEADERS = {"seq_len": "length", "average": "avg", "delta_vs_dense": "Δ dense", "bud": "BUD %", "estimation_ms": "est ms",
+_HEADERS = {"seq_len": "length", "average": "avg", "delta_vs_dense": "Δ dense", "bud": "BUD %", "omega": "Ω %",
+            "delta": "decode δ", "reanchor": "re-anchor %", "estimation_ms": "est ms",
             "attention_ms": "attn ms", "e2e_ms": "e2e ms", "speedup": "speed-up"}
 
 

@@ -45,7 +45,7 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny-llama")  # 4 layers, 4 query / 2 KV heads, head dim 16, byte tokenizer
+    return load_model("tiny-llama", device="cpu")  # 4 layers, 4 query / 2 KV heads, head dim 16, byte tokenizer
 
 
 # ------------------------------------------------------------------ mixed-mode index and executor

@@ -19,7 +19,7 @@ cli = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny-llama", random_weights=True)
+    return load_model("tiny-llama", random_weights=True, device="cpu")
 
 
 def _jobs():

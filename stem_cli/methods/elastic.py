@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from stem_cli.elastic.config import ElasticConfig
+from stem_cli.methods.knob import Knob
 from stem_cli.elastic.modes import decide_modes, mixed_index
 from stem_cli.elastic.modes import prepare as _prepare
 from stem_cli.index import BlockIndex
@@ -51,3 +52,6 @@ DESCRIPTION = (
     "(router=FILE from `stem train-router`) or a calibrated head map (head_map=FILE from `stem calibrate`); "
     "default: default_dense_layers dense, the rest default_mode; reports Omega = fraction of heads not dense"
 )
+# The budget of its Stem heads (dense and streaming heads are fixed by the map): equal-budget
+# comparisons reach any BUD above the floor the dense and streaming heads set.
+BUDGET_KNOB = Knob("k_scale", 0.01, 16.0, integer=False)
