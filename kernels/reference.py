@@ -94,8 +94,8 @@ def block_logits(
     wt = tile_valid.float()
 
     # Regroup: query tile a holds q[a s + s-1-t] at slot t, key tile b holds k[b s + t].
-    qr = _pad_to(q, npad).float().view(batch, hq, nt, stride, d).flip(3).reshape(batch, hq, nt, stride * d)
-    kr = _pad_to(k, npad).float().view(batch, hkv, nt, stride * d)
+    qr = _pad_to(q, npad).float().reshape(batch, hq, nt, stride, d).flip(3).reshape(batch, hq, nt, stride * d)
+    kr = _pad_to(k, npad).float().reshape(batch, hkv, nt, stride * d)
     bonus = value_bonus(_pad_to(v, npad), stride, tile_valid, beta) if beta > 0 else None
 
     # Weighted block mean: sum of valid tiles' scores / number of valid tile pairs.
@@ -258,7 +258,7 @@ def block_sparse_attention(
         r1 = min(npad, r0 + chunk_rows)
         rows, b0, b1 = r1 - r0, r0 // bs, r1 // bs
         # Causality: no key past the chunk's last row is ever needed.
-        qc = _pad_to(qf[:, :, r0:min(r1, n)], rows).view(batch, hkv, group, rows, d)
+        qc = _pad_to(qf[:, :, r0:min(r1, n)], rows).reshape(batch, hkv, group, rows, d)
         scores = torch.matmul(qc, kf[:, :, None, :r1].transpose(-1, -2)).view(batch, hq, rows, r1) * scale
         # Masks applied by broadcasting, never materialised per token and head.
         blocks = index.rows(b0, b1)[..., :b1].to(q.device).repeat_interleave(per_index_head, dim=1)  # (B, Hq, rows/bs, b1)

@@ -42,8 +42,8 @@ def _sparse_decode_partial(
     svb, svh, svn, svd,
     sib, sih, sik,
     scb, sch,
-    n_kv_heads, group, n_keys, chunk, n_splits, qk_scale_log2, head_dim,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    n_kv_heads, group, n_keys, n_entries, chunk, n_splits, qk_scale_log2, head_dim,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_COUNTS: tl.constexpr,
 ):
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
@@ -57,7 +57,10 @@ def _sparse_decode_partial(
     d_ok = offs_d < head_dim
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
 
-    count = tl.load(Counts + b * scb + kvh * sch)
+    if HAS_COUNTS:
+        count = tl.load(Counts + b * scb + kvh * sch)
+    else:  # every entry of the row (-1 pads are skipped anyway)
+        count = n_entries
     lo = split * chunk
     hi = tl.minimum(lo + chunk, count)
     idx_row = Idx + b * sib + kvh * sih
@@ -120,7 +123,7 @@ def _configs():
     ]
 
 
-_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_H"])(_sparse_decode_partial)
+_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_H", "HAS_COUNTS"])(_sparse_decode_partial)
 
 _sm_count: dict[int, int] = {}
 
@@ -162,10 +165,11 @@ def sparse_decode_attention(
         raise ValueError(f"dtype {q.dtype} is not supported by the Triton decode kernel: use bfloat16 or float16")
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    idx = indices.to(device=q.device, dtype=torch.int32)
+    # int32 or int64 indices are read as they are (no conversion kernel per call); no counts: whole rows
+    idx = indices.to(q.device) if indices.dtype in (torch.int32, torch.int64) else indices.to(q.device, torch.int64)
     width = idx.shape[-1]
-    cnt = (torch.full((batch, hkv), width, dtype=torch.int32, device=q.device) if counts is None
-           else counts.to(device=q.device, dtype=torch.int32))
+    has_counts = counts is not None
+    cnt = counts.to(device=q.device, dtype=torch.int32) if has_counts else idx  # idx: a placeholder pointer, never read
     head_dim = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))
     if splits is None:
@@ -178,14 +182,14 @@ def sparse_decode_attention(
     l = torch.empty_like(m)
     args = (
         q3, k, v, idx, cnt, acc, m, l,
-        *q3.stride(), *k.stride(), *v.stride(), *idx.stride(), *cnt.stride(),
-        hkv, group, n_keys, chunk, n_splits, scale * 1.4426950408889634, d,
+        *q3.stride(), *k.stride(), *v.stride(), *idx.stride(), *(cnt.stride() if has_counts else (0, 0)),
+        hkv, group, n_keys, width, chunk, n_splits, scale * 1.4426950408889634, d,
     )
     grid = (batch * hkv, n_splits)
     if INTERPRET:  # the interpreter runs on the CPU: one config, no autotuning
-        _sparse_decode_partial[grid](*args, BLOCK_H=block_h, BLOCK_N=32, HEAD_DIM=head_dim)
+        _sparse_decode_partial[grid](*args, BLOCK_H=block_h, BLOCK_N=32, HEAD_DIM=head_dim, HAS_COUNTS=has_counts)
     else:
-        _tuned[grid](*args, BLOCK_H=block_h, HEAD_DIM=head_dim)
+        _tuned[grid](*args, BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts)
     out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
     _sparse_decode_combine[(batch * hq,)](

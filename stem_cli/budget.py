@@ -1,16 +1,18 @@
 """Equal-budget comparisons: solve each method's own knob so its BUD on these inputs hits a target.
 
 A method's budget knob (its `Knob`: Stem's k_scale, streaming's window, XAttention's
-threshold, ...) moves its BUD monotonically. One pre-fill of a probe prompt runs
+threshold, ...) moves its BUD monotonically. A pre-fill of each probe prompt runs
 dense, and at every governed layer the method's selector is tried on that layer's
-real q/k/v for a grid of knob values; the BUD of each value is summed over layers
-exactly as a real run would count it (dense layers full, sliding-window layers not
-counted). A second pass refines between the two grid values that bracket the target.
+real q/k/v for a grid of knob values; the BUD of each value is summed over layers and
+prompts exactly as a real run would count it (dense layers full, sliding-window layers
+not counted). A second pass refines between the two grid values that bracket the target.
 
-Two forwards per (method, length), whatever the grid: no per-candidate model run, and
-nothing held in memory but counts. The probe runs on dense hidden states, so for a
-data-dependent method the BUD of the real (sparse) run can differ slightly; every
-result row carries the BUD actually achieved.
+Two forwards per (method, length, probe prompt), whatever the grid: no per-candidate
+model run, and nothing held in memory but counts. A data-dependent method (XAttention,
+FlexPrefill, MInference) keeps different amounts on different inputs, so the probes are
+prompts of several tasks, not one; and the probe runs on dense hidden states. The BUD
+of the real (sparse) run therefore can differ; every result row carries the BUD
+actually achieved.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def knob_grid(low: float, high: float, count: int, integer: bool) -> list[float]
 
 
 @torch.no_grad()
-def bud_curve(model, method: str, config, values: list[float], probe_ids: torch.Tensor) -> list[float]:
-    """BUD of `method` with its knob at each of `values`, on one dense pre-fill of probe_ids."""
+def bud_curve(model, method: str, config, values: list[float], probes: torch.Tensor | list[torch.Tensor]) -> list[float]:
+    """BUD of `method` with its knob at each of `values`, over dense pre-fills of the probe prompts."""
+    probes = [probes] if isinstance(probes, torch.Tensor) else list(probes)
     m = get_method(method)
     configs = [replace(config, {m.knob.name: v}, method) for v in values]
     done = [0.0] * len(values)
@@ -75,16 +78,18 @@ def bud_curve(model, method: str, config, values: list[float], probe_ids: torch.
     runtime = stem_cli.apply(model, "dense")
     runtime.probe = probe
     try:
-        model(input_ids=probe_ids, use_cache=False, logits_to_keep=1)
+        for ids in probes:
+            pairs_cache.clear()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         runtime.probe = None
     if not total[0]:
-        raise ConfigError(f"method {method!r}: the model has no layer this method governs at {probe_ids.shape[1]} tokens")
+        raise ConfigError(f"method {method!r}: the model has no layer this method governs at {probes[0].shape[1]} tokens")
     return [d / total[0] for d in done]
 
 
-def solve_budget(model, method: str, config, probe_ids: torch.Tensor, target: float, *, grid: int = 16) -> tuple[Any, dict]:
-    """(config with the knob set, info) so that BUD on probe_ids is within TOLERANCE of target.
+def solve_budget(model, method: str, config, probes: torch.Tensor | list[torch.Tensor], target: float, *, grid: int = 16) -> tuple[Any, dict]:
+    """(config with the knob set, info) so that BUD over the probe prompts is within TOLERANCE of target.
 
     Raises ConfigError (exit 2 in the CLI) when the target lies outside what the knob can reach.
     """
@@ -95,13 +100,13 @@ def solve_budget(model, method: str, config, probe_ids: torch.Tensor, target: fl
         raise ConfigError(f"method {method!r} has no budget knob (it computes every causal block); leave it out of --budget or compare against it as the baseline")
     knob = m.knob
     values = knob_grid(knob.low, knob.high, grid, knob.integer)
-    buds = bud_curve(model, method, config, values, probe_ids)
+    buds = bud_curve(model, method, config, values, probes)
     if not knob.increasing:
         values, buds = values[::-1], buds[::-1]
     low_bud, high_bud = min(buds), max(buds)
     if target < low_bud - TOLERANCE or target > high_bud + TOLERANCE:
         raise ConfigError(
-            f"--budget {target:g} is out of reach for {method!r} at {probe_ids.shape[1]} tokens: its {knob.name} from "
+            f"--budget {target:g} is out of reach for {method!r} at {_length(probes)} tokens: its {knob.name} from "
             f"{knob.low:g} to {knob.high:g} gives BUD {low_bud:.1%} to {high_bud:.1%} (forced blocks and dense layers set the floor)"
         )
     # Monotone in principle; take the last value at or below the target and its successor.
@@ -111,9 +116,13 @@ def solve_budget(model, method: str, config, probe_ids: torch.Tensor, target: fl
     if abs(buds[best] - target) > TOLERANCE / 4 and above != below:
         fine = knob_grid(values[below], values[above], grid, knob.integer) if not knob.integer else \
             list(range(int(min(values[below], values[above])), int(max(values[below], values[above])) + 1))
-        fine_buds = bud_curve(model, method, config, fine, probe_ids)
+        fine_buds = bud_curve(model, method, config, fine, probes)
         values, buds = values + fine, buds + fine_buds
         best = min(range(len(values)), key=lambda i: abs(buds[i] - target))
     value = values[best]
     info = {"name": knob.name, "value": value, "target": target, "probe_bud": buds[best], "within_tolerance": abs(buds[best] - target) <= TOLERANCE}
     return replace(config, {knob.name: value}, method), info
+
+
+def _length(probes) -> int:
+    return (probes if isinstance(probes, torch.Tensor) else probes[0]).shape[1]

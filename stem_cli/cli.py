@@ -289,16 +289,25 @@ def _jobs(loaded, runner, names, configs, lengths, refs, budget: Optional[float]
                 jobs.append(Job(name, configs[name], n))
                 continue
             if probe is None:
-                ref = next((r for r in refs if r.kind != "lm-eval"), None)
-                if ref is None:
-                    raise UsageError("--budget needs at least one built-in task to fit the budget on")
-                sample = runner.samples(ref, n)[0]
-                probe = torch_ids(sample.input_ids, loaded.model)
+                probe = _probe_prompts(runner, refs, n, loaded.model)
             with console.status(f"solving {name}'s budget knob for BUD {budget:.0%} at {n} tokens"):
                 config, info = solve_budget(loaded.model, name, configs[name], probe, budget)
-            err.print(f"[dim]{name} @ {n}: {info['name']}={info['value']:.4g} gives BUD {info['probe_bud']:.1%} on the probe prompt[/]")
+            err.print(f"[dim]{name} @ {n}: {info['name']}={info['value']:.4g} gives BUD {info['probe_bud']:.1%} "
+                      f"on {len(probe)} probe prompt(s)[/]")
             jobs.append(Job(name, config, n, knob=info))
     return jobs
+
+
+def _probe_prompts(runner, refs, n: int, model, most: int = 3) -> list:
+    """The first prompt of up to `most` tasks spread over the run's built-in tasks: what budgets are fitted on.
+
+    Data-dependent methods keep different amounts on different inputs (a noise haystack
+    and a word list are not alike), so one prompt would not stand for the run."""
+    built = [r for r in refs if r.kind != "lm-eval"]
+    if not built:
+        raise UsageError("--budget needs at least one built-in task to fit the budget on")
+    picked = [built[round(i * (len(built) - 1) / max(most - 1, 1))] for i in range(min(most, len(built)))]
+    return [torch_ids(runner.samples(r, n)[0].input_ids, model) for r in dict.fromkeys(picked)]
 
 
 def torch_ids(ids, model):

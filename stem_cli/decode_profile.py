@@ -16,10 +16,16 @@ accuracy (use `stem generate` / evaluation for that); latency is what this measu
 
 Per (length, method): `warmup` untimed steps (kernel compilation, autotuning,
 first anchors), then `repeat` timed steps with CUDA events around each whole step
-(host clock on the CPU), then another `repeat` steps with per-stage events
+(all layers; no per-layer event and no host sync inside the timed loop: events are
+read after it; host clock on the CPU) and one pair around the whole loop
+(per_token_mean_ms), then another `repeat` steps with per-stage events
 (selection / attention / audit, summed over layers) for the breakdown, kept apart
-so the per-stage events do not inflate the per-token latency. dense = SDPA over
-the cache (FlashAttention / cuDNN on GPU). Rows go into profiles/ as JSON.
+so the per-stage events do not inflate the per-token latency. The per-stage sums
+measure each stage's span on the GPU timeline, launch gaps included, so they can
+add up to more than the per-token time. dense = SDPA over the cache for every
+layer, as a user's model runs it (FlashAttention on GPU, native GQA), with no
+runtime around it. The decode steps themselves do not synchronise with the host
+(PrHS: one read per layer-step of its re-anchor count). Rows go into profiles/ as JSON.
 """
 
 from __future__ import annotations
@@ -142,12 +148,16 @@ def profile_decode(
                         step()
                     if runtime is not None:
                         runtime.reset_stats()  # statistics of the timed steps only; anchors carry over
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()  # warm-up work is done before the first timed event
                     per_token = []
-                    for _ in range(repeat):
-                        with Interval(device) as interval:
-                            step()
-                        per_token.append(interval)
-                    per_token_ms = [x.ms() for x in per_token]
+                    with Interval(device) as whole:  # the stream of tokens as a user sees it, no gaps between
+                        for _ in range(repeat):
+                            with Interval(device) as interval:  # two events per token, none per layer; no sync
+                                step()
+                            per_token.append(interval)
+                    per_token_ms = [x.ms() for x in per_token]  # read after the loop (one sync)
+                    mean_ms = whole.ms() / repeat
                     timer = StageTimer(device)
                     stages: list[dict] = []
                     if runtime is not None:
@@ -159,6 +169,7 @@ def profile_decode(
                 row.update(
                     status="ok",
                     per_token_ms=med,
+                    per_token_mean_ms=mean_ms,
                     per_token_min_ms=min(per_token_ms),
                     per_token_max_ms=max(per_token_ms),
                     tokens_per_s=batch * 1e3 / med,

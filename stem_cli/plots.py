@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -134,8 +135,8 @@ def plot_compare(flat: list[dict], path: str | Path, title: str) -> Path:
     path = Path(path)
     methods = _ordered(row["method"] for row in flat)
     profiled = any(row.get("speedup") is not None for row in flat)
-    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(12 if profiled else 6.5, 5), dpi=120, squeeze=False)
-    fig.suptitle(title)
+    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(12 if profiled else 7, 5.5), dpi=120, squeeze=False)
+    fig.suptitle(textwrap.fill(title, 110 if profiled else 64), fontsize=10)
     acc = axes[0][0]
     for index, method in enumerate(methods):
         points = [(row["bud"], row["average"], row["seq_len"]) for row in flat

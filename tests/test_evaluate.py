@@ -137,18 +137,24 @@ def test_eval_cli_writes_results_and_refuses_to_overwrite(tmp_path):
 def test_budget_solver_hits_the_target(tiny):
     from stem_cli.budget import TOLERANCE, solve_budget
 
-    ids = torch.randint(0, 256, (1, 1500), generator=torch.Generator().manual_seed(1))
-    small = {"block_size": 16, "dense_layers": [0], "sink_blocks": 1, "window_blocks": 2}
-    for method, target in (("stem", 0.35), ("uniform", 0.5), ("sam", 0.3)):
-        config = replace(get_method(method).defaults, small, method)
-        solved, info = solve_budget(tiny.model, method, config, ids, target)
-        import stem_cli
+    import stem_cli
 
+    g = torch.Generator().manual_seed(1)
+    probes = [torch.randint(0, 256, (1, 1500), generator=g), torch.randint(0, 256, (1, 1200), generator=g)]
+    small = {"block_size": 16, "dense_layers": [0], "sink_blocks": 1, "window_blocks": 2}
+    for method, target in (("stem", 0.35), ("uniform", 0.5), ("sam", 0.3), ("xattention", 0.4), ("minference", 0.45)):
+        config = replace(get_method(method).defaults, {k: v for k, v in small.items() if hasattr(get_method(method).defaults, k)}, method)
+        solved, info = solve_budget(tiny.model, method, config, probes, target)
         runtime = stem_cli.apply(tiny.model, method, solved)
         with torch.no_grad():
-            tiny.model(input_ids=ids)
-        assert abs(runtime.recorder.bud - target) <= TOLERANCE, (method, info, runtime.recorder.bud)
+            for ids in probes:  # the recorder sums pairs over both prompts, as the solver does
+                tiny.model(input_ids=ids)
         assert info["name"] == get_method(method).knob.name and info["within_tolerance"]
+        assert abs(info["probe_bud"] - target) <= TOLERANCE
+        # Stem's budgets are counts, the same on any input; XAttention's and MInference's depend on the
+        # hidden states, which the sparse run changes a little: the achieved BUD drifts, and is reported.
+        drift = TOLERANCE if method in ("stem", "uniform", "sam") else 2 * TOLERANCE
+        assert abs(runtime.recorder.bud - target) <= drift, (method, info, runtime.recorder.bud)
 
 
 def test_budget_out_of_reach(tiny):

@@ -420,3 +420,183 @@ def test_cli_profile_decode_writes_rows(tmp_path):
     assert all(r["status"] == "ok" and r["per_token_ms"] > 0 for r in rows.values())
     assert rows["topk-decode"]["decode_stats"]["kept_fraction_sparse_layers"] < 0.5  # 80 of ~200 tokens
     assert rows["dense"]["speedup"] == 1.0 and rows["prhs"]["reanchor_fraction"] is not None
+
+
+# ------------------------------------------------------------------ host synchronisations and incremental state
+
+
+class SyncCounter:
+    """Counts the calls that would synchronise with a GPU (a value read on the host, a data-dependent
+    shape) while active: item/tolist/bool/int/float/index conversions, nonzero, masked_select and
+    boolean-mask indexing. On the CPU nothing waits, but the same calls would."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.where: list[str] = []
+        self.active = False
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
+        monkeypatch.setattr(torch, "nonzero", self._wrap(torch.nonzero, "torch.nonzero"))
+        get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+        monkeypatch.setattr(torch.Tensor, "__getitem__", self._wrap_index(get, "x[mask]"))
+        monkeypatch.setattr(torch.Tensor, "__setitem__", self._wrap_index(put, "x[mask] ="))
+
+    def _hit(self, name):
+        if self.active:
+            self.count += 1
+            import traceback
+
+            frame = traceback.extract_stack(limit=4)[0]
+            self.where.append(f"{name} at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}")
+
+    def _wrap(self, fn, name):
+        def wrapper(*args, **kwargs):
+            self._hit(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def _wrap_index(self, fn, name):
+        def wrapper(x, index, *rest):
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                self._hit(name)
+            return fn(x, index, *rest)
+
+        return wrapper
+
+
+def run_steps(method, params, *, steps=8, layers=4, t0=300, seed=0, valid=None, counter=None, drift=0.02):
+    """Decode `steps` tokens through `layers` layers on a growing synthetic cache; counts syncs from the
+    third step on (steady state) when a counter is given. Returns (runtime, outputs of the last step)."""
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d = 2, 8, 2, 16
+    total = t0 + steps
+    k, v = (torch.randn(b, hkv, total, d, generator=g) for _ in range(2))
+    q = torch.randn(b, hq, 1, d, generator=g) * 2
+    m = get_decode_method(method)
+    cfg = type(m.defaults)(**{"budget": 64, "sink_tokens": 4, "window_tokens": 16, "dense_decode_layers": (0,), **params})
+    runtime = DecodeRuntime(m, cfg, num_layers=layers)
+    outs = []
+    for step in range(steps):
+        t = t0 + step + 1
+        q = q + drift * torch.randn(q.shape, generator=g)
+        kv_valid = None if valid is None else valid[:, :t]
+        if counter is not None:
+            counter.active = step >= 2
+        outs = [runtime.forward(SimpleNamespace(layer_idx=layer), q, k[:, :, :t], v[:, :, :t], kv_valid, 0.25) for layer in range(layers)]
+    if counter is not None:
+        counter.active = False
+    return runtime, outs
+
+
+@pytest.mark.parametrize(
+    "method,params,allowed",
+    [
+        ("topk-decode", {}, 0),
+        ("quest", {"page_size": 8}, 0),
+        ("prhs", {}, 1),
+        ("prhs", {"max_delta": 0.5, "delta_check": "bound"}, 1),
+        ("prhs", {"max_delta": 0.5, "delta_check": "anchor", "phi": 0.5, "psi": 0.5, "depth_start": 0.0, "freeze_start": 0.0}, 1),
+        ("prhs", {"audit": True, "max_delta": 0.5}, 1),
+        ("prhs", {"selectors": "depth,layer", "max_delta": 0.5, "depth_start": 0.0, "freeze_start": 0.0}, 0),  # no sharing: no sync
+    ],
+)
+@pytest.mark.parametrize("padded", [False, True])
+def test_steady_state_decode_steps_do_not_sync(monkeypatch, method, params, allowed, padded):
+    """At most `allowed` host syncs per sparse layer-step (PrHS: one, the count of re-anchoring rows)."""
+    valid = None
+    if padded:
+        valid = torch.ones(2, 400, dtype=torch.bool)
+        valid[1, :37] = False
+    counter = SyncCounter(monkeypatch)
+    runtime, _ = run_steps(method, params, valid=valid, counter=counter)
+    sparse_layer_steps = 6 * 3  # steps 2..7, layers 1..3 (layer 0 is dense)
+    assert counter.count <= allowed * sparse_layer_steps, counter.where[:5]
+    if allowed:
+        assert counter.count == sparse_layer_steps  # exactly one per layer-step, and only the allowed one
+    stats = runtime.stats()  # the statistics are still all there (read here, not in the steps)
+    assert stats["decisions"] == 8 * 3 * 4 and 0 < stats["kept_fraction_sparse_layers"] < 1
+
+
+def test_dense_layers_and_fitting_contexts_do_not_sync(monkeypatch):
+    counter = SyncCounter(monkeypatch)
+    runtime, _ = run_steps("prhs", {"budget": 1024}, counter=counter)  # the budget covers the context: dense
+    assert counter.count == 0, counter.where[:5]
+    assert runtime.stats()["kept_fraction"] == pytest.approx(1.0)
+
+
+def test_mixed_anchor_and_shared_rows_match_separate_computations():
+    """One KV head shares, the other re-anchors in the same step: the anchor row is exact top-k as from a
+    fresh state (only it is scored), the shared row keeps the anchor's set."""
+    cfg = PrhsConfig(budget=50, sink_tokens=2, window_tokens=6, selectors="time", tau=0.8)
+    q, k, v = case(batch=1, hq=4, hkv=2, t=160, seed=12)
+    state: dict = {}
+    prhs.select(ctx_of(q, k, v, cfg), cfg, state)
+    static = state["static"].clone()
+    q2 = q.clone()
+    q2[:, 2:] = -q[:, 2:]  # KV head 1's group turns around: cosine -1
+    k2, v2 = (torch.cat([x, torch.randn(1, 2, 1, 16, dtype=x.dtype)], 2) for x in (k, v))
+    mixed = prhs.select(ctx_of(q2, k2, v2, cfg), cfg, state)
+    assert mixed.anchors == 1 and int(mixed.cosine_reanchors) == 1
+    fresh = prhs.select(ctx_of(q2, k2, v2, cfg), cfg, {})
+    assert as_sets(mixed.indices)[0][1] == as_sets(fresh.indices)[0][1]
+    torch.testing.assert_close(mixed.delta[0, 1].double(), fresh.delta[0, 1], rtol=1e-6, atol=1e-7)  # float32 state
+    assert mixed.known.tolist() == [[False, True]]
+    forced = set(range(2)) | set(range(161 - 6, 161))
+    assert as_sets(mixed.indices)[0][0] == forced | {j for j in static[0].tolist() if 0 <= j < 161 - 6}
+    assert torch.equal(state["static"][0], static[0])  # the sharing row's anchor state is untouched
+
+
+def test_running_key_norm_equals_a_full_pass():
+    g = torch.Generator().manual_seed(13)
+    k = torch.randn(2, 3, 90, 8, generator=g)
+    valid = torch.ones(2, 90, dtype=torch.bool)
+    valid[1, :11] = False
+    k[1, :, 5] = 100.0  # padding: never counted
+    state: dict = {}
+    cfg = PrhsConfig(budget=40, sink_tokens=2, window_tokens=4)
+    for t in (60, 61, 62, 75, 90):
+        ctx = ctx_of(torch.randn(2, 6, 1, 8, generator=g), k[:, :, :t], k[:, :, :t], cfg, key_valid=valid[:, :t])
+        got = prhs.running_key_norm(ctx, state)
+        want = k[:, :, :t].norm(dim=-1).masked_fill(~valid[:, None, :t], 0).amax(-1).flatten()
+        torch.testing.assert_close(got, want)
+    assert state["kmax_len"] == 90
+
+
+def test_quest_incremental_pages_match_from_scratch_over_steps():
+    cfg = QuestConfig(budget=48, page_size=8, sink_tokens=2, window_tokens=8)
+    g = torch.Generator().manual_seed(14)
+    k = torch.randn(1, 2, 140, 16, generator=g, dtype=torch.float64)
+    valid = torch.ones(1, 140, dtype=torch.bool)
+    valid[0, :13] = False
+    state: dict = {}
+    for t in range(100, 140):
+        q = torch.randn(1, 4, 1, 16, generator=g, dtype=torch.float64)
+        ctx = ctx_of(q, k[:, :, :t], k[:, :, :t], cfg, key_valid=valid[:, :t])
+        got = quest.select(ctx, cfg, state)
+        want = quest.select(ctx_of(q, k[:, :, :t], k[:, :, :t], cfg, key_valid=valid[:, :t]), cfg, {})
+        assert torch.equal(got.indices, want.indices)
+
+
+@pytest.mark.parametrize("flip", [[1], [0, 2, 3]])  # one of four rows anchors (its keys only), three do (every row scored)
+def test_mixed_rows_both_scoring_paths(flip):
+    cfg = PrhsConfig(budget=50, sink_tokens=2, window_tokens=6, selectors="time", tau=0.8)
+    q, k, v = case(batch=2, hq=4, hkv=2, t=160, seed=15)
+    state: dict = {}
+    prhs.select(ctx_of(q, k, v, cfg), cfg, state)
+    q2 = q.clone()
+    for r in flip:
+        b, h = divmod(r, 2)
+        q2[b, 2 * h:2 * h + 2] = -q[b, 2 * h:2 * h + 2]
+    k2, v2 = (torch.cat([x, torch.randn(2, 2, 1, 16, dtype=x.dtype)], 2) for x in (k, v))
+    mixed = prhs.select(ctx_of(q2, k2, v2, cfg), cfg, state)
+    fresh = prhs.select(ctx_of(q2, k2, v2, cfg), cfg, {})
+    assert mixed.anchors == len(flip)
+    for r in flip:
+        b, h = divmod(r, 2)
+        assert as_sets(mixed.indices)[b][h] == as_sets(fresh.indices)[b][h]
+        assert mixed.known[b, h]
+    assert int(mixed.known.sum()) == len(flip)

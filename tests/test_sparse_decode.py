@@ -123,3 +123,24 @@ def test_dense_reference_equals_explicit_softmax():
     s = (q @ kr.transpose(-1, -2)) * 0.2
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     torch.testing.assert_close(out, torch.softmax(s, -1) @ vr)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_kernel_without_counts_reads_whole_rows_of_either_index_dtype(index_dtype):
+    """counts=None (what the decode runtime passes): every entry of a row, -1 pads skipped; the
+    selectors' int64 rows are read as they are, with no conversion per call."""
+    pytest.importorskip("triton")
+    from stem_cli.kernels import sparse_decode as kernel
+
+    g = torch.Generator().manual_seed(21)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q = torch.randn(2, 6, 1, 32, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(2, 2, 120, 32, generator=g).to(DEVICE, dtype) for _ in range(2))
+    idx = torch.stack([torch.randperm(120, generator=g)[:70] for _ in range(4)]).view(2, 2, 70)
+    idx[0, 1, ::3] = -1
+    idx[1, 0] = -1  # an empty row
+    out = kernel.sparse_decode_attention(q, k, v, idx.to(DEVICE, index_dtype), scale=0.2, splits=2)
+    want = ref.sparse_decode_attention(q.double(), k.double(), v.double(), idx.to(DEVICE), scale=0.2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    assert (out[1, :3] == 0).all()

@@ -67,7 +67,25 @@ class StepContext:
         """(B, T) bool."""
         if self.key_valid is not None:
             return self.key_valid
-        return torch.ones(self.batch, self.n_keys, dtype=torch.bool, device=self.device)
+        if "valid" not in self._cache:
+            self._cache["valid"] = torch.ones(self.batch, self.n_keys, dtype=torch.bool, device=self.device)
+        return self._cache["valid"]
+
+    def forced_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Positions idx (B, ..., K) (>= 0 and < T) -> bool, True where forced_mask is: the same
+        answer as forced_mask() gathered, in O(K) instead of building the (B, T) mask."""
+        shape = (idx.shape[0],) + (1,) * (idx.dim() - 1)
+        rank = idx - self.start.view(shape)
+        forced = (idx >= self.window_start()) | ((rank >= 0) & (rank < self.sinks))
+        if self.key_valid is not None:
+            forced &= self.key_valid.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
+        return forced
+
+    def valid_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Positions idx (B, ..., K) (>= 0 and < T) -> bool: valid (not padding), O(K)."""
+        if self.key_valid is None:
+            return torch.ones_like(idx, dtype=torch.bool)
+        return self.key_valid.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
 
     def sink_mask(self) -> torch.Tensor:
         """(B, T) bool: the first `sinks` valid positions."""
@@ -133,20 +151,27 @@ def budget_width(ctx: StepContext, budget: int, fraction: float) -> int:
     return min(max(bound, ctx.sinks + ctx.window), ctx.n_keys + ctx.sinks + ctx.window)
 
 
-def full_logits(ctx: StepContext, lo: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
+def full_logits(ctx: StepContext, lo: int = 0, rows: torch.Tensor | None = None, host_rows: list[int] | None = None) -> torch.Tensor:
     """scale * q.k over positions lo..T-1 (float32, or float64 for float64 inputs; -inf at invalid positions):
-    (B, Hkv, g, T - lo), or (R, g, T - lo) for the flat (b * Hkv + h) rows given."""
+    (B, Hkv, g, T - lo), or (R, g, T - lo) for the flat (b * Hkv + h) rows given (a LongTensor `rows`;
+    with `host_rows`, the same ids as host ints, each row's keys are read in place, one product per
+    row, instead of gathering them into a copy)."""
     q, k = ctx.q, ctx.k[:, :, lo:]
-    if rows is None:
+    if rows is not None and host_rows is not None:
+        flat_k = k.flatten(0, 1)  # a view for a cache whose (B, Hkv) dims merge (contiguous, or a slice along T)
+        flat_q = q.flatten(0, 1)
+        s = torch.stack([flat_q[r] @ flat_k[r].to(q.dtype).transpose(0, 1) for r in host_rows])
+        valid = None if ctx.key_valid is None else ctx.key_valid.index_select(0, rows // ctx.kv_heads)[:, None, lo:]
+    elif rows is None:
         s = torch.einsum("bhgd,bhtd->bhgt", q, k.to(q.dtype))
-        valid = ctx.valid_mask()[:, None, None, lo:]
+        valid = None if ctx.key_valid is None else ctx.key_valid[:, None, None, lo:]
     else:
         flat_k = k.reshape(-1, *k.shape[2:]) if k.is_contiguous() else k.flatten(0, 1)
-        qr = q.reshape(-1, *q.shape[2:])[rows]
-        s = torch.bmm(qr, flat_k[rows].to(q.dtype).transpose(1, 2))
-        valid = ctx.valid_mask()[rows // ctx.kv_heads][:, None, lo:]
+        qr = q.reshape(-1, *q.shape[2:]).index_select(0, rows)
+        s = torch.bmm(qr, flat_k.index_select(0, rows).to(q.dtype).transpose(1, 2))
+        valid = None if ctx.key_valid is None else ctx.key_valid.index_select(0, rows // ctx.kv_heads)[:, None, lo:]
     s = s.to(torch.promote_types(s.dtype, torch.float32)) * ctx.scale
-    return s.masked_fill(~valid, NEG_INF)
+    return s if valid is None else s.masked_fill(~valid, NEG_INF)  # nothing padded: nothing to mask
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -248,17 +273,19 @@ class Selection:
     indices (B, Hkv, K): kept positions (-1 pads). delta (B, Hkv, g): exact dropped
     mass where `known` (B, Hkv) is True (selectors that scored every position know it
     for free). logits: full logits of every row when the selector computed them
-    (an audit reuses them). Decision counts are per (sequence, KV head) row."""
+    (an audit reuses them). Decision counts are per (sequence, KV head) row: host ints, or
+    0-d device tensors where knowing them would need a host sync (the runtime sums those
+    on the device and reads them only in stats())."""
 
     indices: torch.Tensor
     delta: torch.Tensor | None = None
     known: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    decisions: int = 0
-    anchors: int = 0
-    cosine_reanchors: int = 0
-    fallbacks: int = 0
-    over_bound: int = 0
+    decisions: int | torch.Tensor = 0
+    anchors: int | torch.Tensor = 0
+    cosine_reanchors: int | torch.Tensor = 0
+    fallbacks: int | torch.Tensor = 0
+    over_bound: int | torch.Tensor = 0
 
 
 def salient_width(ctx: StepContext, budget: int, fraction: float) -> int:

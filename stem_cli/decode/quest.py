@@ -8,7 +8,7 @@ the per-channel minimum m and maximum M of its valid keys. For a query q,
 bounds q . k from above for every key k of the page (each term bounds q_d k_d).
 Pages are ranked per (sequence, KV head) by the group's mean softmax over pages of
 scale * U, and the top (budget - forced) // page_size pages are kept whole, with
-sinks and window. Full pages' min/max are computed once and cached for the
+sinks and window. Full pages' min/max (empty pages' prepared) are computed once and cached for the
 generation (Quest keeps them as page metadata); only the last, partial page is
 recomputed each step. Nothing scores every key, so delta is known only in audit mode.
 """
@@ -42,30 +42,41 @@ def page_min_max(k: torch.Tensor, key_valid: torch.Tensor | None, page_size: int
 
 def page_upper_bound(q: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor) -> torch.Tensor:
     """q (B, Hkv, g, d), mins/maxs (B, Hkv, P, d) -> (B, Hkv, g, P) upper bounds on q . k (-inf for empty pages)."""
+    return prepared_upper_bound(q, *prepare_pages(mins, maxs))
+
+
+def prepare_pages(mins: torch.Tensor, maxs: torch.Tensor) -> tuple:
+    """(min, max) -> (lo, hi, empty): empty pages' (B, Hkv, P) bounds zeroed, what every step's bound reads."""
     empty = ~torch.isfinite(mins).all(-1)  # (B, Hkv, P)
     lo = torch.where(empty[..., None], torch.zeros_like(mins), mins)
     hi = torch.where(empty[..., None], torch.zeros_like(maxs), maxs)
+    return lo, hi, empty
+
+
+def prepared_upper_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     qf = q.float()
     u = qf.clamp_min(0) @ hi.transpose(-1, -2) + qf.clamp_max(0) @ lo.transpose(-1, -2)
     return u.masked_fill(empty[:, :, None, :], NEG_INF)
 
 
 def _bounds(ctx: StepContext, state: dict, page_size: int) -> torch.Tensor:
-    """(B, Hkv, g, P) upper bounds for every page: full pages' min/max from the generation's cache of
-    them (extended as pages fill up), the last, partial page's recomputed."""
+    """(B, Hkv, g, P) upper bounds for every page: full pages' metadata (min/max, with empty pages'
+    zeroed, prepared once) from the generation's cache of them, extended as pages fill up (one page
+    every page_size steps); the last, partial page's recomputed (< page_size keys). Assumes an
+    append-only cache between pre-fills (the runtime drops the state at each pre-fill)."""
     t = ctx.n_keys
     n_full = t // page_size
     cached = state.get("pages")
     done = 0 if cached is None else cached[0].shape[2]
-    if done > n_full:  # a shorter cache than last time: not the same generation
+    if done > n_full or (cached is not None and cached[0].shape[:2] != ctx.k.shape[:2]):  # not the same generation
         cached, done = None, 0
     if n_full > done:
         lo, hi = done * page_size, n_full * page_size
         valid = None if ctx.key_valid is None else ctx.key_valid[:, lo:hi]
-        new_min, new_max = page_min_max(ctx.k[:, :, lo:hi], valid, page_size)
-        cached = (new_min, new_max) if cached is None else (torch.cat([cached[0], new_min], 2), torch.cat([cached[1], new_max], 2))
-        state["pages"] = cached
-    parts = [] if cached is None else [page_upper_bound(ctx.q, *cached)]
+        new = prepare_pages(*page_min_max(ctx.k[:, :, lo:hi], valid, page_size))
+        cached = new if cached is None else tuple(torch.cat([a, b], 2) for a, b in zip(cached, new))
+        state["pages"] = cached  # (lo, hi, empty) of the full pages
+    parts = [] if cached is None else [prepared_upper_bound(ctx.q, *cached)]
     if t % page_size:
         lo = n_full * page_size
         tail = ctx.k[:, :, lo:]
@@ -91,8 +102,7 @@ def select(ctx: StepContext, config: QuestConfig, state: dict) -> Selection:
     tokens = (pages[..., None] * ps + torch.arange(ps, device=ctx.device)).flatten(-2)
     ok = (pages[..., None] >= 0).expand(*pages.shape, ps).flatten(-2) & (tokens < ctx.n_keys)
     safe = torch.where(ok, tokens, torch.zeros_like(tokens))
-    b_idx = torch.arange(ctx.batch, device=ctx.device)[:, None, None]
-    ok &= ctx.valid_mask()[b_idx, safe] & ~ctx.forced_mask()[b_idx, safe]
+    ok &= ctx.valid_at(safe) & ~ctx.forced_at(safe)  # O(kept tokens), not O(T)
     tokens = torch.where(ok, tokens, torch.full_like(tokens, -1))
     rows = ctx.batch * ctx.kv_heads
     return Selection(with_forced(ctx, tokens), decisions=rows, anchors=rows)

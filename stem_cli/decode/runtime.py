@@ -12,6 +12,11 @@ Execution: on CUDA with bf16/fp16 the Triton sparse-decode kernel
 (kernels/decode_reference.py), with a one-time notice when a GPU falls back.
 Layers in dense_decode_layers, and contexts that fit the budget, attend
 densely (SDPA over the cache).
+
+No host synchronisation in a step: counts and sums that live on the device
+(kept tokens, dropped mass, over-bound rows, PrHS's device-side counters) are
+accumulated there and read only by stats(). The only host sync of the decode
+path is PrHS's one read per layer-step of how many rows re-anchor (prhs.py).
 """
 
 from __future__ import annotations
@@ -94,15 +99,34 @@ class DecodeRuntime:
         self._prev = None
         self.reset_stats()
 
+    COUNTERS = ("kept", "valid", "kept_sparse", "valid_sparse", "decisions", "anchors", "cosine_reanchors", "fallbacks", "over_bound")
+
     def reset_stats(self) -> None:
         """Forget the statistics only (selector state carries on)."""
         self._deltas: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._kept: list[torch.Tensor] = []
-        self._valid: list[torch.Tensor] = []
-        self._kept_sparse: list[torch.Tensor] = []
-        self._valid_sparse: list[torch.Tensor] = []
+        self._host = dict.fromkeys(self.COUNTERS, 0)  # counts known on the host
+        self._device: dict[str, torch.Tensor] = {}  # counts that live on the device (summed there, read in stats())
+        self._zero_delta: dict = {}
         self.steps: dict[int, int] = {}
-        self.decisions = self.anchors = self.cosine_reanchors = self.fallbacks = self.over_bound = 0
+
+    def _count(self, name: str, value) -> None:
+        """Add a host int or a device tensor to a counter without a host sync."""
+        if isinstance(value, torch.Tensor):
+            cur = self._device.get(name)
+            self._device[name] = value.double() if cur is None else cur + value
+        else:
+            self._host[name] += value
+
+    def counter(self, name: str) -> float:
+        """A counter's value (reads the device part: a sync; for stats() and tests, not the step)."""
+        dev = self._device.get(name)
+        return self._host[name] + (float(dev) if dev is not None else 0)
+
+    def __getattr__(self, name):  # decisions, anchors, ... as before (read-only; syncs)
+        if name in DecodeRuntime.COUNTERS and "_host" in self.__dict__:
+            value = self.counter(name)
+            return int(value) if float(value).is_integer() else value
+        raise AttributeError(name)
 
     def new_prefill(self, layer: int) -> None:
         """A pre-fill on `layer`: a new sequence (or chunk); its selector state starts over."""
@@ -127,13 +151,16 @@ class DecodeRuntime:
         if dense_layer or (fits and self.dense_fast_path):
             with self._stage("attention"):
                 out = dense_decode(query, key, value, key_valid, scale)
-            self._kept.append(valid * hkv)
-            self._valid.append(valid * hkv)
+            self._count("kept", valid * hkv)
+            self._count("valid", valid * hkv)
             if not dense_layer:  # a sparse layer whose budget covers the context: delta = 0 exactly
-                self._kept_sparse.append(valid * hkv)
-                self._valid_sparse.append(valid * hkv)
+                self._count("kept_sparse", valid * hkv)
+                self._count("valid_sparse", valid * hkv)
                 g = query.shape[1] // hkv
-                self._deltas.append((torch.zeros(b, hkv, g, device=key.device), torch.ones(b, hkv, dtype=torch.bool, device=key.device)))
+                key_ = (b, hkv, g, key.device)
+                if key_ not in self._zero_delta:  # one (never written) pair per shape, appended by reference
+                    self._zero_delta[key_] = (torch.zeros(b, hkv, g, device=key.device), torch.ones(b, hkv, dtype=torch.bool, device=key.device))
+                self._deltas.append(self._zero_delta[key_])
             return out
 
         ctx = context_from(layer, self.num_layers, query, key, value, key_valid, scale,
@@ -155,15 +182,14 @@ class DecodeRuntime:
             self._deltas.append((delta.float(), known))
             max_delta = getattr(cfg, "max_delta", 0.0)
             if max_delta > 0:
-                self.over_bound += int(((delta.amax(-1) > max_delta) & known).sum())
+                self._count("over_bound", ((delta.amax(-1) > max_delta) & known).sum())
         used = (sel.indices >= 0).sum()
-        for kept, total in ((self._kept, self._valid), (self._kept_sparse, self._valid_sparse)):
-            kept.append(used)
-            total.append(valid * hkv)
-        self.decisions += sel.decisions
-        self.anchors += sel.anchors
-        self.cosine_reanchors += sel.cosine_reanchors
-        self.fallbacks += sel.fallbacks
+        for name in ("kept", "kept_sparse"):
+            self._count(name, used)
+        for name in ("valid", "valid_sparse"):
+            self._count(name, valid * hkv)
+        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
+            self._count(name, getattr(sel, name))
         self._prev = (layer, step, sel.indices.flatten(0, 1))
         return out
 
@@ -175,8 +201,10 @@ class DecodeRuntime:
         n = int(values.numel())
 
         def ratio(a, b):
-            num, den = sum(float(x) for x in a), sum(float(x) for x in b)
+            num, den = self.counter(a), self.counter(b)
             return num / den if den else None
+
+        decisions, anchors = self.decisions, self.anchors
 
         return {
             "method": self.name,
@@ -188,12 +216,12 @@ class DecodeRuntime:
             "delta_coverage": n / total if total else None,
             "delta_source": ("exact every step (audit)" if self.config.audit
                              else "exact where the selector scored every position (anchor / top-k steps; 0 where the budget covers the context)"),
-            "reanchor_fraction": self.anchors / self.decisions if self.decisions else None,
-            "reanchors": self.anchors,
+            "reanchor_fraction": anchors / decisions if decisions else None,
+            "reanchors": anchors,
             "cosine_reanchors": self.cosine_reanchors,
             "fallbacks": self.fallbacks,
             "over_max_delta": self.over_bound,
-            "decisions": self.decisions,
-            "kept_fraction": ratio(self._kept, self._valid),
-            "kept_fraction_sparse_layers": ratio(self._kept_sparse, self._valid_sparse),
+            "decisions": decisions,
+            "kept_fraction": ratio("kept", "valid"),
+            "kept_fraction_sparse_layers": ratio("kept_sparse", "valid_sparse"),
         }

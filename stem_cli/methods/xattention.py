@@ -116,7 +116,7 @@ def tile_block_mass(q, k, *, block_size: int, stride: int, scale: float, key_val
     vpad[:, :n] = True if key_valid is None else key_valid.to(q.device)
     tile_ok = vpad.view(batch, nt, stride).any(-1)  # (B, N/s)
     masked = key_valid is not None or n < npad  # tiles to mask beyond the causal ones
-    kr = ref._pad_to(k, npad).to(work).view(batch, hkv, nt, stride * d)  # K once; Q a chunk at a time
+    kr = ref._pad_to(k, npad).to(work).reshape(batch, hkv, nt, stride * d)  # K once; Q a chunk at a time
     tid = torch.arange(nt, device=q.device)
     out = torch.zeros(batch, hq, p, p, dtype=work, device=q.device)
     if chunk_blocks is None:
