@@ -62,7 +62,7 @@ def bud_curve(model, method: str, config, values: list[float], probes: torch.Ten
             causal = float(causal_pairs(pairs, hq))
             if i == 0:
                 total[0] += causal
-            if layer in cfg.dense_layers:
+            if layer in getattr(cfg, "dense_layers", ()):  # elastic has per-head modes instead
                 done[i] += causal
                 continue
             if split:  # the knob does not touch the estimate: compute it once per layer

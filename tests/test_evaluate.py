@@ -200,3 +200,21 @@ def test_compare_cli_budget_cache_and_exports(tmp_path):
     assert out_of_reach.exit_code == 2 and "out of reach" in out_of_reach.output
     bad_format = cli.invoke(app, [*args[:-4], "--format", "xml", "--output", str(tmp_path)], env=env)
     assert bad_format.exit_code == 2 and "table, markdown, csv, json" in bad_format.output
+
+
+def test_budget_solver_elastic_head_map(tiny, tmp_path):
+    """Elastic's knob scales its Stem heads; dense and streaming heads set the floor."""
+    import stem_cli
+    from stem_cli.budget import TOLERANCE, solve_budget
+    from stem_cli.elastic.headmap import HeadMap, save_head_map
+
+    modes = [["dense", "dense"], ["dense", "streaming"], ["stem", "streaming"], ["stem", "stem"]]
+    path = save_head_map(HeadMap("tiny-llama", 4, 2, modes, num_query_heads=4), tmp_path / "map.json")
+    config = replace(get_method("elastic").defaults, {"block_size": 16, "head_map": str(path)}, "elastic")
+    probes = [torch.randint(0, 256, (1, 1400), generator=torch.Generator().manual_seed(5))]
+    solved, info = solve_budget(tiny.model, "elastic", config, probes, 0.8)
+    runtime = stem_cli.apply(tiny.model, "elastic", solved)
+    with torch.no_grad():
+        tiny.model(input_ids=probes[0])
+    assert abs(runtime.recorder.bud - 0.8) <= TOLERANCE and info["within_tolerance"]
+    assert runtime.recorder.elastic.omega == pytest.approx(5 / 8)
