@@ -70,6 +70,7 @@ def methods_cmd(
 
     [b]Example:[/b] stem methods
     """
+    from stem_cli.decode import DECODE_METHODS
     from stem_cli.methods import METHODS
 
     if as_json:
@@ -84,7 +85,17 @@ def methods_cmd(
             }
             for name, m in METHODS.items()
         }
-        console.print_json(json.dumps(data))
+        data["decode"] = {
+            name: {
+                "description": m.description,
+                "parameters": {
+                    f.name: {"default": getattr(m.defaults, f.name), "source": f.metadata["source"], "help": f.metadata["help"]}
+                    for f in dataclasses.fields(m.defaults)
+                },
+            }
+            for name, m in DECODE_METHODS.items()
+        }
+        console.print_json(json.dumps(data, default=list))
         return
     table = Table(title="stem methods", show_lines=True)
     table.add_column("method", style="bold cyan")
@@ -107,6 +118,14 @@ def methods_cmd(
         for i, row in enumerate(rows):
             table.add_row(name if i == 0 else "", described[i] if i < len(described) else "", *row)
     console.print(table)
+    decode = Table(title="decode methods (--method PREFILL+DECODE, e.g. stem+prhs; alone: dense pre-fill)", show_lines=True)
+    for col, style in (("method", "bold cyan"), ("what it does", None), ("parameter = default", "green"), ("source", None), ("meaning", "dim")):
+        decode.add_column(col, style=style)
+    for name, m in DECODE_METHODS.items():
+        for i, f in enumerate(dataclasses.fields(m.defaults)):
+            decode.add_row(name if i == 0 else "", m.description if i == 0 else "",
+                           f"{f.name} = {_shown(getattr(m.defaults, f.name))}", f.metadata["source"], f.metadata["help"])
+    console.print(decode)
     console.print(
         "source: [b]paper[/b] = the published text, [b]code[/b] = the authors' released code (which produced their tables), "
         "[b]paper+code[/b] = both agree, [b]stem[/b] = ours. Set parameters with --set NAME=VALUE, --set METHOD.NAME=VALUE "
@@ -306,7 +325,8 @@ def _probe_prompts(runner, refs, n: int, model, most: int = 3) -> list:
     built = [r for r in refs if r.kind != "lm-eval"]
     if not built:
         raise UsageError("--budget needs at least one built-in task to fit the budget on")
-    picked = [built[round(i * (len(built) - 1) / max(most - 1, 1))] for i in range(min(most, len(built)))]
+    k = min(most, len(built))
+    picked = [built[round(i * (len(built) - 1) / max(k - 1, 1))] for i in range(k)]
     return [torch_ids(runner.samples(r, n)[0].input_ids, model) for r in dict.fromkeys(picked)]
 
 
