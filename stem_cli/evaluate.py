@@ -21,7 +21,6 @@ import hashlib
 import importlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,11 +30,9 @@ import torch
 import stem_cli
 from stem_cli.config import ConfigError
 
+from stem_cli.tasks.harness import TaskError  # one error type for every task source: unknown name, data unreachable, lm-eval failure
+
 BUILT_IN = ("ruler", "niah", "longbench", "fidelity", "ppl")
-
-
-# A task cannot run (unknown name, data unreachable, lm-eval failure); the message says why and what to do.
-from stem_cli.tasks.harness import TaskError  # noqa: E402  (one error type for every task source)
 
 
 @dataclass(frozen=True)
@@ -395,11 +392,6 @@ def summarize(records: list[dict]) -> list[dict]:
                 row[f"decode_{key}"] = max(values) if key == "delta_max" else sum(values) / len(values)
         rows.append(row)
     return rows
-
-
-def accuracy_tasks(rows: list[dict]) -> list[str]:
-    """Tasks whose score is an accuracy (averaged in the 'average' row); fidelity/ppl are not."""
-    return list(dict.fromkeys(r["task"] for r in rows if r["task"] not in ("fidelity", "ppl")))
 
 
 def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:

@@ -1,16 +1,23 @@
 """Plug methods into Hugging Face models through transformers' AttentionInterface.
 
-Each registry method gets an `attn_implementation` name ("stem", "stem_uniform",
-"stem_sam", "stem_streaming", "stem_dense"), registered with the attention
-interface and, for mask creation, with the mask interface as SDPA's boolean mask.
+Each registry method gets an `attn_implementation` name ("stem", and "stem_<name>"
+for every other method: "stem_uniform", "stem_xattention", "stem_elastic", ...),
+registered with the attention interface and, for mask creation, with the mask
+interface as SDPA's boolean mask.
 No model class is touched: the model's own attention layer calls our function.
 
 Per call, our function decides:
 - pre-fill (as many queries as keys) on a full-attention layer not in the
   method's dense list: selector -> BlockIndex -> executor;
 - dense layers: the executor with a full index (SDPA);
-- decode steps, continued pre-fill against a cache, and sliding-window layers
-  (e.g. Gemma-3's local layers): transformers' own SDPA path, untouched.
+- decode steps on a governed layer: the decode method's runtime when one is
+  attached (`stem+prhs`, stem_cli/decode), else transformers' SDPA;
+- continued pre-fill against a cache and sliding-window layers (e.g. Gemma-3's
+  local layers): transformers' own SDPA path, untouched.
+
+Hooks for the tools around a run: `Runtime.probe` (the budget solver tries
+selections on each layer's real q/k/v) and a method's `prepare(model, config)`,
+called by `apply` (Elastic Attention hooks its router's pre-RoPE keys there).
 
 Padding: the boolean mask's last row marks the valid keys of each sequence
 (in a pre-fill every key is some query's position), so padded keys are never
