@@ -360,13 +360,13 @@ def run_evaluation(*, model, tasks, methods, seq_len, limit, budget, output, res
         raise UsageError(f"--budget {budget!r} is not allowed: use a fraction in (0, 1], e.g. 0.3")
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {str(output)!r} is a file; give a folder")
+    if include_path is not None and not include_path.is_dir():
+        raise UsageError(f"--include-path {str(include_path)!r} is not a folder of lm-eval task YAML files")
     dev = resolve_device(device)
     model = model or (EVAL_GPU_MODEL if dev.type == "cuda" else EVAL_CPU_MODEL)
     loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=err)
     lengths, refs = _eval_plan(loaded, tasks, seq_len, data_dir)
     model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    if include_path is not None and not include_path.is_dir():
-        raise UsageError(f"--include-path {str(include_path)!r} is not a folder of lm-eval task YAML files")
     settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
     store = ResultStore(output / f"results-{slug(model)}.jsonl")
     runner = Runner(loaded, store, settings, reuse=True)

@@ -22,13 +22,14 @@ def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-@pytest.mark.parametrize("command", [[], ["methods"], ["models"], ["models", "list"], ["models", "pull"], ["generate"], ["profile"]])
+@pytest.mark.parametrize("command", [[], ["methods"], ["models"], ["models", "list"], ["models", "pull"], ["generate"], ["profile"],
+                                     ["eval"], ["compare"], ["calibrate"], ["train-router"]])
 def test_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0, result.output
     text = plain(result.output)
     if not command:
-        for sub in ("methods", "models", "generate", "profile"):
+        for sub in ("methods", "models", "generate", "profile", "eval", "compare", "calibrate", "train-router"):
             assert sub in text
     elif command != ["models"]:
         assert "Example:" in text
