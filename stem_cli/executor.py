@@ -38,10 +38,13 @@ def dense_attention(q, k, v, *, scale: float, key_valid: torch.Tensor | None = N
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     n = q.shape[2]
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    mask = causal[None, None] & key_valid[:, None, None, :]
-    # A fully masked row would be NaN in SDPA; let it see its own position and zero it after.
+    return _sdpa_masked_rows(q, k, v, causal[None, None] & key_valid[:, None, None, :], scale)
+
+
+def _sdpa_masked_rows(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA under a boolean mask; rows with no allowed key give zeros (SDPA alone would give NaN)."""
     has_key = mask.any(-1, keepdim=True)
-    mask = mask | ~has_key & torch.eye(n, dtype=torch.bool, device=q.device)
+    mask = mask | ~has_key & (torch.arange(mask.shape[-1], device=q.device) == 0)  # let them see key 0, zeroed after
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.masked_fill(~has_key, 0.0)
 
@@ -93,12 +96,7 @@ def masked_sdpa(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Te
         if valid is not None:
             mask = mask & valid[:, None, None, :r1]
         mask = mask.repeat_interleave(per_index, dim=1) if per_index > 1 else mask
-        has_key = mask.any(-1, keepdim=True)
-        # A row with no key would be NaN in SDPA: let it see one key, then zero it.
-        mask = mask | ~has_key & (torch.arange(r1, device=q.device) == 0)
-        chunk = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1], attn_mask=mask, scale=scale,
-                                               enable_gqa=k.shape[1] != hq)
-        out[:, :, r0:r1] = chunk.masked_fill(~has_key, 0.0)
+        out[:, :, r0:r1] = _sdpa_masked_rows(q[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1], mask, scale)
     return out
 
 

@@ -48,6 +48,11 @@ class Sample:
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)  # task-specific facts (depth, keys, ...), JSON-able
 
+    @classmethod
+    def measured(cls, task: str, seq_len: int, seed: int, index: int, input_ids: list[int], meta: dict[str, Any]) -> "Sample":
+        """A sample of a measure task (fidelity, ppl): a prompt to run, nothing to generate or score against."""
+        return cls(f"{task}/{seq_len}/{seed}/{index}", task, seq_len, input_ids, references=[], metric="", max_new_tokens=0, meta=meta)
+
 
 def render_prompt(tokenizer, user: str, answer_prefix: str = "", use_chat_template: bool | None = None) -> list[int]:
     """Token ids of `user` as one user turn, then `answer_prefix` as the start of the reply.

@@ -125,16 +125,7 @@ def prompts(tokenizer, seq_len: int, *, seed: int, limit: int, use_chat_template
 
 def build_samples(tokenizer, seq_len: int, *, seed: int = 0, limit: int = 4, use_chat_template=None) -> list[Sample]:
     return [
-        Sample(
-            id=f"{TASK}/{seq_len}/{seed}/{i}",
-            task=TASK,
-            seq_len=seq_len,
-            input_ids=ids,
-            references=[],
-            metric="",
-            max_new_tokens=0,
-            meta=meta,
-        )
+        Sample.measured(TASK, seq_len, seed, i, ids, meta)
         for i, (ids, meta) in enumerate(prompts(tokenizer, seq_len, seed=seed, limit=limit, use_chat_template=use_chat_template))
     ]
 

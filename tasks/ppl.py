@@ -88,18 +88,8 @@ def build_samples(tokenizer, seq_len: int, *, seed: int = 0, limit: int = 4, use
     for i in range(limit):
         start = (base + i * len(pool) // max(limit, 1)) % len(pool)
         ids = window_ids(tokenizer, seq_len, start)
-        samples.append(
-            Sample(
-                id=f"{TASK}/{seq_len}/{seed}/{i}",
-                task=TASK,
-                seq_len=seq_len,
-                input_ids=ids,
-                references=[],
-                metric="",
-                max_new_tokens=0,
-                meta={"start_sentence": start, "pool_sentences": len(pool), "bos": bool(_bos(tokenizer))},
-            )
-        )
+        meta = {"start_sentence": start, "pool_sentences": len(pool), "bos": bool(_bos(tokenizer))}
+        samples.append(Sample.measured(TASK, seq_len, seed, i, ids, meta))
     return samples
 
 
