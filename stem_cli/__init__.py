@@ -1,14 +1,34 @@
 """stem: Stem sparse pre-fill attention for Hugging Face causal LMs.
 
     import stem_cli
-    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="stem")   # method defaults
-    runtime = stem_cli.apply(model, "uniform", k_scale=0.5)                          # any method, any config
+    runtime = stem_cli.apply(model, "uniform", k_scale=0.5)     # any registry method, any config
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="stem")   # after stem_cli.register()
+
+`import stem_cli` is cheap: torch, transformers and the methods load on first use of a
+name below, and the attention names are registered with transformers by `register()`
+(which `apply` calls).
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from stem_cli.integration import apply, register  # noqa: E402
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "apply": "stem_cli.integration",
+    "register": "stem_cli.hook",
+    "Runtime": "stem_cli.integration",
+}
 
-register()  # makes attn_implementation="stem", "stem_uniform", ... valid names
 
-__all__ = ["apply", "register", "__version__"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stem_cli' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]
