@@ -70,8 +70,8 @@ def methods_cmd(
 
     [b]Example:[/b] stem methods
     """
-    from stem_cli.decode import DECODE_METHODS
-    from stem_cli.methods import METHODS
+    from stem_cli.registry import DECODE_METHODS
+    from stem_cli.registry import METHODS
 
     if as_json:
         data = {
@@ -242,7 +242,7 @@ def generate_cmd(
 
     import stem_cli
     from stem_cli.generation import greedy, stop_ids_of
-    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.registry import build_configs, parse_method_list
     from stem_cli.models import load_model
 
     names = parse_method_list(method)
@@ -350,7 +350,7 @@ def run_evaluation(*, model, tasks, methods, seq_len, limit, budget, output, res
     import sys
 
     from stem_cli.evaluate import EvalSettings, ResultStore, Runner, averages, summarize
-    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.registry import build_configs, parse_method_list
     from stem_cli.models import load_model, resolve_device
     from stem_cli.profile import environment, slug
 
@@ -505,7 +505,7 @@ def compare_cmd(
     """
     import sys
 
-    from stem_cli.methods import parse_method_list
+    from stem_cli.registry import parse_method_list
     from stem_cli.plots import plot_compare
     from stem_cli.profile import slug
     from stem_cli.report import compare_rows, compare_table, render
@@ -612,7 +612,7 @@ def profile_cmd(
     import datetime
     import sys
 
-    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.registry import build_configs, parse_method_list
     from stem_cli.models import REGISTRY, ModelError, load_model, resolve_device
     from stem_cli.nvml import NvmlSampler
     from stem_cli.plots import plot_profile
@@ -713,7 +713,7 @@ def _profile_table(result: dict) -> None:
 
 def _elastic_setup(model: str, seq_len: str, config: Optional[Path], set_: List[str], device: str, dtype: str, random_weights: bool):
     """(elastic config, loaded model, length) for calibrate / train-router."""
-    from stem_cli.methods import build_configs
+    from stem_cli.registry import build_configs
     from stem_cli.models import load_model
     from stem_cli.units import parse_length
 

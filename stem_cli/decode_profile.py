@@ -87,7 +87,7 @@ def profile_decode(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Rows, one per (length, method); decode_configs maps each non-dense method to its decode config."""
-    from stem_cli.decode import get_decode_method, split_spec
+    from stem_cli.registry import get_decode_method, split_spec
     from stem_cli.decode.runtime import DecodeRuntime, dense_decode
     from stem_cli.profile import failed_allocation_gib, is_oom
 
@@ -212,7 +212,7 @@ def run_profile_command(*, model, seq_len, methods, batch, warmup, repeat, confi
     from rich.table import Table
 
     from stem_cli.cli import UsageError
-    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.registry import build_configs, parse_method_list
     from stem_cli.models import REGISTRY, resolve_device, resolve_dtype, shipped_config
     from stem_cli.profile import environment, slug
     from stem_cli.units import format_length, parse_lengths
@@ -231,7 +231,7 @@ def run_profile_command(*, model, seq_len, methods, batch, warmup, repeat, confi
     if list(methods) == ["dense,stem"]:  # the pre-fill default: decode's own default instead
         methods = [DECODE_METHODS_DEFAULT]
     names = parse_method_list(list(methods))
-    from stem_cli.decode import split_spec
+    from stem_cli.registry import split_spec
 
     bad = [n for n in names if n != "dense" and split_spec(n)[1] is None]
     if bad:

@@ -1,27 +1,20 @@
-"""Plug methods into Hugging Face models through transformers' AttentionInterface.
+"""A method attached to a model: the Runtime (the hook's handler for method runs) and apply().
 
-Each registry method gets an `attn_implementation` name ("stem", and "stem_<name>"
-for every other method: "stem_uniform", "stem_xattention", "stem_elastic", ...),
-registered with the attention interface and, for mask creation, with the mask
-interface as SDPA's boolean mask.
-No model class is touched: the model's own attention layer calls our function.
+Each registry method has an `attn_implementation` name ("stem", and "stem_<name>" for
+every other method: "stem_uniform", "stem_xattention", "stem_elastic", ...) under which
+stem_cli.hook's one attention function is registered (`register`). No model class is
+touched: the model's own attention layer calls that function, which hands each governed
+call to the layer's Runtime:
+- pre-fill on a layer not in the method's dense list: selector -> BlockIndex -> executor;
+- dense layers (and the `dense` method): the executor with a full index (SDPA);
+- decode steps: the decode method's runtime when one is attached (`stem+prhs`,
+  stem_cli/decode), else transformers' SDPA;
+- continued pre-fill against a cache: SDPA (a decode runtime's state starts over).
 
-Per call, our function decides:
-- pre-fill (as many queries as keys) on a full-attention layer not in the
-  method's dense list: selector -> BlockIndex -> executor;
-- dense layers: the executor with a full index (SDPA);
-- decode steps on a governed layer: the decode method's runtime when one is
-  attached (`stem+prhs`, stem_cli/decode), else transformers' SDPA;
-- continued pre-fill against a cache and sliding-window layers (e.g. Gemma-3's
-  local layers): transformers' own SDPA path, untouched.
-
-Hooks for the tools around a run: `Runtime.probe` (the budget solver tries
-selections on each layer's real q/k/v) and a method's `prepare(model, config)`,
-called by `apply` (Elastic Attention hooks its router's pre-RoPE keys there).
-
-Padding: the boolean mask's last row marks the valid keys of each sequence
-(in a pre-fill every key is some query's position), so padded keys are never
-attended and padded queries are left out of the budget.
+Run state lives here, never in a config: the recorder (BUD per layer), the profiler's
+timer, the budget solver's probe (tries selections on each layer's real q/k/v), the
+decode runtime, and the method's own state made by its `prepare(model, config)` at
+apply time (Elastic Attention: Omega counts, the router's hooked pre-RoPE keys).
 
 Usage:
     import stem_cli
@@ -37,10 +30,12 @@ from typing import Any
 
 import torch
 
+from stem_cli import hook
 from stem_cli.config import ConfigError, replace
 from stem_cli.executor import attend
+from stem_cli.hook import AttentionCall, attention_modules
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
-from stem_cli.methods import METHODS, Method, get_method
+from stem_cli.registry import METHODS, Method, attn_implementation, get_method, split_method
 from stem_cli.timing import StageTimer
 
 
@@ -65,10 +60,15 @@ class BudgetRecorder:
             for layer in sorted(self.causal)
         }
 
+    # Mode counts of an elastic run (stem_cli.elastic.modes.ElasticStats), set by apply; reset with the recorder.
+    elastic: Any = None
+
     def reset(self) -> None:
         self.computed.clear()
         self.causal.clear()
         self.calls = 0
+        if self.elastic is not None:
+            self.elastic.reset()
 
     @property
     def bud(self) -> float | None:
@@ -83,7 +83,7 @@ class BudgetRecorder:
 
 @dataclass
 class Runtime:
-    """A method with its config, attached to a model's attention layers."""
+    """A method with its config and run state, attached to a model's attention layers (a hook handler)."""
 
     method: Method
     config: Any
@@ -92,8 +92,10 @@ class Runtime:
     # Set by the budget solver: called with each governed pre-fill call's (layer, q, k, v, scale,
     # key_valid) before the method runs, to try selections on the real activations.
     probe: Any = None
-    # A decode method's runtime (stem_cli.decode.DecodeRuntime) for q_len == 1 steps, or None: dense decode.
+    # A decode method's runtime (stem_cli.decode.runtime.DecodeRuntime) for decode steps, or None: dense decode.
     decode: Any = None
+    # The method's run state from its prepare(model, config) (elastic: ElasticState), passed to its selector.
+    state: Any = None
     # Every layer of one forward gets the same mask object: derive the valid keys and the
     # per-block pair counts once per (mask, length, block), not once per layer.
     _padding: tuple | None = field(default=None, repr=False)
@@ -107,81 +109,43 @@ class Runtime:
         cached = self._padding
         if cached is not None and cached[0] is attention_mask and cached[1:5] == (batch, n, block_size, device):
             return cached[5], cached[6]
-        key_valid = _key_valid(attention_mask, batch, n)
+        key_valid = hook.key_valid(attention_mask, batch, n)
         pairs = block_pair_counts(key_valid, batch, n, block_size, device=device)
         self._padding = (attention_mask, batch, n, block_size, device, key_valid, pairs)  # holds the mask: its id stays unique
         return key_valid, pairs
 
+    def select(self, query, key, value, *, layer: int, scale: float, key_valid) -> BlockIndex:
+        """The layer's BlockIndex: full on dense layers and for `dense`, else the method's selector."""
+        config = self.config
+        if layer in getattr(config, "dense_layers", ()) or self.method.name == "dense":
+            return BlockIndex.full_causal(query.shape[0], key.shape[1], query.shape[2], getattr(config, "block_size", 128),
+                                          device=query.device)
+        extra = {} if self.state is None else {"state": self.state}
+        return self.method.select(query, key, value, layer=layer, config=config, scale=scale, key_valid=key_valid, **extra)
 
-_default_runtimes: dict[str, Runtime] = {}
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """The hook's handler: (B, Hq, N, d), or None for SDPA."""
+        decode = self.decode
+        if call.kind == "decode":
+            if decode is None:
+                return None
+            call.check_supported("stem decode")
+            return decode.forward(call.module, call.query, call.key, call.value, call.key_valid, call.scale)
+        if decode is not None:  # a new pre-fill (or chunk): decode state starts over
+            decode.new_prefill(call.layer)
+        if call.kind != "prefill":
+            return None
+        call.check_supported()
+        query, key, value, layer, scale = call.query, call.key, call.value, call.layer, call.scale
+        batch, hq, n, _ = query.shape
+        block_size = getattr(self.config, "block_size", 128)
+        key_valid, pairs = self.padding(call.attention_mask, batch, n, block_size, query.device)
 
-
-def _runtime_for(module, method_name: str) -> Runtime:
-    runtime = getattr(module, "stem_runtime", None)
-    if runtime is not None and runtime.method.name == method_name:
-        return runtime
-    # Loaded with attn_implementation="stem..." and never apply()'d: the method's defaults.
-    if method_name not in _default_runtimes:
-        method = get_method(method_name)
-        _default_runtimes[method_name] = Runtime(method, method.defaults)
-    return _default_runtimes[method_name]
-
-
-def _key_valid(attention_mask, batch: int, n: int) -> torch.Tensor | None:
-    """(B, N) bool of valid keys from transformers' 4-D mask, or None when nothing is padded."""
-    if attention_mask is None:
-        return None
-    last = attention_mask[:, 0, -1, -n:]
-    valid = last if last.dtype == torch.bool else last == 0
-    valid = valid.expand(batch, n)
-    return None if bool(valid.all()) else valid
-
-
-def _governed(module, kwargs) -> bool:
-    """Full-attention layers are the method's; sliding-window layers stay as the model made them."""
-    return kwargs.get("sliding_window") is None and getattr(module, "sliding_window", None) is None
-
-
-def _make_forward(method_name: str):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        q_len, kv_len = query.shape[2], key.shape[2]
-        governed = _governed(module, kwargs) and getattr(module, "is_causal", True)
-        decode = _runtime_for(module, method_name).decode if governed else None
-        if decode is not None and q_len == 1 and kv_len > 1:  # a decode step: the decode method's
-            if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-                raise NotImplementedError("stem: decode methods do not support softcap / s_aux attention")
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = decode.forward(module, query, key, value, _key_valid(attention_mask, query.shape[0], kv_len), scale)
-            return out.transpose(1, 2).contiguous(), None
-        if decode is not None and q_len > 1:  # a new pre-fill (or chunk): decode state starts over
-            decode.new_prefill(getattr(module, "layer_idx", 0))
-        if q_len != kv_len or q_len == 1 or not governed:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        for unsupported in ("softcap", "s_aux"):
-            if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(
-                    f"stem: attention with {unsupported} is not supported by the block-sparse executor; "
-                    "load the model with attn_implementation='sdpa' or 'eager'"
-                )
-        runtime = _runtime_for(module, method_name)
-        config = runtime.config
-        batch, hq, n, d = query.shape
-        scale = scaling if scaling is not None else d**-0.5
-        layer = getattr(module, "layer_idx", 0)
-        dense_layer = layer in getattr(config, "dense_layers", ())
-        block_size = getattr(config, "block_size", 128)
-        key_valid, pairs = runtime.padding(attention_mask, batch, n, block_size, query.device)
-
-        if runtime.probe is not None:
-            runtime.probe(layer, query, key, value, scale, key_valid)
-        timer = runtime.timer
+        if self.probe is not None:
+            self.probe(layer, query, key, value, scale, key_valid)
+        timer = self.timer
         with timer.stage("estimation") if timer else nullcontext():
-            if dense_layer or runtime.method.name == "dense":
-                index = BlockIndex.full_causal(batch, key.shape[1], n, block_size, device=query.device)
-            else:
-                index = runtime.method.select(query, key, value, layer=layer, config=config, scale=scale, key_valid=key_valid)
+            index = self.select(query, key, value, layer=layer, scale=scale, key_valid=key_valid)
         with timer.stage("attention") if timer else nullcontext():
             out = attend(query, key, value, index, scale=scale, key_valid=key_valid)
 
@@ -189,64 +153,51 @@ def _make_forward(method_name: str):
             pairs = block_pair_counts(key_valid, batch, n, index.block_size, device=query.device)
         causal = causal_pairs(pairs, hq)
         done = causal if index.full else computed_pairs(index, pairs, hq)
-        runtime.recorder.add(layer, done, causal)
-        return out.transpose(1, 2).contiguous(), None
-
-    forward.__name__ = f"{method_name}_attention_forward"
-    return forward
+        self.recorder.add(layer, done, causal)
+        return out
 
 
-_registered = False
+def build_runtime(model, method: str | Method = "stem", config: Any = None, decode: str | None = None, **params) -> Runtime:
+    """A Runtime for `method` on `model` (prepare run, nothing attached): apply() attaches it; the
+    fidelity task measures with it. `config` or `params` override the method's defaults."""
+    if isinstance(method, str):
+        if decode is not None:
+            method = f"{method}+{decode}"
+        method = get_method(method)
+    cfg = config if config is not None else method.defaults
+    if params:
+        cfg = replace(cfg, params, method.name)
+    if not attention_modules(model):
+        raise ConfigError(f"{type(model).__name__} has no attention layers that stem knows (modules with q_proj/k_proj/v_proj)")
+    prefill, prefill_cfg, decode_method, decode_cfg = split_method(method, cfg)
+    decode_runtime = None
+    if decode_method is not None:
+        from stem_cli.decode.runtime import DecodeRuntime
 
-
-def register() -> None:
-    """Register every method's attn_implementation name with transformers (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    for method in METHODS.values():
-        AttentionInterface.register(method.attn_implementation, _make_forward(method.name))
-        AttentionMaskInterface.register(method.attn_implementation, sdpa_mask)
-    _registered = True
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's self-attention layers: modules that own a layer index and q/k/v projections."""
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "layer_idx") and hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "v_proj")
-    ]
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        decode_runtime = DecodeRuntime(decode_method, decode_cfg, int(getattr(text, "num_hidden_layers", 0) or 0))
+    state = prefill.prepare(model, prefill_cfg) if prefill.prepare is not None else None
+    runtime = Runtime(prefill, prefill_cfg, decode=decode_runtime, state=state)
+    runtime.recorder.elastic = getattr(state, "stats", None)
+    return runtime
 
 
 def apply(model, method: str = "stem", config: Any = None, decode: str | None = None, **params) -> Runtime:
     """Switch `model`'s attention to `method` (registry name) with `config` or parameter overrides.
 
-    Returns the Runtime whose recorder reports BUD and timings. Works on any
-    model whose attention follows transformers' AttentionInterface.
-    A decode method (decode="prhs", or a spec "stem+prhs") governs decode steps;
-    its statistics are on runtime.decode (stats(), reset()).
+    Returns the Runtime whose recorder reports BUD. Works on any model whose attention
+    follows transformers' AttentionInterface. A decode method (decode="prhs", or a spec
+    "stem+prhs") governs decode steps; its statistics are on runtime.decode (stats(), reset()).
     """
-    from stem_cli.decode import attach
-
     register()
-    if decode is not None:
-        method = f"{method}+{decode}"
-    m = get_method(method)
-    cfg = config if config is not None else m.defaults
-    if params:
-        cfg = replace(cfg, params, method)
-    modules = attention_modules(model)
-    if not modules:
-        raise ConfigError(f"{type(model).__name__} has no attention layers that stem knows (modules with q_proj/k_proj/v_proj)")
-    m, cfg, decode_runtime = attach(m, cfg, model)
-    if m.prepare is not None:  # the method's apply-time hook (stem_cli.methods)
-        cfg = m.prepare(model, cfg)
-    runtime = Runtime(m, cfg, decode=decode_runtime)
-    for module in modules:
-        module.stem_runtime = runtime
-    model.set_attn_implementation(m.attn_implementation)
+    runtime = build_runtime(model, method, config, decode, **params)
+    hook.attach(model, runtime, runtime.method.attn_implementation)
     return runtime
+
+
+def register() -> None:
+    """Make attn_implementation="stem", "stem_uniform", ... valid names for from_pretrained (idempotent).
+
+    A model loaded under such a name and never apply()'d runs the method's defaults."""
+    for name in METHODS:  # names only: a method's module loads when a model first runs it
+        hook.install(attn_implementation(name), lambda name=name: Runtime(METHODS[name], METHODS[name].defaults))

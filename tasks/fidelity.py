@@ -5,9 +5,8 @@ What it reproduces: the spec's Output-Aware vs Score-Aware comparison (section 1
 selection keeps each layer's attention output closer to dense attention wins;
 run `stem` and `sam` (and `uniform`, TPD off) on the same prompts and compare.
 
-How it runs: one forward of a real prompt with our own attention function
-(registered with transformers' AttentionInterface as "stem_fidelity"; the model's
-attention implementation is restored afterwards). Every governed attention call
+How it runs: one forward of a real prompt with a handler of stem_cli.hook's attention
+function (the model's attention is restored afterwards). Every governed attention call
 (a pre-fill over a full-attention layer; the same calls that `stem_cli.apply`
 governs) takes the layer's q, k, v and
   1. asks the method's selector for its BlockIndex, exactly as the integration
@@ -81,11 +80,9 @@ DESCRIPTION = (
     "per-layer, per-head relative output error of the method's attention vs dense (dense residual stream), "
     "dropped softmax mass delta, recall of dense top blocks, BUD"
 )
-ATTN_NAME = "stem_fidelity"
 PROMPT_SOURCE = "auto"  # see prompts()
 RULER_MIX = ("niah_single_2", "niah_multikey_2", "vt", "cwe")
 CHUNK_BYTES = 32 << 20  # one (Hq, rows, N) float32 slab: cache-friendlier than big slabs on the CPU
-_PROBE_ATTR = "stem_fidelity_probe"
 
 
 # --------------------------------------------------------------------------- prompts
@@ -327,70 +324,39 @@ def top_block_recall(mass: torch.Tensor, selected: torch.Tensor) -> tuple[torch.
 
 @dataclass
 class Probe:
-    """Attached to each attention module for one forward: the method and what was measured."""
+    """The hook handler for one forward: the method's runtime selects, dense attention is returned."""
 
-    method: Any  # stem_cli.methods.Method
-    config: Any
+    runtime: Any  # stem_cli.integration.Runtime: the same selection path as a method run
     chunk_bytes: int = CHUNK_BYTES
     layers: dict[int, LayerFidelity] = field(default_factory=dict)
     capture_layers: tuple = ()  # layers whose (q, k, v, index, scale, key_valid) are kept (tests)
     captured: dict[int, dict] = field(default_factory=dict)
     on_call: Callable | None = None
 
+    @property
+    def method(self):
+        return self.runtime.method
 
-def _forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    @property
+    def config(self):
+        return self.runtime.config
 
-    from stem_cli.integration import _governed, _key_valid
-
-    probe: Probe | None = getattr(module, _PROBE_ATTR, None)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if (
-        probe is None
-        or q_len != kv_len
-        or q_len == 1
-        or not _governed(module, kwargs)
-        or not getattr(module, "is_causal", True)
-    ):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"stem fidelity: attention with {unsupported} is not supported")
-    config = probe.config
-    batch, _hq, n, d = query.shape
-    scale = scaling if scaling is not None else d**-0.5
-    layer = getattr(module, "layer_idx", 0)
-    block_size = getattr(config, "block_size", 128)
-    key_valid = _key_valid(attention_mask, batch, n)
-    if layer in getattr(config, "dense_layers", ()) or probe.method.name == "dense":
-        index = BlockIndex.full_causal(batch, key.shape[1], n, block_size, device=query.device)
-    else:
-        index = probe.method.select(query, key, value, layer=layer, config=config, scale=scale, key_valid=key_valid)
-    result = layer_fidelity(query, key, value, index, scale=scale, key_valid=key_valid, chunk_bytes=probe.chunk_bytes)
-    if layer in probe.layers:  # pragma: no cover - one forward calls each layer once
-        raise RuntimeError(f"stem fidelity: layer {layer} attended twice in one forward")
-    probe.layers[layer] = result
-    if layer in probe.capture_layers:
-        probe.captured[layer] = {"q": query.detach(), "k": key.detach(), "v": value.detach(), "index": index, "scale": scale, "key_valid": key_valid}
-    out = result.dense_out.to(query.dtype)
-    result.dense_out = None
-    return out.transpose(1, 2).contiguous(), None
-
-
-_registered = False
-
-
-def register() -> None:
-    """Register the "stem_fidelity" attention (and SDPA's mask for it) with transformers."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, _forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    _registered = True
+    def attend(self, call) -> torch.Tensor | None:
+        if call.kind != "prefill":
+            return None
+        call.check_supported("stem fidelity")
+        query, key, value, layer, scale, key_valid = call.query, call.key, call.value, call.layer, call.scale, call.key_valid
+        index = self.runtime.select(query, key, value, layer=layer, scale=scale, key_valid=key_valid)
+        result = layer_fidelity(query, key, value, index, scale=scale, key_valid=key_valid, chunk_bytes=self.chunk_bytes)
+        if layer in self.layers:  # pragma: no cover - one forward calls each layer once
+            raise RuntimeError(f"stem fidelity: layer {layer} attended twice in one forward")
+        self.layers[layer] = result
+        if layer in self.capture_layers:
+            self.captured[layer] = {"q": query.detach(), "k": key.detach(), "v": value.detach(), "index": index, "scale": scale,
+                                    "key_valid": key_valid}
+        out = result.dense_out.to(query.dtype)
+        result.dense_out = None
+        return out
 
 
 def run_fidelity(
@@ -402,33 +368,20 @@ def run_fidelity(
     chunk_bytes: int = CHUNK_BYTES,
     capture_layers=(),
 ) -> Probe:
-    """One forward of input_ids (1, N) with the fidelity attention; the model's attention is restored."""
-    from stem_cli.integration import attention_modules
-    from stem_cli.methods import get_method
+    """One forward of input_ids (1, N) with the fidelity handler; the model's attention is restored."""
+    from stem_cli.hook import handling
+    from stem_cli.integration import build_runtime
 
-    register()
-    method = get_method(method_name)
-    probe = Probe(method, config if config is not None else method.defaults, chunk_bytes, capture_layers=tuple(capture_layers))
-    modules = attention_modules(model)
-    previous = model.config._attn_implementation
+    probe = Probe(build_runtime(model, method_name, config), chunk_bytes, capture_layers=tuple(capture_layers))
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 1:
         ids = ids[None]
-    try:
-        for m in modules:
-            setattr(m, _PROBE_ATTR, probe)
-        model.set_attn_implementation(ATTN_NAME)
-        with torch.no_grad():
-            try:
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            except TypeError:
-                model(input_ids=ids, use_cache=False)
-    finally:
-        for m in modules:
-            if hasattr(m, _PROBE_ATTR):
-                delattr(m, _PROBE_ATTR)
-        model.set_attn_implementation(previous)
+    with handling(model, probe), torch.no_grad():
+        try:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except TypeError:
+            model(input_ids=ids, use_cache=False)
     return probe
 
 

@@ -109,12 +109,10 @@ def cache_identity(model, tokenizer, *, max_length: int | None, apply_chat_templ
 
 
 def _runtime_of(model):
-    try:
-        from stem_cli.integration import attention_modules
-    except ImportError:  # pragma: no cover
-        return None
+    from stem_cli.hook import HANDLER_ATTR, attention_modules
+
     for module in attention_modules(model):
-        runtime = getattr(module, "stem_runtime", None)
+        runtime = getattr(module, HANDLER_ATTR, None)
         if runtime is not None:
             return runtime
     return None

@@ -28,11 +28,14 @@ and BUD as computed pairs / causal pairs summed over samples.
 
 from __future__ import annotations
 
+
 import math
 import random
 import time
 
 import torch
+from stem_cli.hook import handling
+from stem_cli.integration import build_runtime
 from stem_cli.tasks.base import Sample
 from stem_cli.tasks.needle import haystack_sentences
 
@@ -139,27 +142,6 @@ def token_nll(model, input_ids: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Te
     return nll
 
 
-def _attach(model, method_name: str, config):
-    """Apply the method; return (runtime, undo) where undo restores the previous attention."""
-    import stem_cli
-    from stem_cli.integration import attention_modules
-
-    previous = model.config._attn_implementation
-    modules = attention_modules(model)
-    saved = [(m, getattr(m, "stem_runtime", None), hasattr(m, "stem_runtime")) for m in modules]
-    runtime = stem_cli.apply(model, method_name, config)
-
-    def undo():
-        for m, value, had in saved:
-            if had:
-                m.stem_runtime = value
-            elif hasattr(m, "stem_runtime"):
-                del m.stem_runtime
-        model.set_attn_implementation(previous)
-
-    return runtime, undo
-
-
 def pair_totals(recorder) -> tuple[float, float]:
     """(computed, causal) token pairs over every layer the recorder saw."""
     computed = sum(float(x) for xs in recorder.computed.values() for x in xs)
@@ -171,15 +153,12 @@ def measure(model, method_name: str, config, sample: Sample) -> dict:
     """One teacher-forced forward of the sample's window under the method (module docstring)."""
     device = next(model.parameters()).device
     ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
-    runtime, undo = _attach(model, method_name, config)
+    runtime = build_runtime(model, method_name, config)
     t0 = time.perf_counter()
-    try:
-        runtime.recorder.reset()
+    with handling(model, runtime):  # the model's attention is restored afterwards
         nll = token_nll(model, ids)
-        computed, causal = pair_totals(runtime.recorder)
-        per_layer = runtime.recorder.per_layer()
-    finally:
-        undo()
+    computed, causal = pair_totals(runtime.recorder)
+    per_layer = runtime.recorder.per_layer()
     seconds = time.perf_counter() - t0
     n = ids.shape[1]
     quarter = nll[3 * n // 4 :]  # nll[j] is the prediction made at position j (of token j + 1)

@@ -23,6 +23,7 @@ from stem_cli.elastic.modes import mixed_index
 from stem_cli.elastic.router import ElasticRouter, load_router
 from stem_cli.elastic.train import MixedAttention, masked_attention, new_router, router_loss, training_attention
 from stem_cli.executor import attend, dense_attention
+from stem_cli.hook import HANDLER_ATTR
 from stem_cli.methods import stem as stem_method
 from stem_cli.methods import streaming as streaming_method
 from stem_cli.methods.elastic import omega
@@ -128,7 +129,7 @@ def test_omega_and_bud_by_hand(tmp_path):
         model(ids)
     # Omega: 3 of 4 KV heads not dense, 2 query heads each -> 6 of 8 query heads.
     assert runtime.recorder.elastic.omega == pytest.approx(0.75)
-    assert omega(runtime) == runtime.config.stats.omega == pytest.approx(0.75)
+    assert omega(runtime) == runtime.state.stats.omega == pytest.approx(0.75)
     assert runtime.recorder.elastic.per_layer() == {0: 0.5, 1: 1.0}
     assert runtime.recorder.elastic.last_modes[0] == [["dense", "streaming"]]
     # BUD: per query head, dense = 4 diagonal blocks of 16*17/2 pairs + 6 full blocks of 256 = 2080;
@@ -200,10 +201,10 @@ def test_head_map_round_trip_and_schema(tmp_path):
 def test_head_map_that_does_not_fit_the_model(tiny, tmp_path, layers, heads, message):
     """Checked at stem_cli.apply time (the method's prepare), before any forward."""
     path = save_head_map(HeadMap.uniform("other", layers, heads), tmp_path / "wrong.json")
-    before = getattr(tiny.model.model.layers[0].self_attn, "stem_runtime", None)
+    before = getattr(tiny.model.model.layers[0].self_attn, HANDLER_ATTR, None)
     with pytest.raises(ConfigError, match=message):
         stem_cli.apply(tiny.model, "elastic", head_map=str(path), block_size=16)
-    assert getattr(tiny.model.model.layers[0].self_attn, "stem_runtime", None) is before  # nothing attached
+    assert getattr(tiny.model.model.layers[0].self_attn, HANDLER_ATTR, None) is before  # nothing attached
 
 
 def test_router_that_does_not_fit_the_model_fails_at_apply(tiny, tmp_path):
@@ -333,7 +334,7 @@ def test_router_sees_pre_rope_keys_inside_the_model(tiny, tmp_path, monkeypatch)
     expected = torch.cat([keys[0, :100].mean(0), keys[0, -100:].mean(0)], -1)
     torch.testing.assert_close(seen[1][0], expected, rtol=1e-5, atol=1e-5)
     assert runtime.recorder.elastic.omega is not None and runtime.recorder.calls == 4
-    assert runtime.config.state.keys.keys == {}  # nothing outlives the attention layer's call
+    assert runtime.state.keys.keys == {}  # nothing outlives the attention layer's call
 
 
 def tiny_model(arch: str, layers: int = 3):
@@ -413,17 +414,17 @@ def test_reapplying_elastic_keeps_one_hook_per_layer(tmp_path):
     first = stem_cli.apply(model, "elastic", router=str(path), **SMALL)
     second = stem_cli.apply(model, "elastic", router=str(path), **SMALL)
     assert _elastic_hooks(model) == ([0, 1, 1], [0, 1, 1])  # routed layers 1, 2 only; exactly one each
-    assert first.config.state.keys.handles == [] and len(second.config.state.keys.handles) == 4
+    assert first.state.keys.handles == [] and len(second.state.keys.handles) == 4
     stem_cli.apply(model, "stem", block_size=16, k_start=3)
     ids = torch.randint(3, 300, (1, 200))
     with torch.no_grad():
         model(ids)  # another method: the leftover hooks keep nothing after the layer's call
-    assert second.config.state.keys.keys == {}
+    assert second.state.keys.keys == {}
     third = stem_cli.apply(model, "elastic", router=str(path), **SMALL)
     assert _elastic_hooks(model) == ([0, 1, 1], [0, 1, 1])
     with torch.no_grad():
         model(ids)
-    assert third.recorder.elastic.omega is not None and third.config.state.keys.keys == {}
+    assert third.recorder.elastic.omega is not None and third.state.keys.keys == {}
     head_map = save_head_map(HeadMap.uniform("q", 3, 2), tmp_path / "m.json")
     stem_cli.apply(model, "elastic", head_map=str(head_map), block_size=16)
     assert _elastic_hooks(model) == ([0, 0, 0], [0, 0, 0])  # a head map needs no hooks: the router's are gone

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from stem_cli.cli import app
 from stem_cli.config import ConfigError, replace
 from stem_cli.evaluate import EvalSettings, Job, ResultStore, Runner, TaskError, record_key, resolve_tasks, summarize
-from stem_cli.methods import get_method
+from stem_cli.registry import get_method
 from stem_cli.models import load_model
 
 cli = CliRunner()

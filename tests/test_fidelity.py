@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from stem_cli.config import replace
 from stem_cli.index import BlockIndex
-from stem_cli.methods import get_method
+from stem_cli.hook import HANDLER_ATTR
+from stem_cli.registry import get_method
 from stem_cli.models import byte_tokenizer
 
 COMMON = {
@@ -55,7 +56,7 @@ def test_full_budget_is_exact(method, params):
     assert rec["recall"] == 1.0 and rec["recall_sparse"] is None and rec["sparse_rows"] == 0
     # the model is left as it was found
     assert model.config._attn_implementation == "sdpa"
-    assert not any(hasattr(m, "stem_fidelity_probe") for m in model.modules())
+    assert not any(hasattr(m, HANDLER_ATTR) for m in model.modules())
 
 
 def _brute(q, k, v, index, scale, bs):

@@ -20,7 +20,8 @@ import stem_cli
 from stem_cli.config import ConfigError, StemConfig
 from stem_cli.executor import attend, dense_attention
 from stem_cli.index import block_pair_counts, causal_pairs, computed_pairs
-from stem_cli.methods import METHODS, build_configs, flexprefill, minference, xattention
+from stem_cli.methods import flexprefill, minference, xattention
+from stem_cli.registry import METHODS, build_configs
 from stem_cli.methods.flexprefill import FlexPrefillConfig
 from stem_cli.methods.knob import Knob
 from stem_cli.methods.minference import MInferenceConfig

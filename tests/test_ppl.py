@@ -12,7 +12,8 @@ from stem_cli.tasks.needle import haystack_sentences
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from stem_cli.config import replace
-from stem_cli.methods import get_method
+from stem_cli.hook import HANDLER_ATTR
+from stem_cli.registry import get_method
 from stem_cli.models import byte_tokenizer
 
 COMMON = {
@@ -79,7 +80,7 @@ def test_dense_ppl_equals_plain_forward(family):
             loss = model(torch.tensor([sample.input_ids]), labels=torch.tensor([sample.input_ids])).loss
         assert rec["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
     assert model.config._attn_implementation == "sdpa"
-    assert not any(hasattr(m, "stem_runtime") for m in model.modules())
+    assert not any(hasattr(m, HANDLER_ATTR) for m in model.modules())
 
 
 def test_full_budget_sparse_equals_dense_and_real_budget_differs():

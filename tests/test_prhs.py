@@ -13,16 +13,9 @@ from stem_cli.kernels import decode_reference as ref
 
 import stem_cli
 from stem_cli.config import ConfigError
-from stem_cli.decode import (
-    DECODE_METHODS,
-    DecodeRuntime,
-    combined_method,
-    get_decode_method,
-    prhs,
-    quest,
-    split_spec,
-    topk,
-)
+from stem_cli.decode import prhs, quest, topk
+from stem_cli.decode.runtime import DecodeRuntime
+from stem_cli.registry import DECODE_METHODS, combined_method, get_decode_method, split_spec
 from stem_cli.decode.common import context_from, freeze_prefix, progressive_drop
 from stem_cli.decode.config import PrhsConfig, QuestConfig, TopkDecodeConfig
 
@@ -339,7 +332,7 @@ def test_specs_and_combined_configs():
         combined_method("stem+nosuch")
     with pytest.raises(ConfigError, match="unknown pre-fill method 'nosuch'"):
         combined_method("nosuch+prhs")
-    from stem_cli.methods import build_configs, parse_method_list
+    from stem_cli.registry import build_configs, parse_method_list
 
     names = parse_method_list(["dense,stem+prhs", "topk-decode"])
     assert names == ["dense", "stem+prhs", "topk-decode"]

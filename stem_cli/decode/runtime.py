@@ -22,9 +22,7 @@ path is PrHS's one read per layer-step of how many rows re-anchor (prhs.py).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,14 +37,6 @@ from stem_cli.decode.common import (
 )
 from stem_cli.executor import notice_once
 from stem_cli.kernels import decode_reference as ref
-
-
-@dataclass(frozen=True)
-class DecodeMethod:
-    name: str
-    select: Callable
-    defaults: Any
-    description: str
 
 
 def dense_decode(query, key, value, key_valid, scale: float) -> torch.Tensor:
@@ -81,7 +71,7 @@ def sparse_decode(query, key, value, indices, scale: float) -> torch.Tensor:
 class DecodeRuntime:
     """One decode method with its config, attached to a model for a run of generations."""
 
-    def __init__(self, method: DecodeMethod, config, num_layers: int):
+    def __init__(self, method, config, num_layers: int):  # method: stem_cli.registry.DecodeMethod
         self.method = method
         self.config = config
         self.num_layers = num_layers

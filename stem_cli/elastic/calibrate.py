@@ -1,7 +1,7 @@
 """`stem calibrate`: a training-free head map from synthetic retrieval prompts (spec section 3).
 
 For each prompt (a needle hidden in prose, the answer appended, teacher forced) one dense
-forward runs with a scoring attention function in place of the model's. Every governed
+forward runs with a scoring handler of stem_cli.hook's attention function. Every governed
 layer, from the dense q/k/v of that forward (each layer sees the dense model's inputs):
 
 - retrieval score of KV head h: the attention mass that the answer positions (the last
@@ -32,6 +32,7 @@ from stem_cli.elastic.config import DENSE, MODES, STEM, STREAMING, ElasticConfig
 from stem_cli.elastic.headmap import HeadMap
 from stem_cli.elastic.modes import _stem_select, streaming_index
 from stem_cli.executor import dense_attention
+from stem_cli.hook import handling
 
 STREAMING_THRESHOLD = 0.05  # default: streaming where its relative output error is at most 5% (or at most Stem's)
 FIDELITY_ROWS = 512  # query tokens per layer and prompt on which the mode errors are measured
@@ -131,31 +132,7 @@ def _answer_tokens(tokenizer, ids: list[int], answer: str) -> tuple[int, int]:
     raise ValueError(f"the answer {answer!r} is not found in the calibration prompt's tokens")
 
 
-# ------------------------------------------------------------------ scoring attention
-
-
-@contextlib.contextmanager
-def attention_function(model, name: str, fn):
-    """Run `model` with `fn` as its attention function (registered as `name`), then restore."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-def governed_call(module, query, key, kwargs) -> bool:
-    """The calls a method governs: causal pre-fill on a full-attention layer (as stem_cli.integration)."""
-    from stem_cli.integration import _governed
-
-    q_len, kv_len = query.shape[2], key.shape[2]
-    return q_len == kv_len and q_len > 1 and _governed(module, kwargs) and getattr(module, "is_causal", True)
+# ------------------------------------------------------------------ scoring attention (a stem_cli.hook handler)
 
 
 def evenly_spaced_blocks(num_blocks: int, rows: int, block_size: int) -> torch.Tensor:
@@ -202,18 +179,16 @@ class _Scorer:
         self.counts = torch.zeros(num_layers, dtype=torch.long)
         self.prompt: CalibrationPrompt | None = None
 
-    def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        if not governed_call(module, query, key, kwargs):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = dense_attention(query, key, value, scale=scale)
+    def attend(self, call) -> torch.Tensor | None:
+        """The hook handler: dense attention out, the layer's scores accumulated (prompts are unpadded)."""
+        if call.kind != "prefill":
+            return None
+        out = dense_attention(call.query, call.key, call.value, scale=call.scale)
         with torch.no_grad():
-            self._score(module.layer_idx, query, key, value, out, scale)
+            self._score(call.layer, call.query, call.key, call.value, out, call.scale)
         if self.on_layer is not None:
             self.on_layer()
-        return out.transpose(1, 2).contiguous(), None
+        return out
 
     def _score(self, layer: int, q, k, v, dense_out, scale: float) -> None:
         batch, hq, n, _ = q.shape
@@ -303,7 +278,7 @@ def calibrate(
         task = progress.add_task(f"calibrating {model_name}", total=samples * num_layers) if progress else None
         advance = (lambda: progress.advance(task)) if progress else None
         scorer = _Scorer(config, num_layers, hkv, fidelity_rows, on_layer=advance)
-        with attention_function(model, "stem_elastic_calibrate", scorer), torch.no_grad():
+        with handling(model, scorer), torch.no_grad():
             for i, prompt in enumerate(prompts):
                 scorer.prompt = prompt
                 model(input_ids=prompt.input_ids.to(device), use_cache=False, logits_to_keep=1)

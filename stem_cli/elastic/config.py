@@ -78,29 +78,17 @@ class ElasticConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: use a file path")
         if self.head_map and self.router:
             raise ConfigError("elastic: give head_map or router, not both (a router decides every head per input)")
-        if self.head_map:
-            from stem_cli.elastic.headmap import load_head_map
-
-            load_head_map(self.head_map)  # a missing or malformed file fails here, before any model is loaded
+        # A missing file fails here, before any model is loaded; the files are read (and checked
+        # against the model) by the method's prepare at apply time.
+        if self.head_map and not Path(self.head_map).expanduser().is_file():
+            raise ConfigError(f"head map {self.head_map!r} does not exist (make one with `stem calibrate --model ... --output FILE`)")
         if self.router and not Path(self.router).expanduser().is_file():
             raise ConfigError(f"router file {self.router!r} does not exist (make one with `stem train-router`)")
-        from stem_cli.elastic.modes import ElasticState
-
-        object.__setattr__(self, "_state", ElasticState())  # per config object: Omega stats, hooked pre-RoPE keys, the model's layers
 
     @property
     def stem(self) -> StemConfig:
         """The Stem configuration that stem-mode heads run with."""
         return self._stem
-
-    @property
-    def state(self):
-        return self._state
-
-    @property
-    def stats(self):
-        """Omega accounting since the last recorder reset (see stem_cli.elastic.modes.ElasticStats)."""
-        return self._state.stats
 
     @property
     def streaming_blocks(self) -> tuple[int, int]:

@@ -13,23 +13,23 @@ the executor runs with SDPA; stem: exactly the `stem` method's index).
 
 Omega (model sparsity ratio) = query heads not dense / query heads, over every governed
 layer of every pre-fill call since the BudgetRecorder was last reset: the same window
-and the same layers as BUD. Read it after a forward as
+and the same layers as BUD. The counts (ElasticStats) are run state: `prepare` makes them
+with the rest of the ElasticState, stem_cli.apply puts them on the runtime's recorder,
+and the recorder's reset() resets them. Read it after a forward as
 
-    runtime.recorder.elastic.omega        # set on the recorder by the first elastic call
-    runtime.config.stats.omega            # the same object, always present on an ElasticConfig
+    runtime.recorder.elastic.omega        # the same object as runtime.state.stats
 
 (`stem_cli.methods.elastic.omega(runtime)` returns it or None.)
 
-Apply time (`prepare`, called by stem_cli.apply): the head map / router is checked against
-the model, the config learns the model's attention layers (to find the runtime's recorder),
-and with a router each routed layer's key projection is hooked so the selector can pool the
-pre-RoPE keys (PreRopeKeys). Re-applying replaces those hooks; they never accumulate.
+Apply time (`prepare`, called by stem_cli.apply): the head map / router is read and checked
+against the model, and with a router each routed layer's key projection is hooked so the
+selector can pool the pre-RoPE keys (PreRopeKeys). It returns the ElasticState the runtime
+keeps. Re-applying replaces those hooks; they never accumulate.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -192,15 +192,14 @@ def model_counts(modules) -> tuple[int | None, int | None, int | None]:
     return layers, hkv, head_dim
 
 
-def prepare(model, config):
-    """Attach an ElasticConfig to `model` (the method's apply-time hook, see stem_cli.methods).
+def prepare(model, config) -> "ElasticState":
+    """The run state of an ElasticConfig on `model` (the method's apply-time hook, see stem_cli.registry).
 
     Checks the head map / router against the model's layers, KV heads and head dim
-    (ConfigError naming both counts), remembers the model's attention layers (to find the
-    runtime's recorder for Omega), removes the key hooks of any earlier elastic apply on this
-    model, and with a router hooks the routed layers' pre-RoPE keys (PreRopeKeys).
+    (ConfigError naming both counts), removes the key hooks of any earlier elastic apply on
+    this model, and with a router hooks the routed layers' pre-RoPE keys (PreRopeKeys).
     """
-    from stem_cli.integration import attention_modules
+    from stem_cli.hook import attention_modules
 
     modules = attention_modules(model)
     num_layers, hkv, head_dim = model_counts(modules)
@@ -214,13 +213,12 @@ def prepare(model, config):
         from stem_cli.elastic.headmap import load_head_map
 
         load_head_map(config.head_map).check_model(num_layers, hkv, where=f"head map {config.head_map!r}")
-    state = config.state
-    state.attach(modules)
+    state = ElasticState()
     remove_model_hooks(model)
     if router is not None:
         routed = [m for m in modules if router.routes(m.layer_idx) and getattr(m, "sliding_window", None) is None]
         setattr(model, _HOOKS_ATTR, (state.keys, hook_pre_rope_keys(routed, state.keys)))
-    return config
+    return state
 
 
 def _pool_positions(n: int, key_valid: torch.Tensor | None, batch: int, pool: int) -> list[tuple]:
@@ -275,56 +273,41 @@ def _notice(key: str, message: str) -> None:
 
 
 class ElasticStats:
-    """Query heads per mode, per governed layer, over the pre-fill calls since the recorder reset.
-
-    The BudgetRecorder is reset by runners between runs; these counts follow it: a call
-    that finds the recorder at 0 calls (or fewer than last seen) starts afresh, and
-    reading after a reset with no elastic call since gives None.
-    """
+    """Query heads per mode, per governed layer, over the pre-fill calls since the last reset
+    (the runtime's BudgetRecorder resets them with itself, so Omega and BUD cover the same calls)."""
 
     def __init__(self):
         self.heads: dict[int, torch.Tensor] = {}  # layer -> (3,) query heads per mode, summed over calls and batch
         self.last_modes: dict[int, list[list[str]]] = {}  # layer -> per sequence, per KV head mode of the last call
         self.calls = 0
-        self._recorder = None
-        self._seen = 0
 
     def reset(self) -> None:
         self.heads.clear()
         self.last_modes.clear()
         self.calls = 0
 
-    def record(self, layer: int, modes: torch.Tensor, group: int, recorder=None) -> None:
-        if recorder is not None:
-            if recorder is not self._recorder or recorder.calls == 0 or recorder.calls < self._seen:
-                self.reset()
-            self._recorder, self._seen = recorder, recorder.calls + 1  # the recorder's add() follows this call
+    def record(self, layer: int, modes: torch.Tensor, group: int) -> None:
         modes = modes.cpu()
         per_mode = torch.bincount(modes.flatten(), minlength=len(MODES)) * group
         self.heads[layer] = self.heads.get(layer, torch.zeros(len(MODES), dtype=torch.long)) + per_mode
         self.last_modes[layer] = [[MODES[m] for m in row] for row in modes.tolist()]
         self.calls += 1
 
-    def _stale(self) -> bool:
-        return self._recorder is not None and self._recorder.calls < self._seen
-
     @property
     def omega(self) -> float | None:
         """Fraction of query heads not dense, over governed layers and calls (None before any call)."""
-        if self._stale() or not self.heads:
+        if not self.heads:
             return None
         total = torch.stack(list(self.heads.values())).sum(0)
         return float(total[STEM] + total[STREAMING]) / float(total.sum())
 
     def mode_fractions(self) -> dict[str, float] | None:
-        if self._stale() or not self.heads:
+        if not self.heads:
             return None
         total = torch.stack(list(self.heads.values())).sum(0).double()
         return {m: float(total[i] / total.sum()) for i, m in enumerate(MODES)}
 
     def per_layer(self) -> dict[int, float]:
-        if self._stale():
-            return {}
         return {layer: float(c[STEM] + c[STREAMING]) / float(c.sum()) for layer, c in sorted(self.heads.items())}
 
 
@@ -333,27 +316,13 @@ class ElasticStats:
 
 @dataclass
 class ElasticState:
-    """Mutable companion of a (frozen) ElasticConfig: Omega stats, pre-RoPE keys, the model's layers."""
+    """The run state of the `elastic` method (its frozen config holds none): Omega counts, pre-RoPE keys."""
 
     stats: ElasticStats = field(default_factory=ElasticStats)
     keys: PreRopeKeys = field(default_factory=PreRopeKeys)
-    # layer -> weak reference to the attention layer `prepare` attached this config to (None: not prepared)
-    layers: dict = field(default_factory=dict)
-
-    def attach(self, modules) -> None:
-        self.layers = {getattr(m, "layer_idx", i): weakref.ref(m) for i, m in enumerate(modules)}
-
-    def recorder(self, layer: int):
-        """The BudgetRecorder of the runtime stem_cli.apply put on `layer` with this config, else None."""
-        ref = self.layers.get(layer)
-        module = ref() if ref is not None else None
-        runtime = getattr(module, "stem_runtime", None)  # set by stem_cli.integration.apply
-        if runtime is None or getattr(runtime.config, "state", None) is not self:
-            return None
-        return getattr(runtime, "recorder", None)
 
 
-def decide_modes(q, k, *, layer: int, config, key_valid) -> torch.Tensor:
+def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | None = None) -> torch.Tensor:
     """(B, Hkv) int64 mode ids of this layer for this input (router, else head map, else default).
 
     The file's layer and KV-head counts were checked against the model by `prepare`; here only
@@ -365,10 +334,10 @@ def decide_modes(q, k, *, layer: int, config, key_valid) -> torch.Tensor:
         router = load_router(config.router)
         where = f"router {config.router!r}"
         router.check_model(layer + 1 if layer >= router.num_layers else None, hkv, k.shape[-1], where=where)
+        pre_rope = keys.take(layer) if keys is not None else None
         if not router.routes(layer):
-            config.state.keys.take(layer)
             return torch.zeros(batch, hkv, dtype=torch.long)
-        feats = pooled_keys(config.state.keys.take(layer), k, key_valid)
+        feats = pooled_keys(pre_rope, k, key_valid)
         with torch.no_grad():
             return router.to(feats.device).modes(layer, feats).cpu()  # one small device sync per layer
     if config.head_map:

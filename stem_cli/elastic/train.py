@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from stem_cli.elastic.calibrate import CalibrationPrompt, _progress, attention_function, calibration_prompts, governed_call
+from stem_cli.elastic.calibrate import CalibrationPrompt, _progress, calibration_prompts
 from stem_cli.elastic.config import ElasticConfig
 from stem_cli.elastic.modes import PreRopeKeys, _stem_select, hook_pre_rope_keys, pooled_keys, streaming_index
 from stem_cli.elastic.router import ElasticRouter
 from stem_cli.executor import dense_attention
+from stem_cli.hook import attention_modules, handling
 from stem_cli.index import BlockIndex
 
 
@@ -71,7 +72,7 @@ def relaxed_one_hot(logits: torch.Tensor, *, tau: float, hard: bool, generator: 
 
 @dataclass
 class MixedAttention:
-    """The training attention function: per KV head a relaxed mixture of the three modes."""
+    """The training handler (stem_cli.hook): per KV head a relaxed mixture of the three modes."""
 
     router: ElasticRouter
     config: ElasticConfig
@@ -82,22 +83,17 @@ class MixedAttention:
     sparsity: list = field(default_factory=list)  # per governed layer, this forward
     keys: PreRopeKeys = field(default_factory=PreRopeKeys)  # pre-RoPE keys, hooked by training_attention
 
-    def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        from stem_cli.integration import _key_valid
-
-        if not governed_call(module, query, key, kwargs):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        batch, hq, n, d = query.shape
+    def attend(self, call) -> torch.Tensor | None:
+        """The hook handler: the layer's output as the routed mixture of its heads' modes."""
+        if call.kind != "prefill":
+            return None
+        query, key, value, scale, key_valid, layer = call.query, call.key, call.value, call.scale, call.key_valid, call.layer
+        batch, hq, n, _ = query.shape
         hkv = key.shape[1]
-        scale = scaling if scaling is not None else d**-0.5
-        key_valid = _key_valid(attention_mask, batch, n)
-        layer = module.layer_idx
         dense = dense_attention(query, key, value, scale=scale, key_valid=key_valid)
         if not self.router.routes(layer):
             self.sparsity.append(torch.zeros((), device=query.device))
-            return dense.transpose(1, 2).contiguous(), None
+            return dense
         feats = pooled_keys(self.keys.take(layer), key, key_valid)
         y = relaxed_one_hot(self.router.logits(layer, feats), tau=self.tau, hard=self.hard, generator=self.generator,
                             noise_scale=self.noise_scale)  # (B, Hkv, 3)
@@ -111,11 +107,11 @@ class MixedAttention:
         w = y.repeat_interleave(hq // hkv, dim=1).to(query.dtype)[..., None, None]  # (B, Hq, 3, 1, 1)
         out = sum(w[:, :, m] * o for m, o in enumerate(outs))
         self.sparsity.append((1 - y[..., 0]).mean())
-        return out.transpose(1, 2).contiguous(), None
+        return out
 
 
 def router_loss(model, mixed: MixedAttention, prompt: CalibrationPrompt, *, target_sparsity: float, sparsity_weight: float):
-    """(loss, answer cross-entropy, sparsity) of one prompt; call inside attention_function(model, ..., mixed)."""
+    """(loss, answer cross-entropy, sparsity) of one prompt; call inside training_attention(model, mixed)."""
     device = next(model.parameters()).device
     ids = prompt.input_ids.to(device)
     answer = ids.shape[1] - prompt.answer_start
@@ -129,12 +125,10 @@ def router_loss(model, mixed: MixedAttention, prompt: CalibrationPrompt, *, targ
 @contextlib.contextmanager
 def training_attention(model, mixed: MixedAttention):
     """Run `model` with `mixed` as its attention, the routed layers' pre-RoPE keys hooked into mixed.keys."""
-    from stem_cli.integration import attention_modules
-
     routed = [m for m in attention_modules(model) if mixed.router.routes(m.layer_idx)]
     handles = hook_pre_rope_keys(routed, mixed.keys)
     try:
-        with attention_function(model, "stem_elastic_train", mixed):
+        with handling(model, mixed):
             yield
     finally:
         mixed.keys.remove_hooks(handles)

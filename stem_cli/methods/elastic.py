@@ -4,15 +4,16 @@ The selector decides every KV head's mode for this input (a trained router, else
 calibrated head map, else the default: default_dense_layers dense, all other heads
 default_mode), then builds ONE BlockIndex for the whole layer (stem_cli.elastic.modes:
 dense rows, Stem's selection, sink + window rows) for the one executor call.
-`prepare` (run by stem_cli.apply) checks the map / router against the model and hooks
-the routed layers' pre-RoPE keys for the router.
+`prepare` (run by stem_cli.apply) checks the map / router against the model, hooks
+the routed layers' pre-RoPE keys for the router, and returns the run state (ElasticState:
+Omega counts, those keys) that the runtime keeps and passes back as `state`.
 
 Omega, the model sparsity ratio (fraction of query heads not dense over the governed
 layers, same calls as BUD), after a forward:
 
     runtime = stem_cli.apply(model, "elastic", head_map="map.json")
     model(ids)
-    runtime.recorder.bud, runtime.recorder.elastic.omega      # or omega(runtime)
+    runtime.recorder.bud, runtime.recorder.elastic.omega      # or omega(runtime); runtime.state.stats
 """
 
 from __future__ import annotations
@@ -20,23 +21,24 @@ from __future__ import annotations
 import torch
 
 from stem_cli.elastic.config import ElasticConfig
-from stem_cli.methods.knob import Knob
-from stem_cli.elastic.modes import decide_modes, mixed_index
+from stem_cli.elastic.modes import ElasticState, decide_modes, mixed_index
 from stem_cli.elastic.modes import prepare as _prepare
 from stem_cli.index import BlockIndex
+from stem_cli.methods.knob import Knob
 
 
-def prepare(model, config: ElasticConfig) -> ElasticConfig:
+def prepare(model, config: ElasticConfig) -> ElasticState:
     """Apply time: check the head map / router against `model`; with a router, hook its pre-RoPE keys."""
     return _prepare(model, config)
 
 
-def select(q, k, v, *, layer: int, config: ElasticConfig, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
-    modes = decide_modes(q, k, layer=layer, config=config, key_valid=key_valid)
-    recorder = config.state.recorder(layer)
-    if recorder is not None and getattr(recorder, "elastic", None) is not config.stats:
-        recorder.elastic = config.stats
-    config.stats.record(layer, modes, q.shape[1] // k.shape[1], recorder)
+def select(q, k, v, *, layer: int, config: ElasticConfig, scale: float, key_valid: torch.Tensor | None,
+           state: ElasticState | None = None) -> BlockIndex:
+    """`state` from prepare (a runtime passes it); without one (a direct call, the budget solver's
+    probe) the modes are counted nowhere and a router sees post-RoPE keys."""
+    modes = decide_modes(q, k, layer=layer, config=config, key_valid=key_valid, keys=state.keys if state else None)
+    if state is not None:
+        state.stats.record(layer, modes, q.shape[1] // k.shape[1])
     return mixed_index(q, k, v, modes, config, scale=scale, key_valid=key_valid)
 
 
