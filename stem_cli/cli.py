@@ -352,7 +352,7 @@ def run_evaluation(*, model, tasks, methods, seq_len, limit, budget, output, res
     from stem_cli.evaluate import EvalSettings, ResultStore, Runner, averages, summarize
     from stem_cli.registry import build_configs, parse_method_list
     from stem_cli.models import load_model, resolve_device
-    from stem_cli.profile import environment, slug
+    from stem_cli.environment import environment, slug
 
     names = parse_method_list(methods)
     configs = build_configs(names, str(config) if config else None, set_)
@@ -456,7 +456,7 @@ def eval_cmd(
 
     [b]Example:[/b] stem eval --model smollm2-135m --task niah --seq-len 4k --method dense,stem,uniform --set block_size=32 --limit 4
     """
-    from stem_cli.profile import slug
+    from stem_cli.environment import slug
     from stem_cli.report import eval_table
 
     run = run_evaluation(
@@ -507,7 +507,7 @@ def compare_cmd(
 
     from stem_cli.registry import parse_method_list
     from stem_cli.plots import plot_compare
-    from stem_cli.profile import slug
+    from stem_cli.environment import slug
     from stem_cli.report import compare_rows, compare_table, render
 
     if fmt not in FORMATS:
@@ -547,7 +547,8 @@ def _compare_profile(run: EvalRun, repeat: int, reuse: bool) -> list[dict]:
     Stored next to the accuracy results, keyed by the device and the repeat count as well,
     so a method already timed on this machine is not timed again."""
     from stem_cli.evaluate import config_dict, record_key
-    from stem_cli.profile import environment, profile_prefill
+    from stem_cli.environment import environment
+    from stem_cli.profile import profile_prefill
 
     device = next(run.loaded.model.parameters()).device
     if device.type != "cuda":
@@ -616,7 +617,8 @@ def profile_cmd(
     from stem_cli.models import REGISTRY, ModelError, load_model, resolve_device
     from stem_cli.nvml import NvmlSampler
     from stem_cli.plots import plot_profile
-    from stem_cli.profile import environment, profile_prefill, slug
+    from stem_cli.environment import environment, slug
+    from stem_cli.profile import profile_prefill
     from stem_cli.units import parse_lengths
 
     dev = resolve_device(device)
@@ -765,7 +767,7 @@ def calibrate_cmd(
     """
     from stem_cli.elastic.calibrate import calibrate
     from stem_cli.elastic.headmap import save_head_map
-    from stem_cli.profile import slug
+    from stem_cli.environment import slug
 
     source = _prompt_source(prompts)
     elastic, loaded, length = _elastic_setup(model, seq_len, config, set_, device, dtype, random_weights)
@@ -829,7 +831,7 @@ def train_router_cmd(
     [b]Example:[/b] stem train-router --model smollm2-135m --steps 200 --target-sparsity 0.7 --output smollm2-router.pt
     """
     from stem_cli.elastic.train import train_router
-    from stem_cli.profile import slug
+    from stem_cli.environment import slug
 
     source = _prompt_source(prompts)
     elastic, loaded, length = _elastic_setup(model, seq_len, config, set_, device, dtype, random_weights)

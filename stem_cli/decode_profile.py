@@ -89,7 +89,7 @@ def profile_decode(
     """Rows, one per (length, method); decode_configs maps each non-dense method to its decode config."""
     from stem_cli.registry import get_decode_method, split_spec
     from stem_cli.decode.runtime import DecodeRuntime, dense_decode
-    from stem_cli.profile import failed_allocation_gib, is_oom
+    from stem_cli.environment import failed_allocation_gib, is_oom
 
     layers = [SimpleNamespace(layer_idx=i) for i in range(shape.layers)]
     scale = shape.head_dim**-0.5
@@ -214,7 +214,7 @@ def run_profile_command(*, model, seq_len, methods, batch, warmup, repeat, confi
     from stem_cli.cli import UsageError
     from stem_cli.registry import build_configs, parse_method_list
     from stem_cli.models import REGISTRY, resolve_device, resolve_dtype, shipped_config
-    from stem_cli.profile import environment, slug
+    from stem_cli.environment import environment, slug
     from stem_cli.units import format_length, parse_lengths
 
     dev = resolve_device(device)

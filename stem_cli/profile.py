@@ -15,16 +15,15 @@ that failed, and the sweep goes on.
 
 from __future__ import annotations
 
-import re
 import statistics
 from contextlib import nullcontext
-from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 import stem_cli
+from stem_cli.environment import failed_allocation_gib, is_oom
 from stem_cli.nvml import NvmlSampler
 from stem_cli.timing import Interval, StageTimer
 
@@ -58,21 +57,6 @@ def _measure(model, ids: torch.Tensor, timer: StageTimer) -> Sample:
     stages = timer.collect()  # the decode step's attention is SDPA outside the governed path
     peak = torch.cuda.max_memory_allocated(ids.device) if cuda else None
     return Sample(e2e, stages.get("attention", 0.0), stages.get("estimation", 0.0), decode, peak)
-
-
-_ALLOC = re.compile(r"Tried to allocate ([\d.]+) ([KMGT]i?B)")
-_UNIT = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
-
-
-def is_oom(error: BaseException) -> bool:
-    # torch.compile and Triton wrap CUDA OOMs in their own exception types: read the message too.
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
-
-
-def failed_allocation_gib(error: BaseException) -> float | None:
-    """The allocation an OOM reports as failed ("Tried to allocate 2.00 GiB"), in GiB."""
-    match = _ALLOC.search(str(error))
-    return float(match.group(1)) * _UNIT[match.group(2)] / 2**30 if match else None
 
 
 def _summary(samples: list[Sample]) -> dict[str, Any]:
@@ -157,41 +141,3 @@ def profile_prefill(
             ok = row.get("status") == "ok" and dense is not None and dense.get("status") == "ok"
             row["speedup"] = dense["e2e_ms"] / row["e2e_ms"] if ok else None
     return rows
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def slug(text: str) -> str:
-    """A file-name piece: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def environment(device: torch.device, sampler_info: dict | None) -> dict[str, Any]:
-    """What the numbers were measured on: device properties (never the name to branch on), versions."""
-    import platform
-
-    env: dict[str, Any] = {
-        "device": device.type,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": package_version("triton"),
-        "transformers": package_version("transformers"),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(
-            gpu=props.name,
-            sm_count=props.multi_processor_count,
-            capability=f"{props.major}.{props.minor}",
-            total_memory_gib=props.total_memory / 2**30,
-            cuda=torch.version.cuda,
-        )
-        env["nvml"] = sampler_info
-    return env
-

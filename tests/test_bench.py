@@ -1,4 +1,4 @@
-"""The kernel benchmark on the CPU: the smoke run end to end, and the pieces the GPU run relies on."""
+"""The kernel benchmark (tests/bench/kernels.py) on the CPU: the smoke run end to end, and the pieces the GPU run relies on."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from stem_cli.config import StemConfig
 from stem_cli.index import BlockIndex
-from stem_cli.kernels import bench
 from stem_cli.kernels import reference as ref
+from tests.bench import kernels as bench
 
 SMOKE_SHAPES = ["4/2/32", "2/1/64"]
 SMOKE_LENGTHS = [512, 1024]

@@ -84,11 +84,6 @@ def test_other_errors_are_not_swallowed(monkeypatch):
         profile_module.profile_prefill(loaded.model, ["dense"], build_configs(["dense"]), [64], warmup=0, repeat=1)
 
 
-def test_failed_allocation_parsing():
-    assert profile_module.failed_allocation_gib(RuntimeError("Tried to allocate 512.00 MiB")) == pytest.approx(0.5)
-    assert profile_module.failed_allocation_gib(RuntimeError("out of memory")) is None
-
-
 def test_timers_on_cpu():
     device = torch.device("cpu")
     with Interval(device) as interval:

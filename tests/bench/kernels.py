@@ -1,7 +1,12 @@
 """Kernel benchmark: Stem's stages against dense SDPA and FlexAttention, in one GPU run.
 
-    python -m stem_cli.kernels.bench                      # the default sweep on a CUDA GPU
-    python -m stem_cli.kernels.bench --device cpu --smoke # tiny sizes, PyTorch reference, no GPU
+    python -m tests.bench.kernels                      # from the repository root: the default sweep on a CUDA GPU
+    python -m tests.bench.kernels --device cpu --smoke # tiny sizes, PyTorch reference, no GPU
+
+A benchmark, not part of the package: it lives under tests/ (not installed) and
+imports stem_cli, never the other way round. GPU times are triton.testing.do_bench
+medians; CPU times (smoke mode) and the machine description come from stem_cli's own
+timing and environment modules, as for every other JSON the tool writes.
 
 For every head shape (query heads / KV heads / head dim) and sequence length N,
 batch 1, bf16, random inputs, it times:
@@ -43,10 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from stem_cli.config import ConfigError, StemConfig
+from stem_cli.environment import error_text, gpu_properties, is_oom, slug, software
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.kernels import reference as ref
 from stem_cli.methods.stem import select_from_logits
-from stem_cli.profile import is_oom, package_version, slug
+from stem_cli.nvml import NvmlSampler
+from stem_cli.timing import Interval
 from stem_cli.units import format_length, parse_lengths
 
 DEFAULT_LENGTHS = "8K,16K,32K,64K,128K"
@@ -114,7 +121,7 @@ def parse_shapes(text: str) -> list[Shape]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m stem_cli.kernels.bench",
+        prog="python -m tests.bench.kernels",
         description="Time Stem's kernels (scoring, selection, sparse attention) against cuDNN, FlashAttention-2 "
         "and FlexAttention on one GPU; write a table and a JSON profile.",
     )
@@ -207,7 +214,7 @@ def synchronize(device: str) -> None:
 
 @dataclass
 class Timer:
-    """Median milliseconds of fn(): triton's do_bench on the GPU, perf_counter on the CPU."""
+    """Median milliseconds of fn(): triton's do_bench on the GPU, min_reps timed calls on the CPU."""
 
     device: str
     warmup_ms: float
@@ -217,26 +224,21 @@ class Timer:
     def __call__(self, fn: Callable) -> float:
         return self._gpu(fn) if self.device == "cuda" else self._cpu(fn)
 
+    def _once(self, fn: Callable) -> float:
+        with Interval(torch.device(self.device)) as call:
+            fn()
+        return call.ms()
+
     def _gpu(self, fn: Callable) -> float:
         from triton.testing import do_bench
 
         # do_bench repeats fn for rep ms; when one call is longer (dense 128K takes
         # ~0.3 s) it would time a single call, so stretch rep to min_reps calls.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        rep = max(self.rep_ms, self.min_reps * start.elapsed_time(end))
+        rep = max(self.rep_ms, self.min_reps * self._once(fn))
         return float(do_bench(fn, warmup=self.warmup_ms, rep=rep, return_mode="median"))
 
     def _cpu(self, fn: Callable) -> float:
-        times = []
-        for _ in range(self.min_reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        return statistics.median([self._once(fn) for _ in range(self.min_reps)])
 
 
 def run_and_time(fn: Callable, timer: Timer, device: str):
@@ -244,11 +246,6 @@ def run_and_time(fn: Callable, timer: Timer, device: str):
     result = fn()
     synchronize(device)
     return result, timer(fn)
-
-
-def short(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}"[:limit]
 
 
 def guarded(row: dict, key: str, fn: Callable, *, ours: bool):
@@ -261,10 +258,10 @@ def guarded(row: dict, key: str, fn: Callable, *, ours: bool):
         if is_oom(error):
             row[key] = "OOM"
         elif ours:
-            row[key] = f"error: {short(error)}"
+            row[key] = f"error: {error_text(error)}"
             traceback.print_exc()
         else:
-            row[key] = na(short(error))
+            row[key] = na(error_text(error))
     # Outside the except block: the traceback no longer holds the stage's tensors.
     free_memory()
     return None
@@ -671,30 +668,20 @@ def finish_row(row: dict, shape: Shape) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def driver_version() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else str(version)
-    except Exception:  # noqa: BLE001 - no NVML, no driver: recorded as null
-        return None
-
-
 def machine_info(device: str) -> dict:
+    """The report's "gpu" entry: the device's properties and NVML's driver (None where unknown)."""
     if device != "cuda":
         return {"name": platform.processor() or platform.machine() or "cpu", "device": "cpu", "sm_count": None,
                 "capability": None, "total_memory_bytes": None, "driver": None}
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {"name": props.name, "device": "cuda", "sm_count": props.multi_processor_count,
-            "capability": f"{props.major}.{props.minor}", "total_memory_bytes": props.total_memory, "driver": driver_version()}
+    index = torch.cuda.current_device()
+    nvml = NvmlSampler(index).static_info()  # None without NVML; the sampler's thread is never started
+    return {"device": "cuda", **gpu_properties(torch.device("cuda", index)),
+            "driver": nvml["driver_version"] if nvml else None}
 
 
 def versions() -> dict:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": package_version("triton"),
-            "transformers": package_version("transformers"), "cuda": torch.version.cuda, "cudnn": cudnn}
+    return {**software(), "cuda": torch.version.cuda, "cudnn": cudnn}
 
 
 def parameters(opts: Options) -> dict:
