@@ -289,7 +289,7 @@ def load_kernels(device: str) -> Kernels:
         # Triton on the CPU would need TRITON_INTERPRET=1 and time the interpreter: meaningless.
         return Kernels(ref.block_logits, "reference (CPU)", ref.block_sparse_attention, "reference (CPU)")
     from stem_cli.executor import sparse_kernel
-    from stem_cli.kernels import score
+    from stem_cli.methods import score
 
     def attend(q, k, v, index, **kwargs):  # the kernel the executor would run for these tensors
         return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, **kwargs)
