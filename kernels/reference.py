@@ -1,8 +1,12 @@
-"""Reference Stem in plain PyTorch: the oracle every Triton kernel is checked against.
+"""Reference Stem in plain PyTorch: the oracle the kernels, the executor and the selection
+helpers (methods/blocks.py, methods/score.py) are checked against.
 
-Short and slow on purpose; runs on CPU and GPU. Shapes: q (B, Hq, N, d),
-k and v (B, Hkv, N, d), GQA group g = Hq / Hkv, query head h reads KV head h // g.
-Block size Bk, P = ceil(N / Bk) blocks, stride s.
+Short and slow on purpose (selection one row at a time); runs on CPU and GPU. Only tests
+and benchmarks import it: production code has its own fast versions, so the oracle
+stays independent of what it checks.
+
+Shapes: q (B, Hq, N, d), k and v (B, Hkv, N, d), GQA group g = Hq / Hkv, query head h
+reads KV head h // g. Block size Bk, P = ceil(N / Bk) blocks, stride s.
 
 1. Antidiagonal scores. Tile (a, b) of size s x s gets
        S[a, b] = scale / s * sum_{t<s} q[a s + s-1-t] . k[b s + t]
@@ -15,7 +19,8 @@ Block size Bk, P = ceil(N / Bk) blocks, stride s.
    block pair (i, j); -inf above the diagonal and for blocks with no valid key.
 4. TPD budget. k(i) per query block: k_start for the first k_start rows, then
    floor(linspace(k_start, mu k_start)) clamped to [1, k_start]; uniform: one
-   budget floor(k_start (1 + mu) / 2).
+   budget max(1, floor(k_start (1 + mu) / 2)). With left padding the schedule runs
+   over each sequence's own blocks, from its first valid block.
 5. Selection. Forced blocks (sinks, local window, diagonal) rank first; the row
    keeps max(k(i), forced) blocks, never more than its causal valid blocks.
 6. Block-sparse attention. Exact softmax over the selected blocks' causal, valid
@@ -28,7 +33,7 @@ import math
 
 import torch
 
-from stem_cli.index import PAD, BlockIndex
+from stem_cli.index import BlockIndex
 
 NEG_INF = float("-inf")
 
@@ -42,25 +47,19 @@ def _pad_to(x: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
-def first_valid_block(key_valid: torch.Tensor | None, batch: int, block_size: int, device) -> torch.Tensor:
-    """(B,) index of the first block holding a valid token (left padding moves it right)."""
-    if key_valid is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    first_token = torch.where(key_valid.any(-1), key_valid.to(torch.int8).argmax(-1), key_valid.shape[-1])
-    return (first_token // block_size).to(device)
-
-
 def value_bonus(v: torch.Tensor, stride: int, tile_valid: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta * ReLU(z-normalised log of the stride-max value norm): (B, Hkv, N/s) float32."""
-    b, hkv, n, d = v.shape
-    norms = v.float().norm(dim=-1).view(b, hkv, n // stride, stride).amax(-1)
-    logs = torch.log(norms + 1e-6)
-    w = tile_valid[:, None].float()  # (B, 1, N/s)
-    count = w.sum(-1, keepdim=True).clamp_min(1)
-    mean = (logs * w).sum(-1, keepdim=True) / count
-    std = (((logs - mean) ** 2 * w).sum(-1, keepdim=True) / count).sqrt()
-    z = (logs - mean) / (std + 1e-6)
-    return beta * torch.relu(z) * w
+    """beta * ReLU(z-normalised log of the stride-max value norm): (B, Hkv, N/s) float32, 0 on invalid tiles."""
+    batch, hkv, n, _ = v.shape
+    bonus = torch.zeros(batch, hkv, n // stride, dtype=torch.float32, device=v.device)
+    for b in range(batch):
+        ok = tile_valid[b]
+        if not bool(ok.any()):
+            continue
+        for h in range(hkv):
+            logs = torch.log(v[b, h].float().norm(dim=-1).view(-1, stride).amax(-1) + 1e-6)
+            mean, std = logs[ok].mean(), logs[ok].std(correction=0)
+            bonus[b, h, ok] = beta * torch.relu((logs[ok] - mean) / (std + 1e-6))
+    return bonus
 
 
 def block_logits(
@@ -122,20 +121,39 @@ def block_logits(
     return out.masked_fill(~causal, NEG_INF)
 
 
+def first_valid_block(key_valid: torch.Tensor | None, batch: int, block_size: int, device) -> torch.Tensor:
+    """(B,) block of each sequence's first valid token (N // block_size when it has none)."""
+    firsts = []
+    for b in range(batch):
+        if key_valid is None:
+            first_token = 0
+        else:
+            positions = key_valid[b].nonzero().flatten().tolist()
+            first_token = positions[0] if positions else key_valid.shape[-1]
+        firsts.append(first_token // block_size)
+    return torch.tensor(firsts, dtype=torch.long, device=device)
+
+
+def forced_blocks(num_blocks: int, first_block: torch.Tensor, sink_blocks: int, window_blocks: int) -> torch.Tensor:
+    """(B, P, P) bool: row i forces the sequence's first `sink_blocks` blocks (from its first
+    valid block fb), the blocks j > i - window_blocks and the diagonal, all with fb <= j <= i."""
+    p = num_blocks
+    rows = []
+    for fb in first_block.tolist():
+        rows.append([[fb <= j <= i and (j < fb + sink_blocks or j > i - window_blocks or j == i) for j in range(p)] for i in range(p)])
+    return torch.tensor(rows, dtype=torch.bool, device=first_block.device).view(-1, p, p)
+
+
 def k_start_for(num_blocks: int, seq_len: int, schedule: str, k_scale: float = 1.0, k_start: int = 0) -> int:
-    """Initial per-row budget in blocks (see StemConfig.schedule)."""
+    """Initial per-row budget in blocks: k_start when given, else the schedule's rule
+    ("code": P below 56 blocks, floor(0.2 P + 30) below 160, floor(0.1 P) + 30 above;
+    "paper": floor(0.2 P) up to 16K tokens, floor(0.1 P) above); times k_scale, in [1, P]."""
     p = num_blocks
     if k_start > 0:
         base = k_start
     elif schedule == "code":
-        if p < 56:
-            base = p
-        elif p < 160:
-            base = math.floor(0.2 * p + 30)
-        else:
-            base = math.floor(0.1 * p) + 30
+        base = p if p < 56 else math.floor(0.2 * p + 30) if p < 160 else math.floor(0.1 * p) + 30
     elif schedule == "paper":
-        # The paper states 0.2P for 8K-16K and 0.1P above; we extend 0.2P below 8K.
         base = math.floor((0.2 if seq_len <= 16384 else 0.1) * p)
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
@@ -143,15 +161,15 @@ def k_start_for(num_blocks: int, seq_len: int, schedule: str, k_scale: float = 1
 
 
 def tpd_budget(num_blocks: int, k_start: int, mu: float, tpd: bool = True) -> torch.Tensor:
-    """Blocks to keep per query-block row: (P,) int64 (before clamping to the causal count)."""
+    """(P,) int64 blocks per row: k_start for rows 0 .. k_start-1, then
+    floor(linspace(k_start, mu k_start)) over the remaining rows, clamped to [1, k_start];
+    uniform (tpd False): max(1, floor(k_start (1 + mu) / 2)) for every row."""
     p = num_blocks
     if not tpd:
-        return torch.full((p,), max(1, math.floor(k_start * (1 + mu) / 2)), dtype=torch.long)
-    budget = torch.full((p,), k_start, dtype=torch.long)
-    if p > k_start:
-        decay = torch.linspace(k_start, mu * k_start, p - k_start, dtype=torch.float64).floor().long()
-        budget[k_start:] = decay.clamp(1, k_start)
-    return budget
+        return torch.tensor([max(1, math.floor(k_start * (1 + mu) / 2))] * p, dtype=torch.long)
+    decay = torch.linspace(k_start, mu * k_start, max(p - k_start, 0), dtype=torch.float64).tolist()
+    budget = [k_start if i < k_start else min(k_start, max(1, math.floor(decay[i - k_start]))) for i in range(p)]
+    return torch.tensor(budget, dtype=torch.long)
 
 
 def row_budgets(
@@ -165,56 +183,33 @@ def row_budgets(
     k_scale: float = 1.0,
     k_start: int = 0,
 ) -> torch.Tensor:
-    """(B, P) budget per sequence. The schedule runs over each sequence's own blocks
-    (from its first valid block), so left padding shifts it rather than spending
-    budget on padding rows; `lengths` (B,) are the sequences' valid token counts."""
+    """(B, P): 0 on the rows before the sequence's first valid block fb; from fb on, the
+    schedule run over the sequence's own P - fb blocks with its valid length `lengths[b]`."""
     rows = []
     for fb, length in zip(first_block.tolist(), lengths.tolist()):
         own = num_blocks - fb
-        budget = torch.zeros(num_blocks, dtype=torch.long)
-        if own > 0:
-            budget[fb:] = tpd_budget(own, k_start_for(own, int(length), schedule, k_scale, k_start), mu, tpd)
-        rows.append(budget)
-    return torch.stack(rows).to(first_block.device)
+        k0 = k_start_for(own, int(length), schedule, k_scale, k_start) if own > 0 else 0
+        rows.append([0] * fb + (tpd_budget(own, k0, mu, tpd).tolist() if own > 0 else []))
+    return torch.tensor(rows, dtype=torch.long, device=first_block.device).view(-1, num_blocks)
 
 
-def forced_blocks(num_blocks: int, first_block: torch.Tensor, sink_blocks: int, window_blocks: int) -> torch.Tensor:
-    """(B, P, P) bool: sinks (first blocks of each sequence), local window and diagonal, causal only."""
-    ids = torch.arange(num_blocks, device=first_block.device)
-    i, j = ids[:, None], ids[None, :]
-    fb = first_block[:, None, None]
-    sinks = (j >= fb) & (j < fb + sink_blocks)
-    window = (j > i - window_blocks) | (j == i)
-    return (sinks | window) & (j <= i) & (j >= fb)
+def select_topk(logits: torch.Tensor, budget: torch.Tensor, forced: torch.Tensor, *, block_size: int, seq_len: int) -> BlockIndex:
+    """One row at a time: the choosable blocks (finite logit) that are forced, then the
+    others by decreasing logit, min(max(budget, forced), choosable) of them in all.
 
-
-def select_topk(
-    logits: torch.Tensor,
-    budget: torch.Tensor,
-    forced: torch.Tensor,
-    *,
-    block_size: int,
-    seq_len: int,
-    max_count: int | None = None,
-) -> BlockIndex:
-    """Per row keep the forced blocks, then the best-scoring ones, max(budget, forced) in all.
-
-    logits (B, H, P, P) with -inf for blocks that may not be chosen; budget (B, P);
-    forced (B, P, P). A row never keeps more than its choosable blocks. `max_count`,
-    an upper bound on any row's count known on the host, spares a device sync.
-    """
-    ranked = logits.masked_fill(forced[:, None] & (logits > NEG_INF), float("inf"))
-    choosable = (ranked > NEG_INF).sum(-1)
-    n_forced = forced.sum(-1)[:, None]
-    counts = torch.minimum(torch.maximum(budget.to(logits.device)[:, None], n_forced), choosable).to(torch.int32)
-    p = logits.shape[-1]
-    kmax = min(max_count, p) if max_count is not None else max(int(counts.max()), 1)
-    top = ranked.topk(kmax, dim=-1, sorted=True).indices
-    keep = torch.arange(kmax, device=logits.device) < counts[..., None]
-    # int32 ids: sorting them instead of topk's int64 cut selection at 128K from 4.1 to 3.4 ms (H100).
-    ids = torch.where(keep, top, p + top).to(torch.int32).sort(-1).values
-    indices = torch.where(ids < p, ids, PAD)
-    return BlockIndex(counts, indices, block_size, seq_len)
+    logits (B, H, P, P), -inf where a block may not be chosen; budget (B, P); forced (B, P, P)."""
+    batch, heads, p, _ = logits.shape
+    keep = torch.zeros(batch, heads, p, p, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(p):
+                row = logits[b, h, i].tolist()
+                cands = [j for j in range(p) if row[j] > NEG_INF]
+                first = [j for j in cands if forced[b, i, j]]
+                others = sorted((j for j in cands if not forced[b, i, j]), key=lambda j: -row[j])
+                count = min(max(int(budget[b, i]), len(first)), len(cands))
+                keep[b, h, i, (first + others)[:count]] = True
+    return BlockIndex.from_mask(keep.to(logits.device), block_size, seq_len)
 
 
 def block_sparse_attention(

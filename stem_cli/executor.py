@@ -78,7 +78,8 @@ def masked_sdpa(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Te
 
     The chunk's mask is its rows of the block mask, expanded to tokens, and-ed with causality
     and the valid keys; keys past the chunk's last row are never read. Rows with no
-    allowed key give zeros, as in the reference.
+    allowed key give zeros, as in the reference. Differentiable in q, k and v (router
+    training runs its sparse modes through it).
     """
     batch, hq, n, _ = q.shape
     bs = index.block_size

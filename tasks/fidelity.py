@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from stem_cli.kernels.reference import NEG_INF, _pad_to
+from stem_cli.methods.blocks import NEG_INF, pad_to
 from stem_cli.tasks.base import Sample
 
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
@@ -217,7 +217,7 @@ def layer_fidelity(
     dev = q.device
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf = q.to(work)
-    kf, vf = _pad_to(k.to(work), npad), _pad_to(v.to(work), npad)
+    kf, vf = pad_to(k.to(work), npad), pad_to(v.to(work), npad)
     valid = torch.zeros(batch, npad, dtype=torch.bool, device=dev)
     valid[:, :n] = True if key_valid is None else key_valid.to(dev)
     per_index_head = hq // index.num_heads
@@ -233,7 +233,7 @@ def layer_fidelity(
     for r0 in range(0, npad, rows_per_chunk):
         r1 = min(npad, r0 + rows_per_chunk)
         rows, b0, b1 = r1 - r0, r0 // bs, r1 // bs
-        qc = _pad_to(qf[:, :, r0 : min(r1, n)], rows).view(batch, hkv, group, rows, d)
+        qc = pad_to(qf[:, :, r0 : min(r1, n)], rows).view(batch, hkv, group, rows, d)
         s = torch.matmul(qc, kf[:, :, None, :r1].transpose(-1, -2)).view(batch, hq, rows, r1).mul_(scale)
         _mask_causal_valid(s, r0, valid if key_valid is not None else None)
         # Unnormalised dense probabilities e = exp(s - rowmax), in place; both outputs and

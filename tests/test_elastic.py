@@ -21,8 +21,8 @@ from stem_cli.elastic.config import DENSE, STEM, STREAMING, ElasticConfig
 from stem_cli.elastic.headmap import HeadMap, load_head_map, save_head_map
 from stem_cli.elastic.modes import mixed_index
 from stem_cli.elastic.router import ElasticRouter, load_router
-from stem_cli.elastic.train import MixedAttention, masked_attention, new_router, router_loss, training_attention
-from stem_cli.executor import attend, dense_attention
+from stem_cli.elastic.train import MixedAttention, new_router, router_loss, training_attention
+from stem_cli.executor import attend, dense_attention, masked_sdpa
 from stem_cli.hook import HANDLER_ATTR
 from stem_cli.methods import stem as stem_method
 from stem_cli.methods import streaming as streaming_method
@@ -469,12 +469,13 @@ def test_training_steps_reduce_the_loss(tiny):
     assert all(p.grad is None for p in model.parameters())  # the backbone stays frozen
 
 
-def test_masked_attention_matches_reference_and_has_gradients():
+def test_masked_sdpa_matches_reference_and_has_gradients():
+    """Router training runs its sparse modes through the executor's masked SDPA: it must be differentiable."""
     torch.manual_seed(3)
     q = torch.randn(1, 4, 70, 16, dtype=torch.float64, requires_grad=True)
     k, v = torch.randn(1, 2, 70, 16, dtype=torch.float64), torch.randn(1, 2, 70, 16, dtype=torch.float64)
     index = mixed_index(q.detach(), k, v, torch.tensor([[STEM, STREAMING]]), small_config(), scale=0.25, key_valid=None)
-    out = masked_attention(q, k, v, index, scale=0.25)
+    out = masked_sdpa(q, k, v, index, scale=0.25)
     torch.testing.assert_close(out, ref.block_sparse_attention(q.detach(), k, v, index, scale=0.25))
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()

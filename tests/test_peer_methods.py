@@ -13,14 +13,13 @@ import math
 
 import pytest
 import torch
-from stem_cli.kernels import score
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import stem_cli
 from stem_cli.config import ConfigError, StemConfig
 from stem_cli.executor import attend, dense_attention
 from stem_cli.index import block_pair_counts, causal_pairs, computed_pairs
-from stem_cli.methods import flexprefill, minference, xattention
+from stem_cli.methods import blocks, flexprefill, minference, score, xattention
 from stem_cli.registry import METHODS, build_configs
 from stem_cli.methods.flexprefill import FlexPrefillConfig
 from stem_cli.methods.knob import Knob
@@ -413,7 +412,7 @@ def test_vertical_slash_conversion_exact(seed):
     bs = [4, 8, 16][seed % 3]
     cols = torch.rand(2, 3, n, generator=g) < 0.03
     diags = torch.rand(2, 3, n, generator=g) < 0.04
-    got = minference.vertical_slash_blocks(cols, diags, bs)
+    got = blocks.vertical_slash_blocks(cols, diags, bs)
     for b in range(2):
         for h in range(3):
             want = token_blocks(set(cols[b, h].nonzero().flatten().tolist()), set(diags[b, h].nonzero().flatten().tolist()), n, bs)
@@ -424,7 +423,7 @@ def test_diagonal_sums_match_loops():
     g = torch.Generator().manual_seed(0)
     for rows, n in [(1, 7), (5, 5), (6, 23)]:
         a = torch.rand(2, rows, n, generator=g, dtype=torch.float64)
-        got = minference.diagonal_sums(a)
+        got = blocks.diagonal_sums(a)
         for b in range(2):
             for o in range(n):
                 want = sum(float(a[b, t, n - rows + t - o]) for t in range(rows) if n - rows + t - o >= 0)

@@ -1,8 +1,11 @@
-"""The reference Stem against brute force written independently here (loops, float64)."""
+"""The reference Stem against brute force written independently here (loops, float64),
+and the rule that keeps it an oracle: no production module imports it."""
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,10 +166,6 @@ def test_selection_matches_brute_force(seed, p, heads, sinks, window, k_start, m
     budget = ref.row_budgets(p, lengths, first, schedule="code", mu=mu, tpd=tpd, k_start=min(k_start, p))
     forced = ref.forced_blocks(p, first, sinks, window)
     index = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8)
-    bounded = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, max_count=int(budget.max()) + sinks + window + 1)
-    assert torch.equal(bounded.counts, index.counts)
-    k = index.indices.shape[-1]
-    assert torch.equal(bounded.indices[..., :k], index.indices) and (bounded.indices[..., k:] == -1).all()
     want = brute_select(logits, budget, first, sinks, window)
     for (b, h, i), blocks in want.items():
         c = int(index.counts[b, h, i])
@@ -273,3 +272,54 @@ def test_full_budget_equals_dense(dtype, group, n, block):
     want = brute_attention(q.double(), k.double(), v.double(), tm, d**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- the oracle stays outside production
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = "stem_cli.kernels.reference"
+PRODUCTION = ("stem_cli", "kernels", "tasks")  # package folders whose modules may not import the oracle
+ALLOWED = {"kernels/reference.py"}  # the oracle itself
+
+
+def imported_modules(tree: ast.AST, package: str = "") -> set[str]:
+    """Every module an import statement anywhere in the tree (functions included) names,
+    `from package import name` counted as package.name too; relative imports resolved
+    against `package` (the importing module's package)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def package_of(name: str) -> str:
+    """The installed package of a repository file: kernels/x.py -> stem_cli.kernels."""
+    parts = name.removesuffix(".py").split("/")[:-1]
+    return ".".join(["stem_cli", *parts] if parts[0] == "kernels" else parts)
+
+
+def test_no_production_module_imports_the_reference():
+    offenders = []
+    for folder in PRODUCTION:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = path.relative_to(ROOT).as_posix()
+            tree = ast.parse(path.read_text(), filename=name)
+            if name not in ALLOWED and REFERENCE in imported_modules(tree, package_of(name)):
+                offenders.append(name)
+    assert offenders == []
+
+
+def test_import_scan_sees_function_level_imports():
+    tree = ast.parse("def f():\n    from stem_cli.kernels import reference as ref\n")
+    assert REFERENCE in imported_modules(tree)
+    assert REFERENCE in imported_modules(ast.parse("import stem_cli.kernels.reference"))
+    assert REFERENCE in imported_modules(ast.parse("from .reference import NEG_INF"), "stem_cli.kernels")
+    assert REFERENCE in imported_modules(ast.parse("from ..kernels import reference"), "stem_cli.methods")
+    assert REFERENCE not in imported_modules(ast.parse("from stem_cli.kernels import score"))
+    assert package_of("kernels/block_sparse_attn.py") == "stem_cli.kernels" and package_of("stem_cli/methods/x.py") == "stem_cli.methods"

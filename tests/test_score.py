@@ -1,4 +1,4 @@
-"""Pooled block logits (kernels/score.py) against the tile-by-tile reference."""
+"""Pooled block logits (methods/score.py) against the tile-by-tile reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stem_cli.kernels import reference as ref
-from stem_cli.kernels import score
+from stem_cli.methods import score
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float64, torch.bfloat16] if DEVICE == "cuda" else [torch.float64, torch.float32]

@@ -37,7 +37,7 @@ import torch
 from stem_cli.config import ConfigError
 from stem_cli.elastic.config import DENSE, MODES, STEM, STREAMING
 from stem_cli.index import PAD, BlockIndex
-from stem_cli.kernels import reference as ref
+from stem_cli.methods.blocks import first_valid_block, forced_blocks
 
 # ------------------------------------------------------------------ index construction
 
@@ -46,8 +46,8 @@ def streaming_index(batch: int, heads: int, seq_len: int, block_size: int, sink_
                     key_valid: torch.Tensor | None, device) -> BlockIndex:
     """Sinks + local window per row, the same for every head: (B, heads, P, K), heads broadcast."""
     p = -(-seq_len // block_size)
-    first = ref.first_valid_block(key_valid, batch, block_size, device)
-    keep = ref.forced_blocks(p, first, sink_blocks, window_blocks)  # (B, P, P)
+    first = first_valid_block(key_valid, batch, block_size, device)
+    keep = forced_blocks(p, first, sink_blocks, window_blocks)  # (B, P, P)
     one = BlockIndex.from_mask(keep[:, None], block_size, seq_len)
     return BlockIndex(one.counts.expand(batch, heads, p), one.indices.expand(batch, heads, p, one.indices.shape[-1]), block_size, seq_len)
 

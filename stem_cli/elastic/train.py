@@ -16,9 +16,9 @@ fraction of KV heads not dense (forced-dense layers count 0; every KV head has t
 number of query heads, so this is Omega). Only the router's parameters train (AdamW).
 
 The three outputs are differentiable in q, k, v: dense and the two sparse modes run as
-SDPA with token masks built from their block indices (selection itself is discrete and
-runs without gradient). That costs O(N^2) mask memory per layer, so training uses
-modest lengths (2K-4K); inference runs the block-sparse executor.
+SDPA with token masks built from their block indices (executor.masked_sdpa; selection
+itself is discrete and runs without gradient). That computes every causal pair, so
+training uses modest lengths (2K-4K); inference runs the block-sparse executor.
 """
 
 from __future__ import annotations
@@ -35,25 +35,8 @@ from stem_cli.elastic.calibrate import CalibrationPrompt, _progress, calibration
 from stem_cli.elastic.config import ElasticConfig
 from stem_cli.elastic.modes import PreRopeKeys, _stem_select, hook_pre_rope_keys, pooled_keys, streaming_index
 from stem_cli.elastic.router import ElasticRouter
-from stem_cli.executor import dense_attention
+from stem_cli.executor import dense_attention, masked_sdpa
 from stem_cli.hook import attention_modules, handling
-from stem_cli.index import BlockIndex
-
-
-def masked_attention(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable attention over the index's blocks (SDPA with a token mask): (B, Hq, N, d)."""
-    batch, hq, n, _ = q.shape
-    bs, p = index.block_size, index.num_blocks
-    blocks = index.to_mask().to(q.device)  # (B, H, P, P)
-    mask = blocks[:, :, :, None, :, None].expand(*blocks.shape[:3], bs, p, bs).reshape(batch, blocks.shape[1], p * bs, p * bs)[..., :n, :n]
-    mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :]
-    mask = mask.repeat_interleave(hq // mask.shape[1], dim=1)
-    has_key = mask.any(-1, keepdim=True)
-    mask = mask | ~has_key & torch.eye(n, dtype=torch.bool, device=q.device)  # a keyless row would be NaN
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != hq)
-    return out.masked_fill(~has_key, 0.0)
 
 
 def relaxed_one_hot(logits: torch.Tensor, *, tau: float, hard: bool, generator: torch.Generator | None,
@@ -102,8 +85,9 @@ class MixedAttention:
             stem_index = _stem_select(query.detach(), key.detach(), value.detach(), cfg, scale, key_valid)
         sink_b, window_b = cfg.streaming_blocks
         stream_index = streaming_index(batch, hkv, n, cfg.block_size, sink_b, window_b, key_valid, query.device)
-        outs = (dense, masked_attention(query, key, value, stem_index, scale=scale, key_valid=key_valid),
-                masked_attention(query, key, value, stream_index, scale=scale, key_valid=key_valid))
+        # masked_sdpa is differentiable: the executor's CPU path serves training on any device.
+        outs = (dense, masked_sdpa(query, key, value, stem_index, scale=scale, key_valid=key_valid),
+                masked_sdpa(query, key, value, stream_index, scale=scale, key_valid=key_valid))
         w = y.repeat_interleave(hq // hkv, dim=1).to(query.dtype)[..., None, None]  # (B, Hq, 3, 1, 1)
         out = sum(w[:, :, m] * o for m, o in enumerate(outs))
         self.sparsity.append((1 - y[..., 0]).mean())

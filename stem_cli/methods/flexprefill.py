@@ -18,7 +18,7 @@ whatever the grid) and A their exact attention (softmax, causal, valid keys only
    diagonal 0 rank first.
    granularity = "token" (the paper's text): keep the fewest columns reaching gamma, at
    least min_budget of them, and likewise diagonals; convert exactly to blocks (a block is
-   kept if it holds a kept column or a cell of a kept diagonal; see minference.py).
+   kept if it holds a kept column or a cell of a kept diagonal; see blocks.vertical_slash_blocks).
 3. Query-aware heads. Mean-pooled q and k per block (valid tokens only) give block logits
    scale * q_bar_i . k_bar_j; softmax per query-block row over causal valid blocks; the
    rows' distributions are pooled over the whole head (each valid row holds mass 1) and the
@@ -49,22 +49,23 @@ import torch
 
 from stem_cli.config import BlockConfig, ConfigError, param
 from stem_cli.index import BlockIndex
-from stem_cli.kernels import reference as ref
-from stem_cli.methods.knob import Knob
-from stem_cli.methods.minference import (
+from stem_cli.methods.blocks import (
+    NEG_INF,
     block_valid,
     choosable,
+    coverage,
     finish,
+    first_valid_block,
     full_index,
     last_rows_sums,
+    pad_to,
     reachable_offsets,
     top_count,
     valid_keys,
     vertical_slash_blocks,
     work_dtype,
 )
-
-NEG_INF = float("-inf")
+from stem_cli.methods.knob import Knob
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,6 @@ class FlexPrefillConfig(BlockConfig):
             raise ConfigError(f"granularity={self.granularity!r} is not allowed: use 'block' or 'token'")
 
 
-def cover_count(x: torch.Tensor, gamma: float, allowed: torch.Tensor) -> torch.Tensor:
-    """(...,) the fewest allowed entries of x (>= 0, last dim), largest first, whose sum reaches
-    gamma of the allowed total; gamma >= 1: every allowed entry."""
-    allowed = allowed.expand_as(x)
-    if gamma >= 1:
-        return allowed.sum(-1)
-    values = x.masked_fill(~allowed, -1.0).sort(dim=-1, descending=True).values
-    total = x.masked_fill(~allowed, 0.0).sum(-1, keepdim=True)
-    before = torch.nn.functional.pad(values.clamp_min(0).cumsum(-1)[..., :-1], (1, 0))
-    return ((values >= 0) & (before < gamma * total)).sum(-1)
-
-
 def _block_sum(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """(..., N) -> (..., P) sums over each block (a short last block zero-padded)."""
     n = x.shape[-1]
@@ -122,7 +111,7 @@ def _block_mean(x: torch.Tensor, valid: torch.Tensor, block_size: int, padded: b
     work = work_dtype(x)
     w = torch.zeros(batch, p * block_size, dtype=work, device=x.device)
     w[:, :n] = valid.to(work)
-    xp = ref._pad_to(x, p * block_size)
+    xp = pad_to(x, p * block_size)
     if padded:
         xp = xp * w[:, None, :, None].to(x.dtype)
     xs = xp.view(batch, heads, p, block_size, d).sum(3, dtype=work)
@@ -219,11 +208,11 @@ def choose(estimated: dict, *, seq_len: int, config: FlexPrefillConfig, key_vali
     allowed = choosable(valid, bs)
     if config.gamma >= 1:
         return BlockIndex.from_mask(allowed.expand(batch, hq, p, p), bs, n)
-    first_block = ref.first_valid_block(key_valid, batch, bs, columns.device)
+    first_block = first_valid_block(key_valid, batch, bs, columns.device)
     query_aware = estimated["divergence"] < config.tau  # (B, Hq)
 
-    need_col = cover_count(columns, config.gamma, valid[:, None])  # tokens
-    need_diag = cover_count(diagonals, config.gamma, reachable_offsets(valid)[:, None])
+    need_col = coverage(columns, config.gamma, valid[:, None]).sum(-1)  # tokens
+    need_diag = coverage(diagonals, config.gamma, reachable_offsets(valid)[:, None]).sum(-1)
     if config.granularity == "block":
         floor = min(-(-config.min_budget // bs), p)  # blocks
         n_col, n_diag = (need_col // bs + 1).clamp(floor, p), (need_diag // bs + 1).clamp(floor, p)
@@ -239,7 +228,7 @@ def choose(estimated: dict, *, seq_len: int, config: FlexPrefillConfig, key_vali
         vs_min = _vertical_slash(columns, diagonals, min_units, min_units, **common)
         flat = estimated["blocks"].reshape(batch, hq, p * p)
         flat_allowed = allowed.reshape(batch, 1, p * p)
-        count = cover_count(flat, config.gamma, flat_allowed)
+        count = coverage(flat, config.gamma, flat_allowed).sum(-1)
         qa = top_count(flat.masked_fill(~flat_allowed, NEG_INF), count).view(batch, hq, p, p) | vs_min
         vs = torch.where(query_aware[:, :, None, None], qa, vs)
     return finish(vs, key_valid, valid, bs, n)

@@ -6,8 +6,8 @@ import torch
 
 from stem_cli.config import StemConfig
 from stem_cli.index import BlockIndex
-from stem_cli.kernels import reference as ref
-from stem_cli.kernels import score
+from stem_cli.methods import score
+from stem_cli.methods.blocks import first_valid_block, forced_blocks, row_budgets, select_topk
 from stem_cli.methods.knob import Knob
 
 
@@ -40,14 +40,14 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
     for the device (without padding): the forward keeps the GPU queue full."""
     batch, _, p, _ = logits.shape
     valid = None if key_valid is None else key_valid.cpu()
-    first = ref.first_valid_block(valid, batch, config.block_size, "cpu")
+    first = first_valid_block(valid, batch, config.block_size, "cpu")
     lengths = torch.full((batch,), seq_len) if valid is None else valid.sum(-1)
-    budget = ref.row_budgets(
+    budget = row_budgets(
         p, lengths, first, schedule=config.schedule, mu=config.mu, tpd=config.tpd, k_scale=config.k_scale, k_start=config.k_start
     )
-    forced = ref.forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
+    forced = forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
     most = int(budget.max()) + config.sink_blocks + config.window_blocks + 1  # >= any row's count
-    return ref.select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most)
+    return select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most)
 
 
 DEFAULTS = StemConfig()

@@ -3,13 +3,13 @@
 Definition as implemented (per batch and query head; spec section 2):
 1. Antidiagonal tile scores with stride s (8; 16 allowed): tile (a, c) of s x s tokens scores
        S[a, c] = scale / s * sum_{t<s} q[a s + s-1-t] . k[c s + t]
-   (the same S as kernels/reference.py; scale = the model's softmax scale).
+   (the same S as the reference, kernels/reference.py; scale = the model's softmax scale).
 2. Block mass, estimate = "tiles" (default: XAttention's paper and released code): every
    query tile row a takes a softmax of S[a, :] over its causal (c <= a), valid key tiles;
    the mass of block pair (i, j) is the sum of those probabilities over the tiles of the
    pair. Each query-block row then holds (number of valid tile rows) of mass.
    estimate = "pooled" (cheaper, not the published quantity): a softmax over key blocks of
-   the pooled block logits of kernels/score.py with beta = 0, i.e. of each block pair's
+   the pooled block logits of methods/score.py with beta = 0, i.e. of each block pair's
    *mean* tile score. The block mean of the logits equals the antidiagonal tile sum by
    linearity, but the softmax does not commute with it (a block's log-sum-exp of tile
    scores is at least their mean), so pooled masses are flatter and the same threshold
@@ -17,8 +17,8 @@ Definition as implemented (per batch and query head; spec section 2):
 3. Selection per query-block row, as the released selector does: the sink block(s) and the
    diagonal block are kept first and their mass counts; then the other causal blocks by
    decreasing mass, each kept while the mass kept before it is below tau * row mass. That
-   is the fewest blocks (forced ones first) whose cumulative mass reaches tau. tau >= 1
-   keeps every causal block (exactly dense; no underflowed or rounded-off block dropped).
+   is the fewest blocks (forced ones first) whose cumulative mass reaches tau
+   (blocks.coverage). tau >= 1 keeps every causal block (exactly dense; no underflowed or rounded-off block dropped).
 4. Left padding: tiles without a valid token are masked out of the softmax, blocks without
    one are never chosen, and all-padding query rows keep nothing; the sink is the first
    block holding a valid token (as Stem and streaming do).
@@ -42,12 +42,19 @@ import torch
 
 from stem_cli.config import BlockConfig, ConfigError, param
 from stem_cli.index import BlockIndex
-from stem_cli.kernels import reference as ref
-from stem_cli.kernels import score
+from stem_cli.methods import score
+from stem_cli.methods.blocks import (
+    NEG_INF,
+    choosable,
+    coverage,
+    first_valid_block,
+    forced_blocks,
+    full_index,
+    pad_to,
+    valid_keys,
+    work_dtype,
+)
 from stem_cli.methods.knob import Knob
-from stem_cli.methods.minference import choosable, full_index, valid_keys, work_dtype
-
-NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -80,25 +87,6 @@ class XAttentionConfig(BlockConfig):
             raise ConfigError(f"estimate={self.estimate!r} is not allowed: use 'tiles' or 'pooled'")
 
 
-def coverage_mask(mass: torch.Tensor, threshold: float, forced: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Keep the forced entries, then the others by decreasing mass while the mass kept before
-    each is below threshold * total (over the allowed entries); threshold >= 1 keeps all allowed.
-
-    mass (..., M) >= 0; forced and allowed broadcast to it. Returns bool (..., M)."""
-    allowed = allowed.expand_as(mass)
-    forced = forced.expand_as(mass) & allowed
-    if threshold >= 1:
-        return allowed.clone()
-    mass = mass.masked_fill(~allowed, 0.0)
-    total = mass.sum(-1, keepdim=True)
-    kept = mass.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
-    others = mass.masked_fill(forced | ~allowed, -1.0)  # not a candidate: sorts last
-    values, order = others.sort(dim=-1, descending=True)
-    before = torch.nn.functional.pad(values.clamp_min(0).cumsum(-1)[..., :-1], (1, 0))
-    take = (values >= 0) & (kept + before < threshold * total)
-    return torch.zeros_like(allowed).scatter_(-1, order, take) | forced
-
-
 def tile_block_mass(q, k, *, block_size: int, stride: int, scale: float, key_valid, chunk_blocks: int | None = None):
     """XAttention's block mass (B, Hq, P, P): per tile row softmax of the antidiagonal tile
     scores over causal valid key tiles, summed over each block pair's tiles. Chunked over
@@ -116,7 +104,7 @@ def tile_block_mass(q, k, *, block_size: int, stride: int, scale: float, key_val
     vpad[:, :n] = True if key_valid is None else key_valid.to(q.device)
     tile_ok = vpad.view(batch, nt, stride).any(-1)  # (B, N/s)
     masked = key_valid is not None or n < npad  # tiles to mask beyond the causal ones
-    kr = ref._pad_to(k, npad).to(work).reshape(batch, hkv, nt, stride * d)  # K once; Q a chunk at a time
+    kr = pad_to(k, npad).to(work).reshape(batch, hkv, nt, stride * d)  # K once; Q a chunk at a time
     tid = torch.arange(nt, device=q.device)
     out = torch.zeros(batch, hq, p, p, dtype=work, device=q.device)
     if chunk_blocks is None:
@@ -129,7 +117,7 @@ def tile_block_mass(q, k, *, block_size: int, stride: int, scale: float, key_val
         a0, a1 = i0 * tiles, i1 * tiles
         # Query tile a holds q[a s + s-1-t] at slot t; the group's tiles stacked into one GEMM per
         # KV head (a broadcast K would be copied per query head).
-        qc = ref._pad_to(q[:, :, a0 * stride : a1 * stride], (a1 - a0) * stride).to(work) * (scale / stride)
+        qc = pad_to(q[:, :, a0 * stride : a1 * stride], (a1 - a0) * stride).to(work) * (scale / stride)
         qa = qc.view(batch, hq, a1 - a0, stride, d).flip(3).reshape(batch, hkv, group * (a1 - a0), stride * d)
         s = torch.matmul(qa, kr[:, :, :a1].transpose(-1, -2)).view(batch, hq, a1 - a0, a1)
         # Causality only cuts the chunk's own square (earlier key tiles are all before its rows).
@@ -163,11 +151,10 @@ def choose(mass: torch.Tensor, *, seq_len: int, config: XAttentionConfig, key_va
     bs = config.block_size
     valid = valid_keys(key_valid, batch, seq_len, mass.device)
     allowed = choosable(valid, bs)  # (B, 1, P, P)
-    first = ref.first_valid_block(key_valid, batch, bs, mass.device)
-    forced = ref.forced_blocks(p, first, config.sink_blocks, 1)[:, None]  # sinks + diagonal
-    keep = coverage_mask(mass, config.threshold, forced, allowed)
+    first = first_valid_block(key_valid, batch, bs, mass.device)
+    forced = forced_blocks(p, first, config.sink_blocks, 1)[:, None]  # sinks + diagonal
+    keep = coverage(mass, config.threshold, allowed, forced)
     return BlockIndex.from_mask(keep & allowed, bs, seq_len)
-
 
 
 DEFAULTS = XAttentionConfig()

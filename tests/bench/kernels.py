@@ -10,7 +10,7 @@ timing and environment modules, as for every other JSON the tool writes.
 
 For every head shape (query heads / KV heads / head dim) and sequence length N,
 batch 1, bf16, random inputs, it times:
-- Stem's stages: scoring (pooled block logits, kernels/score.py), selection (TPD budget, forced
+- Stem's stages: scoring (pooled block logits, stem_cli/methods/score.py), selection (TPD budget, forced
   blocks, top-k on the GPU logits, as methods/stem.py does it), block-sparse
   attention (Triton) on that index, and their sum;
 - dense causal SDPA with the cuDNN and the FlashAttention backends;
@@ -270,7 +270,7 @@ def guarded(row: dict, key: str, fn: Callable, *, ours: bool):
 # --------------------------------------------------------------------------- Stem's stages
 
 
-SCORE_IMPL = "pooled block means + one GEMM per head (torch, kernels/score.py)"
+SCORE_IMPL = "pooled block means + one GEMM per head (torch, stem_cli/methods/score.py)"
 
 
 @dataclass
@@ -286,7 +286,7 @@ def load_kernels(device: str) -> Kernels:
         # Triton on the CPU would need TRITON_INTERPRET=1 and time the interpreter: meaningless.
         return Kernels(ref.block_logits, "reference (CPU)", ref.block_sparse_attention, "reference (CPU)")
     from stem_cli.executor import sparse_kernel
-    from stem_cli.kernels import score
+    from stem_cli.methods import score
 
     def attend(q, k, v, index, **kwargs):  # the kernel the executor would run for these tensors
         return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, **kwargs)

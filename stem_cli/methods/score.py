@@ -19,15 +19,31 @@ S is linear in q and in k, so the double sum factorises:
 
 That is one pass over q, k and v (the pooling) and a (P x s d) by (s d x P) GEMM per
 head instead of the (N/s) x (N/s) tile GEMM: at 128K tokens and s = 8 the GEMM shrinks
-by (Bk/s)^2 = 256 times. Equal to the reference up to float rounding (tested against it).
-GQA: the pooled keys of a KV head serve its query heads by broadcasting.
+by (Bk/s)^2 = 256 times. Equal to kernels/reference.py's tile-by-tile block_logits up to
+float rounding (tested against it). GQA: the pooled keys of a KV head serve its query
+heads by broadcasting.
 """
 
 from __future__ import annotations
 
 import torch
 
-from stem_cli.kernels.reference import NEG_INF, _pad_to, value_bonus
+from stem_cli.methods.blocks import NEG_INF, pad_to
+
+
+def value_bonus(v: torch.Tensor, stride: int, tile_valid: torch.Tensor, beta: float) -> torch.Tensor:
+    """The value term per key tile: beta * ReLU(z) * w, (B, Hkv, N/s) float32, where
+    u = the largest ||v_j||_2 of the tile's stride group, z = (log(u + 1e-6) - mean) / (std + 1e-6)
+    with mean and std over the sequence's valid tiles (per batch and KV head), w = 1 on valid tiles."""
+    b, hkv, n, d = v.shape
+    norms = v.float().norm(dim=-1).view(b, hkv, n // stride, stride).amax(-1)
+    logs = torch.log(norms + 1e-6)
+    w = tile_valid[:, None].float()  # (B, 1, N/s)
+    count = w.sum(-1, keepdim=True).clamp_min(1)
+    mean = (logs * w).sum(-1, keepdim=True) / count
+    std = (((logs - mean) ** 2 * w).sum(-1, keepdim=True) / count).sqrt()
+    z = (logs - mean) / (std + 1e-6)
+    return beta * torch.relu(z) * w
 
 
 def _pooled(x: torch.Tensor, weights: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
@@ -52,7 +68,7 @@ def block_logits(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same result as reference.block_logits: (B, Hq, P, P) float32, -inf where not choosable."""
+    """Same result as the reference's (kernels/reference.py) block_logits: (B, Hq, P, P) float32, -inf where not choosable."""
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -68,14 +84,14 @@ def block_logits(
     padded = key_valid is not None and not bool(tile_valid.all())
     w = tile_valid if padded else None
 
-    q_bar = _pooled(_pad_to(q, npad), w, block_size, stride)  # (B, Hq, P, s, d)
-    k_bar = _pooled(_pad_to(k, npad), w, block_size, stride).flip(3)  # slot t pairs with q slot s-1-t
+    q_bar = _pooled(pad_to(q, npad), w, block_size, stride)  # (B, Hq, P, s, d)
+    k_bar = _pooled(pad_to(k, npad), w, block_size, stride).flip(3)  # slot t pairs with q slot s-1-t
     inv = torch.where(weight > 0, 1.0 / weight.clamp_min(1), 0.0)  # (B, P)
     q_bar = q_bar.reshape(batch, hkv, group, p, stride * d) * inv[:, None, None, :, None]
     k_bar = k_bar.reshape(batch, hkv, 1, p, stride * d) * inv[:, None, None, :, None]
     logits = torch.matmul(q_bar, k_bar.transpose(-1, -2)).view(batch, hq, p, p) * (scale / stride)
     if beta > 0:
-        bonus = value_bonus(_pad_to(v, npad), stride, tile_valid, beta)  # (B, Hkv, N/s), 0 on invalid tiles
+        bonus = value_bonus(pad_to(v, npad), stride, tile_valid, beta)  # (B, Hkv, N/s), 0 on invalid tiles
         bonus_bar = bonus.view(batch, hkv, p, tiles).sum(-1) * inv[:, None, :]  # (B, Hkv, P)
         logits = logits + bonus_bar.repeat_interleave(group, dim=1)[:, :, None, :]
 
