@@ -21,8 +21,10 @@ reads KV head h // g. Block size Bk, P = ceil(N / Bk) blocks, stride s.
    floor(linspace(k_start, mu k_start)) clamped to [1, k_start]; uniform: one
    budget max(1, floor(k_start (1 + mu) / 2)). With left padding the schedule runs
    over each sequence's own blocks, from its first valid block.
-5. Selection. Forced blocks (sinks, local window, diagonal) rank first; the row
-   keeps max(k(i), forced) blocks, never more than its causal valid blocks.
+5. Selection (rule "code", the released code's): the k(i) best blocks by logit, then
+   the forced blocks (sinks, local window, diagonal) added on top, so a row keeps
+   between k(i) and k(i) + |forced| blocks; rule "inside": forced blocks rank first and
+   the row keeps max(k(i), forced). Never more than its causal valid blocks.
 6. Block-sparse attention. Exact softmax over the selected blocks' causal, valid
    keys; rows with no valid key give zeros.
 """
@@ -193,9 +195,12 @@ def row_budgets(
     return torch.tensor(rows, dtype=torch.long, device=first_block.device).view(-1, num_blocks)
 
 
-def select_topk(logits: torch.Tensor, budget: torch.Tensor, forced: torch.Tensor, *, block_size: int, seq_len: int) -> BlockIndex:
-    """One row at a time: the choosable blocks (finite logit) that are forced, then the
-    others by decreasing logit, min(max(budget, forced), choosable) of them in all.
+def select_topk(logits: torch.Tensor, budget: torch.Tensor, forced: torch.Tensor, *, block_size: int, seq_len: int,
+                rule: str = "code") -> BlockIndex:
+    """One row at a time, among the choosable blocks (finite logit):
+    rule "code": the budget(i) best by logit, then every forced one added (released code);
+    rule "inside": the forced ones, then the others by decreasing logit, min(max(budget, forced),
+    choosable) of them in all.
 
     logits (B, H, P, P), -inf where a block may not be chosen; budget (B, P); forced (B, P, P)."""
     batch, heads, p, _ = logits.shape
@@ -206,6 +211,10 @@ def select_topk(logits: torch.Tensor, budget: torch.Tensor, forced: torch.Tensor
                 row = logits[b, h, i].tolist()
                 cands = [j for j in range(p) if row[j] > NEG_INF]
                 first = [j for j in cands if forced[b, i, j]]
+                if rule == "code":
+                    best = sorted(cands, key=lambda j: -row[j])[: int(budget[b, i])]
+                    keep[b, h, i, sorted(set(best) | set(first))] = True
+                    continue
                 others = sorted((j for j in cands if not forced[b, i, j]), key=lambda j: -row[j])
                 count = min(max(int(budget[b, i]), len(first)), len(cands))
                 keep[b, h, i, (first + others)[:count]] = True

@@ -72,6 +72,12 @@ class StemConfig(BlockConfig):
     k_scale: float = param(1.0, "multiplies k_start (budget knob for equal-budget comparisons)", "stem")
     sink_blocks: int = param(4, "first blocks always kept (attention sinks)", "code")
     window_blocks: int = param(4, "blocks ending at the diagonal always kept (local window; includes the diagonal)", "code")
+    forced_rule: str = param(
+        "code",
+        "how the always-kept blocks meet the budget: 'code' = top-k(i) by the metric, then sinks/window/diagonal "
+        "added on top (k(i) to k(i)+sink+window blocks; released code); 'inside' = ranked first, counted inside k(i)",
+        "code",
+    )
     gqa: str = param(
         "query",
         "'query' = select per query head; 'kv' = one selection per KV head from the group's mean block logits",
@@ -100,6 +106,8 @@ class StemConfig(BlockConfig):
                 raise ConfigError(f"{name}={value!r} is not allowed: use a block count >= 0")
         if self.gqa not in ("query", "kv"):
             raise ConfigError(f"gqa={self.gqa!r} is not allowed: use 'query' or 'kv'")
+        if self.forced_rule not in ("code", "inside"):
+            raise ConfigError(f"forced_rule={self.forced_rule!r} is not allowed: use 'code' or 'inside'")
         if not isinstance(self.tpd, bool):
             raise ConfigError(f"tpd={self.tpd!r} is not allowed: use true or false")
 

@@ -70,6 +70,7 @@ class Method:
     # prepare(model, config) -> run state, called by stem_cli.apply: checks against the model, hooks,
     # and the mutable state the selector then receives as `state=` (elastic's Omega counts, router keys).
     prepare: Callable | None = None
+    notes: tuple = ()  # where the method departs from its authors' released code, and why (`stem methods`)
 
     @property
     def attn_implementation(self) -> str:
@@ -92,7 +93,8 @@ class DecodeMethod:
 def _from_module(name: str, path: str) -> Method:
     module = importlib.import_module(path)
     return Method(name, module.select, module.DEFAULTS, module.DESCRIPTION, getattr(module, "BUDGET_KNOB", None),
-                  getattr(module, "estimate", None), getattr(module, "choose", None), getattr(module, "prepare", None))
+                  getattr(module, "estimate", None), getattr(module, "choose", None), getattr(module, "prepare", None),
+                  getattr(module, "NOTES", ()))
 
 
 def _build_prefill(name: str) -> Method:

@@ -57,12 +57,18 @@ def test_selection_matches_reference(seed, p, heads, sinks, window, k_start, mu,
     assert torch.equal(budget, ref.row_budgets(p, lengths, first, schedule="code", mu=mu, tpd=tpd, k_start=min(k_start, p)))
     forced = blocks.forced_blocks(p, first, sinks, window)
     assert torch.equal(forced, ref.forced_blocks(p, first, sinks, window))
-    index = blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8)
-    bounded = blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, max_count=int(budget.max()) + sinks + window + 1)
-    assert torch.equal(bounded.counts, index.counts)
-    k = index.indices.shape[-1]
-    assert torch.equal(bounded.indices[..., :k], index.indices) and (bounded.indices[..., k:] == -1).all()
-    want = rows_of(ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8))
+    most = int(budget.max()) + sinks + window + 1
+    for rule in ("code", "inside"):  # the released rule against the oracle; the other is pinned below
+        index = blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule=rule)
+        bounded = blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, max_count=most, rule=rule)
+        assert torch.equal(bounded.counts, index.counts)
+        k = index.indices.shape[-1]
+        assert torch.equal(bounded.indices[..., :k], index.indices) and (bounded.indices[..., k:] == -1).all()
+        assert rows_of(index) == rows_of(ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule=rule))
+    assert blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8).counts.equal(
+        blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule="code").counts)  # code is the default
+    index = blocks.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule="inside")
+    want = rows_of(ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule="inside"))
     for (b, h, i), got in rows_of(index).items():
         assert got == want[b, h, i], (b, h, i)
         # properties the issue names

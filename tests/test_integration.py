@@ -155,8 +155,9 @@ def test_gpu_bf16_full_budget_matches_dense_and_sparse_is_finite(family):
 
 
 def test_gqa_kv_selection_full_budget_and_same_bud():
-    """One selection per KV head: full budget is still dense, and since budgets are
-    counts per row, BUD matches per-query-head selection exactly."""
+    """One selection per KV head: full budget is still dense, and with the forced blocks counted
+    inside the budget (forced_rule=inside) a row's count is data-independent, so BUD matches
+    per-query-head selection exactly; with the released rule (forced on top) it is close."""
     model = tiny("llama")
     ids = random_ids()
     with torch.no_grad():
@@ -164,8 +165,11 @@ def test_gqa_kv_selection_full_budget_and_same_bud():
         stem_cli.apply(model, "stem", block_size=16, dense_layers=[], k_start=10_000, gqa="kv")
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-4)
         bud = {}
-        for mode in ("query", "kv"):
-            runtime = stem_cli.apply(model, "stem", **SPARSE, gqa=mode)
-            model(ids)
-            bud[mode] = runtime.recorder.bud
-    assert bud["kv"] == pytest.approx(bud["query"]) and bud["kv"] < 0.9
+        for rule in ("inside", "code"):
+            for mode in ("query", "kv"):
+                runtime = stem_cli.apply(model, "stem", **SPARSE, gqa=mode, forced_rule=rule)
+                model(ids)
+                bud[rule, mode] = runtime.recorder.bud
+    assert bud["inside", "kv"] == pytest.approx(bud["inside", "query"]) and bud["inside", "kv"] < 0.9
+    assert bud["code", "kv"] == pytest.approx(bud["code", "query"], abs=0.02) and bud["code", "kv"] < 0.9
+    assert bud["code", "query"] >= bud["inside", "query"]  # forced blocks on top keep at least as many

@@ -78,8 +78,9 @@ def brute_block_logits(q, k, v, block, stride, beta, scale, valid):
     return logits
 
 
-def brute_select(logits, budget, first, sinks, window):
-    """Per row: forced blocks, then the best others, max(budget, forced) in all."""
+def brute_select(logits, budget, first, sinks, window, rule="inside"):
+    """Per row. inside: forced blocks, then the best others, max(budget, forced) in all;
+    code: the budget best blocks, then the forced ones added."""
     batch, heads, p, _ = logits.shape
     rows = {}
     for b in range(batch):
@@ -87,6 +88,10 @@ def brute_select(logits, budget, first, sinks, window):
             for i in range(p):
                 cands = [j for j in range(i + 1) if logits[b, h, i, j] > float("-inf")]
                 forced = {j for j in cands if (first[b] <= j < first[b] + sinks) or j > i - window or j == i}
+                if rule == "code":
+                    best = sorted(cands, key=lambda j: -float(logits[b, h, i, j]))[: int(budget[b, i])]
+                    rows[b, h, i] = sorted(forced | set(best))
+                    continue
                 count = min(max(int(budget[b, i]), len(forced)), len(cands))
                 others = sorted((j for j in cands if j not in forced), key=lambda j: -float(logits[b, h, i, j]))
                 rows[b, h, i] = sorted(forced | set(others[: count - len(forced)]))
@@ -165,8 +170,15 @@ def test_selection_matches_brute_force(seed, p, heads, sinks, window, k_start, m
     lengths = (p - first) * 8
     budget = ref.row_budgets(p, lengths, first, schedule="code", mu=mu, tpd=tpd, k_start=min(k_start, p))
     forced = ref.forced_blocks(p, first, sinks, window)
-    index = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8)
+    index = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule="inside")
     want = brute_select(logits, budget, first, sinks, window)
+    code = ref.select_topk(logits, budget, forced, block_size=8, seq_len=p * 8, rule="code")
+    for (b, h, i), blocks in brute_select(logits, budget, first, sinks, window, rule="code").items():
+        c = int(code.counts[b, h, i])
+        assert code.indices[b, h, i, :c].tolist() == blocks and (code.indices[b, h, i, c:] == -1).all()
+        cands = max(0, i - int(first[b]) + 1)
+        n_forced = len([j for j in range(first[b], i + 1) if j < first[b] + sinks or j > i - window or j == i])
+        assert min(int(budget[b, i]), cands) <= c <= min(int(budget[b, i]) + n_forced, cands)
     for (b, h, i), blocks in want.items():
         c = int(index.counts[b, h, i])
         got = index.indices[b, h, i, :c].tolist()
@@ -194,6 +206,26 @@ def test_schedule_properties(schedule, p, mu, k_scale):
     assert budget[-1] >= max(1, math.floor(mu * ks)) if p > ks else True
     uniform = ref.tpd_budget(p, ks, mu, tpd=False)
     assert (uniform == max(1, math.floor(ks * (1 + mu) / 2))).all()
+
+
+def test_forced_rule_hand_checked():
+    """One row i = 9 of 10 blocks, budget 3, sinks 2 (blocks 0, 1), window 2 (blocks 8, 9).
+    Logits favour blocks 5, 4, 1, 3 in that order. Released code (rule code): the best 3
+    {5, 4, 1}, then the forced {0, 1, 8, 9} on top: 6 blocks. Rule inside: the 4 forced
+    blocks fill the row past its budget of 3: 4 blocks, none chosen by the metric."""
+    p, i = 10, 9
+    logits = torch.full((1, 1, p, p), float("-inf"))
+    logits[0, 0, i, : i + 1] = torch.tensor([0.1, 0.7, 0.0, 0.5, 0.8, 0.9, 0.2, 0.3, 0.05, 0.0])
+    budget = torch.full((1, p), 3)
+    forced = ref.forced_blocks(p, torch.zeros(1, dtype=torch.long), 2, 2)
+    assert forced[0, i].nonzero().flatten().tolist() == [0, 1, 8, 9]
+    code = ref.select_topk(logits, budget, forced, block_size=16, seq_len=p * 16, rule="code")
+    inside = ref.select_topk(logits, budget, forced, block_size=16, seq_len=p * 16, rule="inside")
+    assert code.indices[0, 0, i, : code.counts[0, 0, i]].tolist() == [0, 1, 4, 5, 8, 9]
+    assert inside.indices[0, 0, i, : inside.counts[0, 0, i]].tolist() == [0, 1, 8, 9]
+    budget[0, i] = 6  # rule inside: the 2 best non-forced (5, 4) join the 4 forced
+    inside = ref.select_topk(logits, budget, forced, block_size=16, seq_len=p * 16, rule="inside")
+    assert inside.indices[0, 0, i, : inside.counts[0, 0, i]].tolist() == [0, 1, 4, 5, 8, 9]
 
 
 def test_schedule_hand_checked():

@@ -52,6 +52,7 @@ class ElasticConfig:
     k_scale: float = param(1.0, "stem heads: multiplies k_start", "stem")
     sink_blocks: int = param(4, "stem heads: first blocks always kept", "code")
     window_blocks: int = param(4, "stem heads: blocks ending at the diagonal always kept", "code")
+    forced_rule: str = param("code", "stem heads: 'code' = forced blocks on top of top-k(i), 'inside' = counted in it", "code")
     gqa: str = param("query", "stem heads: 'query' = select per query head, 'kv' = per KV head", "stem")
 
     def __post_init__(self):
@@ -59,7 +60,7 @@ class ElasticConfig:
         object.__setattr__(self, "_stem", StemConfig(
             block_size=self.block_size, dense_layers=(), stride=self.stride, beta=self.beta, mu=self.mu, tpd=self.tpd,
             schedule=self.schedule, k_start=self.k_start, k_scale=self.k_scale, sink_blocks=self.sink_blocks,
-            window_blocks=self.window_blocks, gqa=self.gqa,
+            window_blocks=self.window_blocks, forced_rule=self.forced_rule, gqa=self.gqa,
         ))
         layers = self.default_dense_layers
         if isinstance(layers, int) or not all(isinstance(x, int) and x >= 0 for x in layers):

@@ -150,6 +150,9 @@ def row_budgets(
     return torch.stack(rows).to(first_block.device)
 
 
+FORCED_RULES = ("code", "inside")
+
+
 def select_topk(
     logits: torch.Tensor,
     budget: torch.Tensor,
@@ -158,24 +161,44 @@ def select_topk(
     block_size: int,
     seq_len: int,
     max_count: int | None = None,
+    rule: str = "code",
 ) -> BlockIndex:
-    """Per row keep the forced blocks, then the best-scoring ones, max(budget, forced) in all.
+    """Per row the top-k(i) blocks by logit and the forced blocks (sinks, window, diagonal).
 
+    rule "code" (the authors' released code): the budget(i) best-scoring blocks, then the
+    forced ones OR-ed in on top, so a row keeps between budget(i) and budget(i) + |forced|.
+    rule "inside": the forced blocks rank first and count inside the budget: max(budget,
+    forced) blocks in all. Either way a row never keeps more than its choosable blocks.
     logits (B, H, P, P) with -inf for blocks that may not be chosen; budget (B, P);
-    forced (B, P, P). A row never keeps more than its choosable blocks. `max_count`,
-    an upper bound on any row's count known on the host, spares a device sync.
+    forced (B, P, P). `max_count`, an upper bound on any row's count known on the host,
+    spares a device sync.
     """
-    ranked = logits.masked_fill(forced[:, None] & (logits > NEG_INF), float("inf"))
-    choosable_count = (ranked > NEG_INF).sum(-1)
-    n_forced = forced.sum(-1)[:, None]
-    counts = torch.minimum(torch.maximum(budget.to(logits.device)[:, None], n_forced), choosable_count).to(torch.int32)
     p = logits.shape[-1]
-    kmax = min(max_count, p) if max_count is not None else max(int(counts.max()), 1)
-    top = ranked.topk(kmax, dim=-1, sorted=True).indices
-    keep = torch.arange(kmax, device=logits.device) < counts[..., None]
-    # int32 ids: sorting them instead of topk's int64 cut selection at 128K from 4.1 to 3.4 ms (H100).
-    ids = torch.where(keep, top, p + top).to(torch.int32).sort(-1).values
-    indices = torch.where(ids < p, ids, PAD)
+    budget = budget.to(logits.device)[:, None]
+    choosable_count = (logits > NEG_INF).sum(-1)
+    if rule == "inside":
+        ranked = logits.masked_fill(forced[:, None] & (logits > NEG_INF), float("inf"))
+        counts = torch.minimum(torch.maximum(budget, forced.sum(-1)[:, None]), choosable_count).to(torch.int32)
+        kmax = min(max_count, p) if max_count is not None else max(int(counts.max()), 1)
+        top = ranked.topk(kmax, dim=-1, sorted=True).indices
+        keep = torch.arange(kmax, device=logits.device) < counts[..., None]
+        # int32 ids: sorting them instead of topk's int64 cut selection at 128K from 4.1 to 3.4 ms (H100).
+        ids = torch.where(keep, top, p + top).to(torch.int32).sort(-1).values
+        return BlockIndex(counts, torch.where(ids < p, ids, PAD), block_size, seq_len)
+    if rule != "code":
+        raise ValueError(f"unknown forced-block rule {rule!r}; rules: {', '.join(FORCED_RULES)}")
+    take = torch.minimum(budget, choosable_count)  # (B, H, P)
+    kmax = max(1, min(int(budget.max()), p))  # budgets live on the host: no device sync
+    top = logits.topk(kmax, dim=-1, sorted=True).indices  # sorted: the first take(i) are the best
+    keep = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    keep.scatter_(-1, top, torch.arange(kmax, device=logits.device) < take[..., None])
+    keep |= forced[:, None] & (logits > NEG_INF)
+    counts = keep.sum(-1).to(torch.int32)
+    width = min(max_count, p) if max_count is not None else max(int(counts.max()), 1)
+    # The kept ids in increasing order: the `width` largest of (p - j) over the kept j.
+    order = torch.where(keep, p - torch.arange(p, device=logits.device, dtype=torch.int32), 0)
+    first = order.topk(width, dim=-1, sorted=True).values
+    indices = torch.where(first > 0, p - first, PAD).to(torch.int32)
     return BlockIndex(counts, indices, block_size, seq_len)
 
 

@@ -1,4 +1,19 @@
-"""Stem: Token Position-Decay budgets over Output-Aware block logits (spec section 1)."""
+"""Stem: Token Position-Decay budgets over Output-Aware block logits (spec section 1).
+
+Where this follows the authors' released code and where not (checked on identical
+q/k/v against it: the block logits agree within 1e-5, the selections at Jaccard >= 0.999):
+- always-kept blocks: top-k(i) by the metric, then sinks, window and diagonal added on
+  top (`forced_rule="code"`, the default, as released); `forced_rule="inside"` ranks them
+  first and counts them inside k(i) (this project's earlier rule);
+- value-norm z-score: the population standard deviation (N) here, the sample one (N - 1)
+  there; over the N/s stride tiles (512 at 4K) the two differ by a factor of about
+  1 + 1/(2N), far below the logits' bf16 rounding;
+- a partial last block: its logit averages the valid tiles only here; there the sequence
+  is zero-padded to a multiple of 2048 and the zero tiles are averaged in, which pulls the
+  last block's logit towards 0 by an amount that depends on the padding, not the data.
+  We follow the valid-tile mean so that the logit of a block does not depend on where
+  the sequence happens to end; the diagonal block is always kept either way.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +62,17 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
     )
     forced = forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
     most = int(budget.max()) + config.sink_blocks + config.window_blocks + 1  # >= any row's count
-    return select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most)
+    return select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most,
+                       rule=config.forced_rule)
 
 
+NOTES = (
+    "always-kept blocks: top-k(i) by the metric, then sinks/window/diagonal on top (forced_rule=code, as the released code); "
+    "forced_rule=inside counts them inside k(i)",
+    "value-norm z-score: population std (N) here, sample std (N-1) in the released code (a 1 + 1/(2N) factor, N = stride tiles)",
+    "partial last block: mean over its valid tiles here; the released code zero-pads to a multiple of 2048 and averages "
+    "the zero tiles in (a logit that depends on where the sequence ends); followed: valid tiles",
+)
 DEFAULTS = StemConfig()
 DESCRIPTION = "Stem: TPD per-row budget (decays to mu*k_start) + Output-Aware Metric (score + beta*value norm)"
 # k_scale multiplies k_start (clamped to [1, P]): 0.01 leaves the forced sinks/window/diagonal, 16 reaches
