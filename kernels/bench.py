@@ -46,7 +46,7 @@ from stem_cli.config import ConfigError, StemConfig
 from stem_cli.index import BlockIndex, block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.kernels import reference as ref
 from stem_cli.methods.stem import select_from_logits
-from stem_cli.profile import is_oom, package_version, slug
+from stem_cli.runs.prefill_profile import is_oom, package_version, slug
 from stem_cli.units import format_length, parse_lengths
 
 DEFAULT_LENGTHS = "8K,16K,32K,64K,128K"

@@ -25,7 +25,7 @@ import torch
 import stem_cli
 from stem_cli.config import ConfigError, replace
 from stem_cli.index import block_pair_counts, causal_pairs, computed_pairs
-from stem_cli.methods import get_method
+from stem_cli.registry import get_method
 
 TOLERANCE = 0.01  # +-1 BUD point, as the comparison promises
 
