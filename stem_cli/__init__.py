@@ -3,6 +3,7 @@
     import stem_cli
     runtime = stem_cli.apply(model, "uniform", k_scale=0.5)     # any registry method, any config
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="stem")   # after stem_cli.register()
+    result = stem_cli.compare("smollm2-135m", ["stem"], tasks=["niah"], lengths="4k")   # stem_cli.runs: every command
 
 `import stem_cli` is cheap: torch, transformers and the methods load on first use of a
 name below, and the attention names are registered with transformers by `register()`
@@ -20,6 +21,9 @@ _LAZY = {
     "apply": "stem_cli.integration",
     "register": "stem_cli.hook",
     "Runtime": "stem_cli.integration",
+    "evaluate": "stem_cli.runs",
+    "compare": "stem_cli.runs",
+    "profile": "stem_cli.runs",
 }
 
 

@@ -27,12 +27,14 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from stem_cli.errors import UsageError
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # What the hub raises for unreachable, gated, missing or malformed repos (not for bad arguments).
 _HUB_ERRORS = (OSError, HFValidationError)
 
 
-class ModelError(Exception):
+class ModelError(UsageError):
     """A model cannot be fetched or loaded; the message says what the user must do."""
 
 

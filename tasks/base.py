@@ -3,7 +3,7 @@
 A generation task yields `Sample`s: a prompt already tokenized with the model's own
 tokenizer (chat template when the model has one, a completion prefix otherwise), the
 reference answers and the name of the metric that scores a prediction against them.
-The runner (stem_cli.evaluate) generates greedily under each method, scores, and
+The runner (stem_cli.runs.runner) generates greedily under each method, scores, and
 writes one JSONL line per sample. Metrics map (prediction, references) to [0, 1].
 """
 

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stem_cli.errors import UsageError
+
 INSTALL_HINT = "pip install 'stem-cli[lmeval]'"
 
 # lm-eval lines that say nothing to a stem user: the model instance is passed on purpose.
@@ -40,7 +42,7 @@ _NOISE = (
 )
 
 
-class TaskError(Exception):
+class TaskError(UsageError):
     """An lm-eval task cannot run (not installed, unknown task, data unreachable); the message says what to do."""
 
 

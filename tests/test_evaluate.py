@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from stem_cli.cli import app
 from stem_cli.config import ConfigError, replace
-from stem_cli.evaluate import EvalSettings, Job, ResultStore, Runner, TaskError, record_key, resolve_tasks, summarize
+from stem_cli.runs.runner import EvalSettings, Job, Runner, summarize
+from stem_cli.runs.store import ResultStore, record_key
+from stem_cli.runs.task_names import TaskError, resolve_tasks
 from stem_cli.registry import get_method
 from stem_cli.models import load_model
 
@@ -71,7 +73,7 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_summary(tiny, tmp_path):
-    from stem_cli.evaluate import TaskRef
+    from stem_cli.runs.task_names import TaskRef
 
     refs = [TaskRef("ruler/niah_single_1", "generate", "niah_single_1"), TaskRef("ruler/vt", "generate", "vt")]
     full = Runner(tiny, ResultStore(tmp_path / "full.jsonl"), _settings(tiny)).run(_jobs(), refs)
@@ -135,7 +137,7 @@ def test_eval_cli_writes_results_and_refuses_to_overwrite(tmp_path):
 
 
 def test_budget_solver_hits_the_target(tiny):
-    from stem_cli.budget import TOLERANCE, solve_budget
+    from stem_cli.runs.budget import TOLERANCE, solve_budget
 
     import stem_cli
 
@@ -158,7 +160,7 @@ def test_budget_solver_hits_the_target(tiny):
 
 
 def test_budget_out_of_reach(tiny):
-    from stem_cli.budget import solve_budget
+    from stem_cli.runs.budget import solve_budget
 
     ids = torch.randint(0, 256, (1, 400))
     config = replace(get_method("stem").defaults, {"block_size": 16, "dense_layers": [0, 1]}, "stem")
@@ -205,7 +207,7 @@ def test_compare_cli_budget_cache_and_exports(tmp_path):
 def test_budget_solver_elastic_head_map(tiny, tmp_path):
     """Elastic's knob scales its Stem heads; dense and streaming heads set the floor."""
     import stem_cli
-    from stem_cli.budget import TOLERANCE, solve_budget
+    from stem_cli.runs.budget import TOLERANCE, solve_budget
     from stem_cli.elastic.headmap import HeadMap, save_head_map
 
     modes = [["dense", "dense"], ["dense", "streaming"], ["stem", "streaming"], ["stem", "stem"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.image
 import pytest
 
-from stem_cli.plots import plot_profile
+from stem_cli.report.plots import plot_profile
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

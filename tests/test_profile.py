@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import stem_cli.profile as profile_module
+import stem_cli.runs.prefill_profile as profile_module
 from stem_cli.cli import app
 from stem_cli.models import load_model
 from stem_cli.registry import build_configs

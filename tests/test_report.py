@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from stem_cli.evaluate import averages, summarize
-from stem_cli.report import compare_rows, compare_table, eval_table, render
+from stem_cli.runs.runner import averages, summarize
+from stem_cli.report.tables import compare_rows, compare_table, eval_table, render
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -1,148 +1,26 @@
-"""`stem eval`: long-context accuracy per task, length and method, every result on disk as it is made.
+"""The run: jobs x tasks x samples on one loaded model, every result in the store as it is made; summaries.
 
-Task names (what `--task` accepts):
-- `ruler` (every built-in RULER task), `niah` (its eight needle tasks), `ruler/NAME` (one task);
-- `longbench` (every LongBench subset), `longbench/NAME`: from `--data-dir` JSONL files, or
-  through lm-eval's longbench tasks when their data is reachable;
-- `fidelity`, `ppl`: measurements against dense attention (output error, perplexity);
-- anything else goes to lm-eval (`simple_evaluate` over the already patched model).
-
-Results are JSON lines, one per (method, task, length, sample), written and flushed as
-soon as a sample is scored. Each carries a key hashed from everything that determines
-it (model, dtype, method and its full config, task, length, seed, sample id), so
-`--resume` skips what is already there and `stem compare` reuses results across runs.
-A torn last line (the process killed mid-write) is dropped when the file is opened.
+A job is one method at one length with the config it runs with (a budget-solved one
+under an equal-budget comparison). Samples are built once per (task, length) and run
+samples-outer, so every method sees a prompt while it is hot in cache. Results go to a
+`ResultStore` (stem_cli/runs/store.py) as soon as each is scored; `summarize` and
+`averages` turn records into the rows the reports render.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
 import stem_cli
-from stem_cli.config import ConfigError
-
-from stem_cli.tasks.harness import TaskError  # one error type for every task source: unknown name, data unreachable, lm-eval failure
-
-BUILT_IN = ("ruler", "niah", "longbench", "fidelity", "ppl")
-
-
-@dataclass(frozen=True)
-class TaskRef:
-    name: str  # shown and stored: "ruler/vt", "longbench/hotpotqa", "fidelity", "lm-eval/gsm8k"
-    kind: str  # "generate" | "measure" | "lm-eval"
-    sub: str  # the name inside its source: "vt", "hotpotqa", "fidelity", "gsm8k"
-
-
-def resolve_tasks(items: Iterable[str], data_dir: Path | None = None) -> list[TaskRef]:
-    """'ruler,ppl' -> TaskRefs, expanded and checked, order kept, no repeats."""
-    from stem_cli.tasks import ruler
-
-    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
-    if not names:
-        raise TaskError(f"no task given; built-in tasks: {', '.join(BUILT_IN)}, ruler/NAME, longbench/NAME; other names go to lm-eval")
-    refs: list[TaskRef] = []
-    for name in names:
-        if name in ruler.GROUPS:
-            refs += [TaskRef(f"ruler/{t}", "generate", t) for t in ruler.GROUPS[name]]
-        elif name.startswith("ruler/"):
-            sub = name.removeprefix("ruler/")
-            if sub not in ruler.TASKS:
-                raise TaskError(f"unknown RULER task {sub!r}; built-in RULER tasks: {', '.join(ruler.TASKS)}")
-            refs.append(TaskRef(name, "generate", sub))
-        elif name == "longbench" or name.startswith("longbench/"):
-            refs += _longbench_refs(name, data_dir)
-        elif name in ("fidelity", "ppl"):
-            refs.append(TaskRef(name, "measure", name))
-        else:
-            refs.append(TaskRef(f"lm-eval/{name.removeprefix('lm-eval/')}", "lm-eval", name.removeprefix("lm-eval/")))
-    return list(dict.fromkeys(refs))
-
-
-def _longbench_refs(name: str, data_dir: Path | None) -> list[TaskRef]:
-    from stem_cli.tasks import longbench
-
-    subsets = list(longbench.SUBSETS) if name == "longbench" else [name.removeprefix("longbench/")]
-    for sub in subsets:
-        if sub not in longbench.ALL_SUBSETS:
-            raise TaskError(f"unknown LongBench subset {sub!r}; subsets: {', '.join(longbench.ALL_SUBSETS)}")
-    how = longbench.resolve(data_dir)
-    if how == "local":
-        if name == "longbench":  # the whole benchmark: the subsets whose files are there
-            subsets = [s for s in subsets if (Path(data_dir) / f"{s}.jsonl").is_file()]
-        return [TaskRef(f"longbench/{s}", "generate", s) for s in subsets]
-    # lm-eval names the group "longbench" and its tasks "longbench_<subset>".
-    sub = "longbench" if name == "longbench" else f"longbench_{subsets[0]}"
-    return [TaskRef(f"lm-eval/{sub}", "lm-eval", sub)]
-
-
-def measure_module(ref: TaskRef):
-    return importlib.import_module(f"stem_cli.tasks.{ref.sub}")
-
-
-# ------------------------------------------------------------------ results on disk
-
-
-def config_dict(config) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()} if dataclasses.is_dataclass(config) else {}
-
-
-def record_key(*, model: str, dtype: str, method: str, config: dict, task: str, seq_len: int, seed: int, sample: str) -> str:
-    """What determines a result, hashed: equal keys mean the same computation."""
-    what = {"model": model, "dtype": dtype, "method": method, "config": config, "task": task, "seq_len": seq_len, "seed": seed, "sample": sample}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-class ResultStore:
-    """Append-only JSONL of results, indexed by key. Each line is flushed and fsynced when added."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.records: dict[str, dict] = {}
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a torn last line: the process died mid-write; drop it
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-            data = data[:end]
-        for number, line in enumerate(data.decode().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise TaskError(f"{self.path}:{number} is not a JSON line; the results file is damaged (move it away or use another --output)") from None
-            self.records[record["key"]] = record
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.records
-
-    def get(self, key: str) -> dict | None:
-        return self.records.get(key)
-
-    def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, default=str) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        self.records[record["key"]] = record
-
-
-# ------------------------------------------------------------------ the run
+from stem_cli.runs.store import ResultStore, config_dict, record_key
+from stem_cli.runs.task_names import TaskRef, measure_module
+from stem_cli.tasks.harness import TaskError
 
 
 @dataclass
@@ -417,10 +295,3 @@ def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:
                     out[(method, seq_len)][key] = sum(values) / len(values)
     return out
 
-
-def check_lengths(lengths: list[int], model) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(text, "max_position_embeddings", limit)
-    if limit and max(lengths) > limit:
-        raise ConfigError(f"--seq-len {max(lengths)} exceeds the model's context of {limit} tokens; use lengths up to {limit}")

@@ -6,11 +6,13 @@ Two shapes:
 - compare: one row per (method, length) with every task, the average, its delta to
   dense, BUD and (where profiled) estimation / attention / end-to-end time and speed-up.
 The flat rows of `compare_rows` are what every export format writes, so the formats agree.
+The other commands' terminal tables (methods, generate, profile, calibrate) are here too.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from typing import Any
@@ -182,3 +184,131 @@ def render(flat: list[dict], fmt: str) -> str:
         lines += ["| " + " | ".join(_text(c, row.get(c)) for c in cols) + " |" for row in flat]
         return "\n".join(lines) + "\n"
     raise ValueError(f"unknown format {fmt!r}: use table, markdown, csv or json")
+
+
+# ------------------------------------------------------------------ the method registry (stem methods)
+
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _parameters(defaults) -> dict:
+    return {f.name: {"default": getattr(defaults, f.name), "source": f.metadata["source"], "help": f.metadata["help"]}
+            for f in dataclasses.fields(defaults)}
+
+
+def methods_data(methods: dict, decode_methods: dict) -> dict:
+    """The registry as JSON data: each method's description, attention name and parameters (default, source, help)."""
+    data: dict[str, Any] = {
+        name: {"description": m.description, "attn_implementation": m.attn_implementation, "parameters": _parameters(m.defaults)}
+        for name, m in methods.items()
+    }
+    data["decode"] = {name: {"description": m.description, "parameters": _parameters(m.defaults)} for name, m in decode_methods.items()}
+    return data
+
+
+def methods_tables(methods: dict, decode_methods: dict) -> tuple[Table, Table]:
+    """(pre-fill methods, decode methods); a variant shows only the parameters where it differs from the method it varies."""
+    table = Table(title="stem methods", show_lines=True)
+    table.add_column("method", style="bold cyan")
+    table.add_column("what it does")
+    table.add_column("parameter = default", style="green")
+    table.add_column("source")
+    table.add_column("meaning", style="dim")
+    shown: dict[type, str] = {}  # config class -> the first method listed with all its parameters
+    for name, m in methods.items():
+        fields = dataclasses.fields(m.defaults)
+        base = shown.setdefault(type(m.defaults), name)
+        if base != name:  # a variant: only what differs from the method it varies
+            reference = methods[base].defaults
+            fields = [f for f in fields if getattr(m.defaults, f.name) != getattr(reference, f.name)]
+        described = [m.description, f"attn_implementation='{m.attn_implementation}'"]
+        if base != name:
+            described.append(f"other parameters as {base}")
+        rows = [(f"{f.name} = {_shown(getattr(m.defaults, f.name))}", f.metadata["source"], f.metadata["help"]) for f in fields]
+        rows += [("", "", "")] * (len(described) - len(rows))
+        for i, row in enumerate(rows):
+            table.add_row(name if i == 0 else "", described[i] if i < len(described) else "", *row)
+    decode = Table(title="decode methods (--method PREFILL+DECODE, e.g. stem+prhs; alone: dense pre-fill)", show_lines=True)
+    for col, style in (("method", "bold cyan"), ("what it does", None), ("parameter = default", "green"), ("source", None), ("meaning", "dim")):
+        decode.add_column(col, style=style)
+    for name, m in decode_methods.items():
+        for i, f in enumerate(dataclasses.fields(m.defaults)):
+            decode.add_row(name if i == 0 else "", m.description if i == 0 else "",
+                           f"{f.name} = {_shown(getattr(m.defaults, f.name))}", f.metadata["source"], f.metadata["help"])
+    return table, decode
+
+
+# ------------------------------------------------------------------ generate, profile, calibrate
+
+
+def generate_table(answers) -> Table:
+    """runs.answer.Answers: one row per method."""
+    table = Table(title=f"stem generate: {answers.model}, {answers.prompt_tokens} prompt tokens")
+    scored = answers.expected is not None
+    for col in ("method", "BUD", "pre-fill s", "decode s", "tokens", *(("correct",) if scored else ()), "answer"):
+        table.add_column(col, justify="right" if col not in ("method", "answer") else "left")
+    for r in answers.rows:
+        row = [r["method"], f"{r['bud']:.1%}" if r["bud"] is not None else "-", f"{r['prefill_s']:.2f}", f"{r['decode_s']:.2f}", str(r["tokens"])]
+        if scored:
+            row.append("[green]yes[/]" if r["correct"] else "[red]no[/]")
+        table.add_row(*row, r["text"].replace("\n", " ")[:80])
+    return table
+
+
+def profile_table(result: dict) -> Table:
+    """A pre-fill profile's rows (runs.profiling.profile): times, speed-up, BUD, memory, power; OOMs marked."""
+    env = result["environment"]
+    table = Table(title=f"stem profile: {result['model']} on {env.get('gpu', 'CPU')} ({result['timing']})")
+    for col in ("method", "length", "e2e ms", "attention ms", "estimation ms", "other ms", "speed-up", "BUD", "tok/s", "decode ms", "peak GiB", "power W"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in result["rows"]:
+        if row.get("status") != "ok":
+            need = row.get("failed_allocation_gib")
+            table.add_row(row["method"], format_length(row["seq_len"]), f"[red]{row['status']}[/]" + (f" (+{need:.1f} GiB)" if need else ""), *[""] * 9)
+            continue
+        power = ((row.get("nvml") or {}).get("power_w") or {}).get("mean")
+        table.add_row(
+            row["method"], format_length(row["seq_len"]),
+            f"{row['e2e_ms']:.1f} ({row['e2e_min_ms']:.0f}-{row['e2e_max_ms']:.0f})", f"{row['attention_ms']:.1f}",
+            f"{row['estimation_ms']:.1f}", f"{row['other_ms']:.1f}", _num(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""),
+            _num(row.get("bud"), ".1%"), f"{row['tokens_per_s']:.0f}", f"{row['decode_ms']:.1f}", _num(row.get("peak_gib"), ".1f"), _num(power, ".0f"),
+        )
+    return table
+
+
+def decode_profile_table(result: dict) -> Table:
+    """A decode profile's rows (runs.profiling.profile_decode): ms per token and its stages, speed-up, kept and re-anchored."""
+    env = result["environment"]
+    table = Table(title=f"stem profile --decode: {result['model_shape']}-shaped synthetic cache on {env.get('gpu', 'CPU')} ({result['timing']})")
+    for col in ("method", "context", "ms/token", "selection ms", "attention ms", "speed-up", "tok/s", "kept", "re-anchor"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in result["rows"]:
+        if row.get("status") != "ok":
+            table.add_row(row["method"], format_length(row["seq_len"]), f"[red]{row['status']}[/]", *[""] * 6)
+            continue
+        table.add_row(
+            row["method"], format_length(row["seq_len"]),
+            f"{row['per_token_ms']:.2f} ({row['per_token_min_ms']:.2f}-{row['per_token_max_ms']:.2f})",
+            f"{row['selection_ms']:.2f}", f"{row['attention_ms']:.2f}",
+            _num(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""), f"{row['tokens_per_s']:.0f}",
+            _num(row.get("kept_fraction"), ".1%"), _num(row.get("reanchor_fraction"), ".1%"),
+        )
+    return table
+
+
+def calibration_table(head_map, model: str, samples: int) -> Table:
+    """A calibrated head map (elastic.headmap.HeadMap): each governed layer's modes and per-head scores."""
+    cal = head_map.calibration
+    table = Table(title=f"stem calibrate: {model}, {samples} x {cal['prompt_tokens'][0]} tokens ({cal['source']})")
+    for col in ("layer", "modes (per KV head)", "retrieval", "stem error", "streaming error"):
+        table.add_column(col, justify="left" if col.startswith("modes") else "right")
+    short = {"dense": "[bold]D[/]", "stem": "[cyan]S[/]", "streaming": "[yellow]W[/]"}
+    scores = head_map.scores
+    for layer, modes in enumerate(head_map.modes):
+        if layer not in cal["governed_layers"]:
+            continue
+        cells = [" ".join("-" if x is None else f"{x:.2f}" for x in scores[name][layer]) for name in ("retrieval", "stem_error", "streaming_error")]
+        table.add_row(str(layer), " ".join(short[m] for m in modes), *cells)
+    return table

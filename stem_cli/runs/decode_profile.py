@@ -1,4 +1,4 @@
-"""Decode profiling (`stem profile --decode`): per-token decode attention latency per method and context length.
+"""Decode profiling (`stem profile --decode`, runs/profiling.py writes the JSON): per-token decode attention latency per method and context length.
 
 What is timed. A synthetic KV cache with the attention shapes of the chosen model
 (default llama3-8b: 32 layers, 32 query / 8 KV heads, head dim 128; random values
@@ -31,9 +31,7 @@ runtime around it. The decode steps themselves do not synchronise with the host
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import statistics
-import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -71,7 +69,7 @@ def _drift(q: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (nxt * (qf.norm(dim=-1, keepdim=True) / nxt.norm(dim=-1, keepdim=True))).to(q.dtype)
 
 
-def profile_decode(
+def time_decode(
     methods: list[str],
     decode_configs: dict[str, Any],
     lengths: list[int],
@@ -87,8 +85,8 @@ def profile_decode(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Rows, one per (length, method); decode_configs maps each non-dense method to its decode config."""
-    from stem_cli.registry import get_decode_method, split_spec
     from stem_cli.decode.runtime import DecodeRuntime, dense_decode
+    from stem_cli.registry import get_decode_method, split_spec
     from stem_cli.environment import failed_allocation_gib, is_oom
 
     layers = [SimpleNamespace(layer_idx=i) for i in range(shape.layers)]
@@ -204,98 +202,3 @@ def profile_decode(
             row["speedup"] = dense["per_token_ms"] / row["per_token_ms"] if ok else None
     return rows
 
-
-def run_profile_command(*, model, seq_len, methods, batch, warmup, repeat, config, set_, device, dtype, output, console, err) -> dict:
-    """The body of `stem profile --decode` (cli.profile_cmd delegates here); returns the result dict."""
-    import json
-
-    from rich.table import Table
-
-    from stem_cli.cli import UsageError
-    from stem_cli.registry import build_configs, parse_method_list
-    from stem_cli.models import REGISTRY, resolve_device, resolve_dtype, shipped_config
-    from stem_cli.environment import environment, slug
-    from stem_cli.units import format_length, parse_lengths
-
-    dev = resolve_device(device)
-    on_gpu = dev.type == "cuda"
-    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-    model = model or defaults[0]
-    if model not in REGISTRY:
-        raise UsageError(f"--model {model!r}: --decode takes the attention shapes of a registry alias ({', '.join(REGISTRY)})")
-    shape = Shape.of(shipped_config(model))
-    try:
-        lengths = parse_lengths(seq_len or defaults[1])
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if list(methods) == ["dense,stem"]:  # the pre-fill default: decode's own default instead
-        methods = [DECODE_METHODS_DEFAULT]
-    names = parse_method_list(list(methods))
-    from stem_cli.registry import split_spec
-
-    bad = [n for n in names if n != "dense" and split_spec(n)[1] is None]
-    if bad:
-        raise UsageError(f"--decode profiles decode methods: {bad[0]!r} is a pre-fill method; use dense, prhs, topk-decode, quest (or PREFILL+DECODE)")
-    configs = build_configs(names, str(config) if config else None, set_)
-    decode_configs = {n: c.decode for n, c in configs.items() if n != "dense"}
-    torch_dtype = resolve_dtype(dtype, dev)
-    if not on_gpu:
-        err.print("[yellow]notice:[/] no GPU: CPU timings with the PyTorch reference, not GPU kernel speed")
-    err.print(f"[dim]synthetic KV cache shaped as {model}: {shape.layers} layers, {shape.q_heads} query / {shape.kv_heads} KV heads, "
-              f"head dim {shape.head_dim}, {str(torch_dtype).removeprefix('torch.')}; attention only, no model weights[/]")
-
-    env = environment(dev, None)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    name = f"profile-decode-{stamp:%Y%m%d-%H%M%S}-{slug(env.get('gpu', 'cpu'))}-{slug(model)}"
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {str(output)!r} is a file; give a folder")
-    output.mkdir(parents=True, exist_ok=True)
-    json_path = output / f"{name}.json"
-    result = {
-        "command": " ".join(["stem", *sys.argv[1:]]),
-        "timestamp": stamp.isoformat(),
-        "kind": "decode",
-        "model_shape": model,
-        "shape": dataclasses.asdict(shape),
-        "data": "synthetic KV cache and drifting queries (random values), attention only; see stem_cli/decode_profile.py",
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "environment": env,
-        "parameters": {"lengths": lengths, "methods": names, "batch": batch, "warmup_steps": warmup, "timed_steps": repeat,
-                       "query_drift_sigma": DRIFT_SIGMA,
-                       "configs": {n: dataclasses.asdict(c) for n, c in decode_configs.items()}},
-        "timing": "CUDA events" if on_gpu else "host clock (CPU timings)",
-        "rows": [],
-    }
-
-    def save(row=None):
-        if row is not None:
-            result["rows"].append(row)
-        json_path.write_text(json.dumps(result, indent=2, default=str))
-
-    with console.status("profiling decode") as status:
-        profile_decode(names, decode_configs, lengths, shape, device=dev, dtype=torch_dtype, batch=batch, warmup=warmup,
-                       repeat=repeat, on_row=save, progress=lambda what: status.update(f"profiling decode: {what}"))
-    save()
-
-    table = Table(title=f"stem profile --decode: {model}-shaped synthetic cache on {env.get('gpu', 'CPU')} ({result['timing']})")
-    for col in ("method", "context", "ms/token", "selection ms", "attention ms", "speed-up", "tok/s", "kept", "re-anchor"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
-
-    for row in result["rows"]:
-        if row.get("status") != "ok":
-            table.add_row(row["method"], format_length(row["seq_len"]), f"[red]{row['status']}[/]", *[""] * 6)
-            continue
-        table.add_row(
-            row["method"], format_length(row["seq_len"]),
-            f"{row['per_token_ms']:.2f} ({row['per_token_min_ms']:.2f}-{row['per_token_max_ms']:.2f})",
-            f"{row['selection_ms']:.2f}", f"{row['attention_ms']:.2f}",
-            fmt(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""), f"{row['tokens_per_s']:.0f}",
-            fmt(row.get("kept_fraction"), ".1%"), fmt(row.get("reanchor_fraction"), ".1%"),
-        )
-    console.print(table)
-    console.print(f"[dim]attention only (all {shape.layers} layers per token; no projections/MLP); "
-                  f"speed-up = dense SDPA's ms/token over the method's, same run. wrote {json_path}[/]")
-    return result

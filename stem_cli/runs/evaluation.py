@@ -1,0 +1,164 @@
+"""Long-context accuracy per task, length and method (`stem eval`, `stem_cli.evaluate`).
+
+`run_tasks` is what evaluation and comparison share: load the model, check the plan,
+solve budgets, run every (job, task, sample) with progress bars, summarise. `evaluate`
+adds the summary JSON beside the results file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable
+
+from stem_cli.errors import UsageError
+from stem_cli.runs.defaults import EVAL_CPU_MODEL, EVAL_GPU_MODEL
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user stopped a run; the `computed` new results are in the results file at `path`."""
+
+    def __init__(self, computed: int, path: Path):
+        super().__init__(f"{computed} new result(s) are saved in {path}")
+        self.computed, self.path = computed, path
+
+
+@dataclasses.dataclass
+class EvalRun:
+    """A finished run: the rows a report renders, their per-(method, length) averages, and the summary JSON's content."""
+
+    loaded: Any  # models.Loaded: the model the run used, still patched with the last method
+    model: str
+    rows: list[dict]
+    averages: dict
+    summary: dict
+    stamp: datetime.datetime
+    jobs: list
+    store: Any  # store.ResultStore
+    paths: dict[str, Path] = dataclasses.field(default_factory=dict)  # what was written: "results", "summary", ...
+
+
+def default_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def command_line() -> str:
+    """The command as a user typed it, for the record."""
+    return " ".join(["stem", *sys.argv[1:]])
+
+
+@contextmanager
+def progress_bars(console):
+    """A `progress(what, done, total)` callback drawing one bar per (task, length) on `console`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as progress:
+        def update(what: str, done: int, total: int) -> None:
+            if what not in bars:
+                bars[what] = progress.add_task(what, total=total)
+            progress.update(bars[what], completed=done, total=total)
+
+        yield update
+
+
+def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | Iterable[str], lengths, limit: int,
+              budget: float | None, output: str | Path, resume: bool, reuse_any: bool, seed: int, data_dir: str | Path | None,
+              config, overrides: Iterable[str], device: str, dtype: str, random_weights: bool, max_new_tokens: int | None,
+              chat_template: bool | None, kind: str, include_path: str | Path | None = None, console=None,
+              command: str | None = None) -> EvalRun:
+    """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
+    else stored results of this run are an error unless `resume`."""
+    from stem_cli.models import load_model, resolve_device
+    from stem_cli.runs import plan
+    from stem_cli.environment import environment, slug
+    from stem_cli.runs.runner import EvalSettings, Runner, averages, summarize
+    from stem_cli.runs.store import ResultStore
+    from stem_cli.runs.task_names import resolve_tasks
+
+    console = console or default_console()
+    names, configs = plan.methods_and_configs(methods, config, overrides)
+    plan.check_budget(budget)
+    output = plan.output_folder(output)
+    data_dir = Path(data_dir) if data_dir is not None else None
+    include_path = Path(include_path) if include_path is not None else None
+    if include_path is not None and not include_path.is_dir():
+        raise UsageError(f"--include-path {str(include_path)!r} is not a folder of lm-eval task YAML files")
+    dev = resolve_device(device)
+    model = model or (EVAL_GPU_MODEL if dev.type == "cuda" else EVAL_CPU_MODEL)
+    loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=console)
+    lengths = plan.parse_lengths(lengths)
+    refs = resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks), data_dir)
+    plan.check_context(loaded.model, lengths)
+    model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
+    store = ResultStore(output / f"results-{slug(model)}.jsonl")
+    runner = Runner(loaded, store, settings, reuse=True)
+    jobs = plan.jobs(loaded.model, runner, names, configs, lengths, refs, budget, console)
+    if not (resume or reuse_any):
+        existing = sum(
+            runner.key(j, r, s.id) in store
+            for j in jobs for r in refs if r.kind != "lm-eval" for s in runner.samples(r, j.seq_len)
+        )
+        if existing:
+            raise UsageError(f"{existing} results of this run are already in {store.path}: pass --resume to continue from them, "
+                             "or --output DIR for a fresh run")
+    console.print(f"[dim]{loaded.source} ({model_dtype}) on {dev}; {len(refs)} task(s) x {len(lengths)} length(s) x "
+                  f"{len(names)} method(s), up to {limit} sample(s) each; results -> {store.path}[/]")
+    try:
+        with progress_bars(console) as progress:
+            runner.progress = progress
+            records = runner.run(jobs, refs)
+    except KeyboardInterrupt:
+        raise Interrupted(runner.computed, store.path) from None
+    rows = summarize(records)
+    avg = averages(rows)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    summary = {
+        "command": command or command_line(),
+        "timestamp": stamp.isoformat(),
+        "kind": kind,
+        "model": model,
+        "model_source": loaded.source,
+        "dtype": model_dtype,
+        "environment": environment(dev, None),
+        "settings": {"tasks": [r.name for r in refs], "lengths": lengths, "limit": limit, "seed": seed, "budget": budget,
+                     "max_new_tokens": max_new_tokens},
+        "jobs": [{"method": j.method, "seq_len": j.seq_len, "config": dataclasses.asdict(j.config), "knob": j.knob} for j in jobs],
+        "results_file": str(store.path),
+        "computed": runner.computed,
+        "reused": runner.reused,
+        "rows": rows,
+        "averages": [{"method": m, "seq_len": n, **v} for (m, n), v in avg.items()],
+    }
+    return EvalRun(loaded, model, rows, avg, summary, stamp, jobs, store, {"results": store.path})
+
+
+def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), methods: str | Iterable[str] = "dense,stem",
+             lengths="4k", *, limit: int = 5, budget: float | None = None, output: str | Path = "runs", resume: bool = False,
+             seed: int = 0, data_dir: str | Path | None = None, include_path: str | Path | None = None,
+             max_new_tokens: int | None = None, chat_template: bool | None = None, config: str | Path | None = None,
+             overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto", random_weights: bool = False,
+             console=None, command: str | None = None) -> EvalRun:
+    """Accuracy of each method on each task and length; results appended to OUTPUT/results-MODEL.jsonl as they are
+    scored, the summary written to OUTPUT/eval-MODEL-TIME.json (`run.paths["summary"]`).
+
+    `overrides`: NAME=VALUE or METHOD.NAME=VALUE (as --set); `budget`: solve each method's knob to this BUD first.
+    Raises UsageError for bad input (names, lengths, results of this run already stored without `resume`)."""
+    from stem_cli.environment import slug
+
+    run = run_tasks(model=model, tasks=tasks, methods=methods, lengths=lengths, limit=limit, budget=budget, output=output,
+                    resume=resume, reuse_any=False, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device,
+                    dtype=dtype, random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=chat_template,
+                    kind="eval", include_path=include_path, console=console, command=command)
+    path = Path(output) / f"eval-{slug(run.model)}-{run.stamp:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(run.summary, indent=2, default=str))
+    run.paths["summary"] = path
+    return run
