@@ -86,3 +86,21 @@ def error_text(error: BaseException, limit: int = 300) -> str:
     """One line for a JSON field: 'Type: message', whitespace collapsed, at most `limit` characters."""
     text = " ".join(str(error).split()) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:limit]
+
+
+def provenance() -> dict[str, Any]:
+    """Which stem wrote a result file: its version and, in a git checkout, the commit (with '+dirt' when edited)."""
+    import subprocess
+    from pathlib import Path
+
+    from stem_cli import __version__
+
+    commit = None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirt", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"stem_version": __version__, "git_commit": commit}

@@ -40,7 +40,7 @@ PROFILE = [
 
 def _flat():
     rows = summarize(_records())
-    return compare_rows(rows, averages(rows), PROFILE)
+    return compare_rows(rows, averages(rows, _records()), PROFILE)
 
 
 def test_summary_by_hand():
@@ -82,7 +82,7 @@ def test_formats_agree():
 def test_tables_render():
     console = Console(width=200, record=True)
     rows = summarize(_records())
-    console.print(eval_table(rows, averages(rows), "eval"))
+    console.print(eval_table(rows, averages(rows, _records()), "eval"))
     console.print(compare_table(_flat(), "compare"))
     text = console.export_text()
     assert "niah_single_1" in text and "average" in text and "1.25x" in text and "-25.0" in text
@@ -91,3 +91,36 @@ def test_tables_render():
 def test_unknown_format():
     with pytest.raises(ValueError, match="table, markdown, csv or json"):
         render(_flat(), "xml")
+
+
+def test_rows_carry_n_intervals_and_paired_verdicts():
+    """Cells: Wilson at n = 2 (both answered: [34.2, 100]); averages: n, interval; Δ: paired interval and verdict."""
+    rows = summarize(_records())
+    by = {(r["task"], r["seq_len"], r["method"]): r for r in rows}
+    cell = by[("ruler/niah_single_1", 4096, "dense")]
+    assert cell["n"] == 2 and cell["ci_method"] == "wilson"
+    assert (cell["ci_low"], cell["ci_high"]) == pytest.approx((0.34238, 1.0), abs=1e-5)
+    avg = averages(rows, _records())
+    assert avg[("dense", 4096)]["n"] == 4 and "verdict" not in avg[("dense", 4096)]  # the baseline has no delta
+    stem = avg[("stem", 4096)]
+    assert stem["delta"] == pytest.approx(-0.25) and stem["delta_ci_low"] < -0.25 < stem["delta_ci_high"]
+    assert stem["verdict"] == "inconclusive (n too small)"  # two samples per task cannot tell
+    for row in _flat():
+        assert {"n", "ci_low", "ci_high", "delta_ci_low", "delta_ci_high", "verdict"} <= set(row)
+        assert set(row["cells"]) == {"niah_single_1", "vt"} and row["cells"]["vt"]["n"] == 2
+
+
+def test_many_samples_give_a_verdict():
+    """400 samples per task, the method losing 1 of them: keeps accuracy within 2 points; losing 25%: loses."""
+    def records(lost_every):
+        out = []
+        for m in ("dense", "stem"):
+            for i in range(400):
+                lost = m == "stem" and lost_every and i % lost_every == 0
+                out.append({"task": "ruler/vt", "seq_len": 4096, "method": m, "sample": str(i), "score": 0.0 if lost else 1.0})
+        return out
+    few = records(400)
+    assert averages(summarize(few), few)[("stem", 4096)]["verdict"].startswith("keeps accuracy (within 2 points")
+    many = records(4)
+    assert averages(summarize(many), many)[("stem", 4096)]["verdict"] == "loses accuracy"
+    assert averages(summarize(many), many, margin=30)[("stem", 4096)]["verdict"].startswith("keeps accuracy (within 30 points")

@@ -139,17 +139,24 @@ def plot_compare(flat: list[dict], path: str | Path, title: str) -> Path:
     fig.suptitle(textwrap.fill(title, 110 if profiled else 64), fontsize=10)
     acc = axes[0][0]
     for index, method in enumerate(methods):
-        points = [(row["bud"], row["average"], row["seq_len"]) for row in flat
-                  if row["method"] == method and row.get("bud") is not None and row.get("average") is not None]
-        if not points:
+        rows = [row for row in flat if row["method"] == method and row.get("bud") is not None and row.get("average") is not None]
+        if not rows:
             continue
-        xs, ys, ns = zip(*points)
-        acc.plot([100 * x for x in xs], [100 * y for y in ys], marker="os^Dvp<>"[index % 8], linestyle="-" if len(xs) > 1 else "none",
-                 label=method, color=f"C{index % 10}")
-        for x, y, n in points:
-            acc.annotate(format_length(n), (100 * x, 100 * y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        xs = [100 * row["bud"] for row in rows]
+        ys = [100 * row["average"] for row in rows]
+        acc.plot(xs, ys, marker="os^Dvp<>"[index % 8], linestyle="-" if len(xs) > 1 else "none", label=method,
+                 color=f"C{index % 10}")
+        with_ci = [(x, y, row) for x, y, row in zip(xs, ys, rows) if row.get("ci_low") is not None]
+        if with_ci:  # the 95% interval of each average (stem_cli/report/stats.py)
+            acc.errorbar([x for x, _, _ in with_ci], [y for _, y, _ in with_ci],
+                         yerr=[[y - 100 * r["ci_low"] for _, y, r in with_ci], [100 * r["ci_high"] - y for _, y, r in with_ci]],
+                         fmt="none", ecolor=f"C{index % 10}", alpha=0.5, capsize=3)
+        for x, y, row in zip(xs, ys, rows):
+            label = format_length(row["seq_len"]) + (f", n={row['n']}" if row.get("n") is not None else "")
+            acc.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     acc.set_xlabel("BUD (% of dense attention's token pairs)")
-    acc.set_ylabel("average accuracy (%)")
+    acc.set_ylabel("average accuracy (%), 95% interval" if any(row.get("ci_low") is not None for row in flat)
+                   else "average accuracy (%)")
     acc.set_title("accuracy vs budget")
     acc.set_xlim(0, 105)
     acc.grid(alpha=0.3)

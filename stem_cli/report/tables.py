@@ -42,14 +42,19 @@ def _cell(row: dict | None) -> str:
         return _num(row.get("ppl"), ".2f")
     if row["task"] == "fidelity":
         return f"err {_num(row.get('score'), '.3f')}"
-    return _pct(row.get("score"))
+    return _pct(row.get("score")) + _interval_text(row.get("ci_low"), row.get("ci_high"))
 
 
 def eval_table(rows: list[dict], averages: dict, title: str) -> Table:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = list(dict.fromkeys(r["seq_len"] for r in rows))
     by = {(r["task"], r["seq_len"], r["method"]): r for r in rows}
-    table = Table(title=title, show_lines=False)
+    counts = sorted({r["n"] for r in rows if r.get("ci_low") is not None})
+    caption = None
+    if counts:
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        caption = f"n = {n} samples per task; [95% CI] in points; Δ paired on the same samples"
+    table = Table(title=title, show_lines=False, caption=caption)
     table.add_column("task")
     table.add_column("length", justify="right")
     for m in methods:
@@ -63,7 +68,14 @@ def eval_table(rows: list[dict], averages: dict, title: str) -> Table:
         where = "all" if n is None else format_length(n)
         if not any((m, n) in averages for m in methods):
             continue
-        table.add_row("[b]average[/b]", where, *[f"[b]{_pct(averages.get((m, n), {}).get('score'))}[/b]" for m in methods])
+        shown = [averages.get((m, n), {}) for m in methods]
+        table.add_row("[b]average[/b]", where, *[f"[b]{_pct(a.get('score'))}[/b]{_interval_text(a.get('ci_low'), a.get('ci_high'))}"
+                                                  for a in shown])
+        if any(a.get("verdict") for a in shown):
+            table.add_row("Δ dense (paired)", where, *["-" if a.get("delta") is None else
+                                                       f"{100 * a['delta']:+.1f}{_interval_text(a['delta_ci_low'], a['delta_ci_high'], True)}"
+                                                       for a in shown])
+            table.add_row("verdict", where, *[a.get("verdict") or "-" for a in shown])
         table.add_row("BUD %", where, *[_pct(averages.get((m, n), {}).get("bud")) for m in methods])
         table.add_row("pre-fill tok/s", where, *[_num(averages.get((m, n), {}).get("prefill_tokens_per_s"), ".0f") for m in methods])
         for key, label, show in (("omega", "Ω % (heads not dense)", _pct), ("decode_delta_mean", "decode δ (dropped mass)", lambda x: _num(x, ".3f")),
@@ -89,6 +101,7 @@ def compare_rows(rows: list[dict], averages: dict, profile: list[dict] | None = 
         for m in methods:
             avg = averages.get((m, n), {})
             flat: dict[str, Any] = {"method": m, "seq_len": n}
+            cells = {}
             for t in tasks:
                 r = by.get((t, n, m))
                 if r is None:
@@ -97,8 +110,15 @@ def compare_rows(rows: list[dict], averages: dict, profile: list[dict] | None = 
                     flat["ppl"] = r.get("ppl")
                 else:
                     flat[short_task(t)] = r.get("score")
+                    if r.get("ci_low") is not None:
+                        cells[short_task(t)] = {"n": r["n"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "ci_method": r["ci_method"]}
+            counts = sorted({c["n"] for c in cells.values()})
+            flat["n"] = None if not counts else counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
             flat["average"] = avg.get("score")
+            flat["ci_low"], flat["ci_high"] = avg.get("ci_low"), avg.get("ci_high")
             flat["delta_vs_dense"] = None if base is None or avg.get("score") is None or m == baseline else avg["score"] - base
+            flat["delta_ci_low"], flat["delta_ci_high"] = avg.get("delta_ci_low"), avg.get("delta_ci_high")
+            flat["verdict"] = avg.get("verdict")
             budgets = [by[(t, n, m)].get("bud") for t in tasks if (t, n, m) in by and by[(t, n, m)].get("bud") is not None]
             flat["bud"] = sum(budgets) / len(budgets) if budgets else None
             for key, source in (("omega", "omega"), ("delta", "decode_delta_mean"), ("reanchor", "decode_reanchor_fraction")):
@@ -111,20 +131,48 @@ def compare_rows(rows: list[dict], averages: dict, profile: list[dict] | None = 
             flat["attention_ms"] = p.get("attention_ms") if p else None
             flat["e2e_ms"] = p.get("e2e_ms") if p else None
             flat["speedup"] = p.get("speedup") if p else None
+            if cells:
+                flat["cells"] = cells  # per task: n and the 95% interval (JSON; the table shows them in the cell)
             out.append(flat)
     return out
 
 
-_PERCENT = {"average", "delta_vs_dense", "bud"}
-_FIXED = ("method", "seq_len")
-_TAIL = ("average", "delta_vs_dense", "bud", "omega", "delta", "reanchor", "knob", "estimation_ms", "attention_ms", "e2e_ms", "speedup")
+_FIXED = ("method", "seq_len", "n")
+_TAIL = ("average", "ci_low", "ci_high", "delta_vs_dense", "delta_ci_low", "delta_ci_high", "verdict", "bud", "omega", "delta",
+         "reanchor", "knob", "estimation_ms", "attention_ms", "e2e_ms", "speedup")
+_INTERVALS = {"average": ("ci_low", "ci_high"), "delta_vs_dense": ("delta_ci_low", "delta_ci_high")}
+_SHOWN_INSIDE = {"ci_low", "ci_high", "delta_ci_low", "delta_ci_high"}  # the table and Markdown put them in their value's cell
 
 
 def _columns(flat: list[dict]) -> list[str]:
-    keys = list(dict.fromkeys(k for row in flat for k in row))
+    """Every column of the flat rows (CSV), tasks between the fixed and the tail columns."""
+    keys = list(dict.fromkeys(k for row in flat for k in row if k != "cells"))
     tasks = [k for k in keys if k not in _FIXED and k not in _TAIL]
+    fixed = [k for k in _FIXED if k != "n" or any(row.get("n") is not None for row in flat)]
     tail = [k for k in _TAIL if any(row.get(k) is not None for row in flat)]
-    return [*_FIXED, *tasks, *tail]
+    return [*fixed, *tasks, *tail]
+
+
+def _shown_columns(flat: list[dict]) -> list[str]:
+    return [c for c in _columns(flat) if c not in _SHOWN_INSIDE]
+
+
+def _interval_text(low, high, signed: bool = False) -> str:
+    if low is None or high is None:
+        return ""
+    spec = "+.0f" if signed else ".0f"
+    return f" [{100 * low:{spec}}, {100 * high:{spec}}]"
+
+
+def _cell_text(row: dict, key: str) -> str:
+    """A value as the table and Markdown show it: accuracy cells with their 95% interval in points."""
+    text = _text(key, row.get(key))
+    if key in _INTERVALS and row.get(key) is not None:
+        return text + _interval_text(row.get(_INTERVALS[key][0]), row.get(_INTERVALS[key][1]), signed=key == "delta_vs_dense")
+    cell = (row.get("cells") or {}).get(key)
+    if cell is not None and row.get(key) is not None:
+        return text + _interval_text(cell["ci_low"], cell["ci_high"])
+    return text
 
 
 def _text(key: str, value) -> str:
@@ -147,22 +195,23 @@ def _text(key: str, value) -> str:
     return str(value)
 
 
-_HEADERS = {"seq_len": "length", "average": "avg", "delta_vs_dense": "Δ dense", "bud": "BUD %", "omega": "Ω %",
+_HEADERS = {"seq_len": "length", "average": "avg [95% CI]", "delta_vs_dense": "Δ dense [95% CI]", "bud": "BUD %", "omega": "Ω %",
             "delta": "decode δ", "reanchor": "re-anchor %", "estimation_ms": "est ms",
             "attention_ms": "attn ms", "e2e_ms": "e2e ms", "speedup": "speed-up"}
 
 
 def compare_table(flat: list[dict], title: str) -> Table:
-    cols = _columns(flat)
-    table = Table(title=title)
+    cols = _shown_columns(flat)
+    table = Table(title=title, caption="[95% CI] in points; n = samples per task; Δ paired on the same samples"
+                  if any(row.get("ci_low") is not None for row in flat) else None)
     for c in cols:
-        table.add_column(_HEADERS.get(c, c), justify="left" if c == "method" else "right", overflow="fold")
+        table.add_column(_HEADERS.get(c, c), justify="left" if c in ("method", "verdict") else "right", overflow="fold")
     previous = None
     for row in flat:
         if previous is not None and row["seq_len"] != previous:
             table.add_section()
         previous = row["seq_len"]
-        table.add_row(*[_text(c, row.get(c)) for c in cols])
+        table.add_row(*[_cell_text(row, c) for c in cols])
     return table
 
 
@@ -172,16 +221,20 @@ def render(flat: list[dict], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(flat, indent=2)
     if fmt == "csv":
+        cells = list(dict.fromkeys(t for row in flat for t in row.get("cells") or {}))
+        extra = [f"{t}_{k}" for t in cells for k in ("n", "ci_low", "ci_high")]
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(cols)
+        writer.writerow(cols + extra)
         for row in flat:
-            writer.writerow(["" if row.get(c) is None else row[c] for c in cols])
+            per = [(row.get("cells") or {}).get(t, {}).get(k) for t in cells for k in ("n", "ci_low", "ci_high")]
+            writer.writerow(["" if v is None else v for v in [row.get(c) for c in cols] + per])
         return buf.getvalue()
     if fmt == "markdown":
+        cols = _shown_columns(flat)
         lines = ["| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |",
-                 "|" + "|".join("---" if c == "method" else "---:" for c in cols) + "|"]
-        lines += ["| " + " | ".join(_text(c, row.get(c)) for c in cols) + " |" for row in flat]
+                 "|" + "|".join("---" if c in ("method", "verdict") else "---:" for c in cols) + "|"]
+        lines += ["| " + " | ".join(_cell_text(row, c) for c in cols) + " |" for row in flat]
         return "\n".join(lines) + "\n"
     raise ValueError(f"unknown format {fmt!r}: use table, markdown, csv or json")
 

@@ -42,7 +42,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
             output: str | Path = "runs", cache: bool = True, seed: int = 0, data_dir: str | Path | None = None,
             max_new_tokens: int | None = None, config: str | Path | None = None, overrides: Iterable[str] = (),
             device: str = "auto", dtype: str = "auto", random_weights: bool = False, console=None,
-            command: str | None = None) -> Comparison:
+            command: str | None = None, margin: float | None = None) -> Comparison:
     """Accuracy (and, with `profile`, pre-fill time) of each method against dense; writes OUTPUT/compare-MODEL-TIME
     .json/.md/.csv/.png and returns their rows.
 
@@ -61,7 +61,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     run = run_tasks(model=model, tasks=tasks, methods=names, lengths=lengths, limit=limit, budget=budget, output=output, resume=True,
                     reuse_any=cache, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device, dtype=dtype,
                     random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=None, kind="compare",
-                    console=console, command=command)
+                    console=console, command=command, margin=margin)
     summary = run.summary
     on_gpu = next(run.loaded.model.parameters()).is_cuda
     timings = None

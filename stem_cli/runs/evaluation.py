@@ -18,6 +18,12 @@ from typing import Any, Iterable
 from stem_cli.errors import UsageError
 from stem_cli.runs.defaults import EVAL_CPU_MODEL, EVAL_GPU_MODEL
 
+# 2: rows carry n and 95% intervals (ci_low, ci_high), averages the paired delta's interval and a verdict.
+SCHEMA_VERSION = 2
+STATISTICS = ("95% intervals: Wilson for pass/fail cells, a seeded percentile bootstrap (with two pseudo-values at the ends "
+              "of the range) where every task has >= 20 samples, else a bounded-variable Wilson bound; deltas paired on "
+              "the same samples, averages weight tasks equally (stem_cli/report/stats.py)")
+
 
 class Interrupted(KeyboardInterrupt):
     """The user stopped a run; the `computed` new results are in the results file at `path`."""
@@ -73,12 +79,12 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
               budget: float | None, output: str | Path, resume: bool, reuse_any: bool, seed: int, data_dir: str | Path | None,
               config, overrides: Iterable[str], device: str, dtype: str, random_weights: bool, max_new_tokens: int | None,
               chat_template: bool | None, kind: str, include_path: str | Path | None = None, console=None,
-              command: str | None = None) -> EvalRun:
+              command: str | None = None, margin: float | None = None) -> EvalRun:
     """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
     else stored results of this run are an error unless `resume`."""
     from stem_cli.models import load_model, resolve_device
     from stem_cli.runs import plan
-    from stem_cli.environment import environment, slug
+    from stem_cli.environment import environment, provenance, slug
     from stem_cli.runs.runner import EvalSettings, Runner, averages, summarize
     from stem_cli.runs.store import ResultStore
     from stem_cli.runs.task_names import resolve_tasks
@@ -119,9 +125,11 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     except KeyboardInterrupt:
         raise Interrupted(runner.computed, store.path) from None
     rows = summarize(records)
-    avg = averages(rows)
+    avg = averages(rows, records, margin=margin)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     summary = {
+        "schema_version": SCHEMA_VERSION,
+        **provenance(),
         "command": command or command_line(),
         "timestamp": stamp.isoformat(),
         "kind": kind,
@@ -130,7 +138,8 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
         "dtype": model_dtype,
         "environment": environment(dev, None),
         "settings": {"tasks": [r.name for r in refs], "lengths": lengths, "limit": limit, "seed": seed, "budget": budget,
-                     "max_new_tokens": max_new_tokens},
+                     "max_new_tokens": max_new_tokens, "margin": margin},
+        "statistics": STATISTICS,
         "jobs": [{"method": j.method, "seq_len": j.seq_len, "config": dataclasses.asdict(j.config), "knob": j.knob} for j in jobs],
         "results_file": str(store.path),
         "computed": runner.computed,
@@ -146,7 +155,7 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
              seed: int = 0, data_dir: str | Path | None = None, include_path: str | Path | None = None,
              max_new_tokens: int | None = None, chat_template: bool | None = None, config: str | Path | None = None,
              overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto", random_weights: bool = False,
-             console=None, command: str | None = None) -> EvalRun:
+             console=None, command: str | None = None, margin: float | None = None) -> EvalRun:
     """Accuracy of each method on each task and length; results appended to OUTPUT/results-MODEL.jsonl as they are
     scored, the summary written to OUTPUT/eval-MODEL-TIME.json (`run.paths["summary"]`).
 
@@ -157,7 +166,7 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
     run = run_tasks(model=model, tasks=tasks, methods=methods, lengths=lengths, limit=limit, budget=budget, output=output,
                     resume=resume, reuse_any=False, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device,
                     dtype=dtype, random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=chat_template,
-                    kind="eval", include_path=include_path, console=console, command=command)
+                    kind="eval", include_path=include_path, console=console, command=command, margin=margin)
     path = Path(output) / f"eval-{slug(run.model)}-{run.stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(run.summary, indent=2, default=str))
     run.paths["summary"] = path

@@ -235,8 +235,23 @@ def _length(n: int) -> str:
 # ------------------------------------------------------------------ summary
 
 
+NOT_ACCURACY = ("fidelity", "ppl")  # measure tasks: their rows carry their own metrics, no accuracy interval
+
+
+def _points(records: list[dict]) -> dict[tuple, dict[str, float]]:
+    """(task, length, method) -> {sample id: score in points (0..100)} of the accuracy records."""
+    out: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        if r["task"] not in NOT_ACCURACY and r.get("score") is not None:
+            out.setdefault((r["task"], r["seq_len"], r["method"]), {})[str(r["sample"])] = 100.0 * r["score"]
+    return out
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, length, method): mean score, samples, mean BUD, pre-fill tokens/s."""
+    """One row per (task, length, method): mean score with n and its 95% interval (ci_low, ci_high, ci_method;
+    stem_cli/report/stats.py), mean BUD, pre-fill tokens/s."""
+    from stem_cli.report.stats import mean_interval
+
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["task"], r["seq_len"], r["method"]), []).append(r)
@@ -251,6 +266,9 @@ def summarize(records: list[dict]) -> list[dict]:
             scores = [r["score"] for r in rs if r.get("score") is not None]
             row["score"] = sum(scores) / len(scores) if scores else None
             row["higher_is_better"] = True
+            if scores:
+                ci = mean_interval([100.0 * x for x in scores])
+                row.update(n=len(scores), ci_low=ci.low / 100, ci_high=ci.high / 100, ci_method=ci.method)
         buds = [r["bud"] for r in rs if r.get("bud") is not None]
         row["bud"] = sum(buds) / len(buds) if buds else None
         tokens = sum(r.get("prompt_tokens", 0) for r in rs)
@@ -272,10 +290,17 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
-def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:
-    """Per (method, length) and per method over all lengths: mean accuracy over tasks, mean BUD, tokens/s."""
+def averages(rows: list[dict], records: list[dict] | None = None, *, baseline: str = "dense",
+             margin: float | None = None) -> dict[tuple[str, int | None], dict]:
+    """Per (method, length) and per method over all lengths: mean accuracy over tasks (equal weights), mean BUD,
+    tokens/s. With the run's `records`: the average's n and 95% interval, and against `baseline` the paired delta
+    (same samples) with its interval and the verdict at `margin` points (stem_cli/report/stats.py)."""
+    from stem_cli.report import stats
+
+    margin = stats.MARGIN if margin is None else margin
+    points = _points(records) if records is not None else {}
     out: dict[tuple[str, int | None], dict] = {}
-    acc = [r for r in rows if r["task"] not in ("fidelity", "ppl") and r.get("score") is not None]
+    acc = [r for r in rows if r["task"] not in NOT_ACCURACY and r.get("score") is not None]
     for method in dict.fromkeys(r["method"] for r in rows):
         for seq_len in [*dict.fromkeys(r["seq_len"] for r in rows), None]:
             rs = [r for r in acc if r["method"] == method and (seq_len is None or r["seq_len"] == seq_len)]
@@ -283,7 +308,7 @@ def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:
                 continue
             buds = [r["bud"] for r in rs if r.get("bud") is not None]
             tps = [r["prefill_tokens_per_s"] for r in rs if r.get("prefill_tokens_per_s")]
-            out[(method, seq_len)] = {
+            avg = out[(method, seq_len)] = {
                 "score": sum(r["score"] for r in rs) / len(rs),
                 "bud": sum(buds) / len(buds) if buds else None,
                 "prefill_tokens_per_s": sum(tps) / len(tps) if tps else None,
@@ -292,6 +317,22 @@ def averages(rows: list[dict]) -> dict[tuple[str, int | None], dict]:
             for key in ("omega", "decode_delta_mean", "decode_reanchor_fraction"):
                 values = [r[key] for r in rs if r.get(key) is not None]
                 if values:
-                    out[(method, seq_len)][key] = sum(values) / len(values)
+                    avg[key] = sum(values) / len(values)
+            strata = [(r["task"], r["seq_len"]) for r in rs]  # a task at a length is one stratum, weighted equally
+            mine = {s: points.get((*s, method), {}) for s in strata}
+            if not any(mine.values()):
+                continue
+            ci = stats.task_average({s: list(v.values()) for s, v in mine.items()})
+            avg.update(n=ci.n, ci_low=ci.low / 100, ci_high=ci.high / 100, ci_method=ci.method)
+            if method == baseline:
+                continue
+            theirs = {s: points.get((*s, baseline), {}) for s in strata}
+            common = {s: sorted(set(mine[s]) & set(theirs[s])) for s in strata}
+            delta = stats.paired_task_average({s: [mine[s][k] for k in ids] for s, ids in common.items() if ids},
+                                              {s: [theirs[s][k] for k in ids] for s, ids in common.items() if ids})
+            kind, text = stats.verdict(delta, margin)
+            avg.update(delta=None if delta.n == 0 else delta.mean / 100, delta_n=delta.n,
+                       delta_ci_low=None if delta.n == 0 else delta.low / 100,
+                       delta_ci_high=None if delta.n == 0 else delta.high / 100, verdict=text, verdict_kind=kind,
+                       margin=margin)
     return out
-
