@@ -161,3 +161,19 @@ def test_import_is_cheap(statement):
     code = f"{statement}; import sys; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.splitlines()[-1] == "[]"
+
+
+def test_the_wheel_lists_every_package():
+    """Every package folder is in pyproject's package list (an editable install finds them anyway; a wheel would not)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert found == listed
+    for package in listed:
+        folder = tool["package-dir"][package]
+        assert (ROOT / folder / "__init__.py").is_file(), package
