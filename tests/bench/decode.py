@@ -376,7 +376,7 @@ def run_selection(case: Case, opts: Options) -> dict:
 
         synchronize(case.device)
         out[f"{key}_ms"] = time_steps(timed, opts.steps, case.device)["median"]
-        outputs = runner.replay() if runner else fn()
+        outputs = timed(0)  # one more step, its decisions read
         anchors = sum(float(sel.anchors) for sel in outputs)
         decisions = sum(float(sel.decisions) for sel in outputs)
         out[f"{key}_anchor_fraction"] = anchors / decisions if decisions else None
