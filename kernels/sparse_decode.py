@@ -17,6 +17,10 @@ Pass 2 (grid: B * Hq): m* = max_s m_s, w_s = 2^(m_s - m*),
 o = sum_s w_s acc_s / sum_s w_s l_s, lse = ln 2 (m* + log2 sum_s w_s l_s).
 Empty rows give zeros and lse = -inf, never NaN.
 
+With no index (indices=None) the same two passes attend to every position:
+flash-decoding split-K, the dense baseline of the decode benchmark.
+gated_logits: PrHS's scoring of the rows that re-anchor (the others' keys unread).
+
 Splits are chosen on the host so that B * Hkv * SPLITS covers the GPU about
 twice (at least one BLOCK_N tile per split); autotuned on the tile shapes.
 """
@@ -44,6 +48,7 @@ def _sparse_decode_partial(
     scb, sch,
     n_kv_heads, group, n_keys, n_entries, chunk, n_splits, qk_scale_log2, head_dim,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
 ):
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
@@ -73,9 +78,13 @@ def _sparse_decode_partial(
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         in_row = offs < hi
-        idx = tl.load(idx_row + offs * sik, mask=in_row, other=-1)
-        ok = in_row & (idx >= 0) & (idx < n_keys)
-        pos = tl.where(ok, idx, 0).to(tl.int64)
+        if HAS_INDEX:
+            idx = tl.load(idx_row + offs * sik, mask=in_row, other=-1)
+            ok = in_row & (idx >= 0) & (idx < n_keys)
+            pos = tl.where(ok, idx, 0).to(tl.int64)
+        else:  # dense: entry i is position i (flash-decoding split-K over the whole cache)
+            ok = in_row
+            pos = offs.to(tl.int64)
         k = tl.load(k_base + pos[None, :] * skn + offs_d[:, None] * skd, mask=ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, k)
         s = tl.where(ok[None, :], s, float("-inf"))
@@ -123,7 +132,7 @@ def _configs():
     ]
 
 
-_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_H", "HAS_COUNTS"])(_sparse_decode_partial)
+_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_H", "HAS_COUNTS", "HAS_INDEX"])(_sparse_decode_partial)
 
 _sm_count: dict[int, int] = {}
 
@@ -146,7 +155,7 @@ def sparse_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None,
     counts: torch.Tensor | None = None,
     *,
     scale: float | None = None,
@@ -154,7 +163,8 @@ def sparse_decode_attention(
     splits: int | None = None,
 ):
     """q (B, Hq, d) or (B, Hq, 1, d), k/v (B, Hkv, T, d) (any strides, last dim contiguous preferred),
-    indices (B, Hkv, K), counts (B, Hkv) -> output of q's shape and dtype (and lse (B, Hq) float32)."""
+    indices (B, Hkv, K), counts (B, Hkv) -> output of q's shape and dtype (and lse (B, Hq) float32).
+    indices None: dense attention over all T positions (flash-decoding split-K; counts ignored)."""
     squeeze = q.dim() == 4
     q3 = q[:, :, 0] if squeeze else q
     batch, hq, d = q3.shape
@@ -166,8 +176,12 @@ def sparse_decode_attention(
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
     # int32 or int64 indices are read as they are (no conversion kernel per call); no counts: whole rows
-    idx = indices.to(q.device) if indices.dtype in (torch.int32, torch.int64) else indices.to(q.device, torch.int64)
-    width = idx.shape[-1]
+    has_index = indices is not None
+    if has_index:
+        idx = indices.to(q.device) if indices.dtype in (torch.int32, torch.int64) else indices.to(q.device, torch.int64)
+        width, idx_strides = idx.shape[-1], idx.stride()
+    else:  # a placeholder pointer, never read
+        idx, width, idx_strides, counts = q3, n_keys, (0, 0, 0), None
     has_counts = counts is not None
     cnt = counts.to(device=q.device, dtype=torch.int32) if has_counts else idx  # idx: a placeholder pointer, never read
     head_dim = triton.next_power_of_2(max(d, 16))
@@ -182,14 +196,14 @@ def sparse_decode_attention(
     l = torch.empty_like(m)
     args = (
         q3, k, v, idx, cnt, acc, m, l,
-        *q3.stride(), *k.stride(), *v.stride(), *idx.stride(), *(cnt.stride() if has_counts else (0, 0)),
+        *q3.stride(), *k.stride(), *v.stride(), *idx_strides, *(cnt.stride() if has_counts else (0, 0)),
         hkv, group, n_keys, width, chunk, n_splits, scale * 1.4426950408889634, d,
     )
     grid = (batch * hkv, n_splits)
     if INTERPRET:  # the interpreter runs on the CPU: one config, no autotuning
-        _sparse_decode_partial[grid](*args, BLOCK_H=block_h, BLOCK_N=32, HEAD_DIM=head_dim, HAS_COUNTS=has_counts)
+        _sparse_decode_partial[grid](*args, BLOCK_H=block_h, BLOCK_N=32, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index)
     else:
-        _tuned[grid](*args, BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts)
+        _tuned[grid](*args, BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index)
     out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
     _sparse_decode_combine[(batch * hq,)](
@@ -199,3 +213,55 @@ def sparse_decode_attention(
     if squeeze:
         out = out[:, :, None]
     return (out, lse) if return_lse else out
+
+
+@triton.jit
+def _gated_logits(
+    Q, K, Active, Out,
+    sqb, sqh, sqd,
+    skb, skh, skn, skd,
+    n_kv_heads, group, lo, n_cols, scale, head_dim,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = (row // n_kv_heads).to(tl.int64)
+    kvh = row % n_kv_heads
+    live = tl.load(Active + row).to(tl.int32)  # 0: a row that does not re-anchor, none of its keys is read
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < group
+    heads = kvh * group + offs_h
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < head_dim
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_cols
+    read = offs_n < n_cols * live  # all False on an inactive row: masked loads issue no memory traffic
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(K + b * skb + kvh * skh + (lo + offs_n)[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
+                mask=read[None, :] & d_ok[:, None], other=0.0)
+    # Rounded to the inputs' dtype before scaling, as torch's q @ k^T in bf16/fp16 is (full_logits): the same logits.
+    s = tl.dot(q, k).to(Q.dtype.element_ty).to(tl.float32) * scale
+    s = tl.where(read[None, :], s, float("-inf"))
+    out_rows = row.to(tl.int64) * group + offs_h
+    tl.store(Out + out_rows[:, None] * n_cols + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
+
+
+def gated_logits(q: torch.Tensor, k: torch.Tensor, active: torch.Tensor, *, lo: int = 0, scale: float) -> torch.Tensor:
+    """q (B, Hkv, g, d) grouped queries, k (B, Hkv, T, d), active (B * Hkv,) bool -> (B * Hkv, g, T - lo) float32:
+    scale * q . k_j for j in [lo, T) on the active rows, -inf on the others, whose keys are never read
+    (PrHS's scoring at a step where only some rows re-anchor, with no host sync to find out which)."""
+    b, hkv, g, d = q.shape
+    n_cols = k.shape[2] - lo
+    out = torch.empty(b * hkv, g, max(n_cols, 0), dtype=torch.float32, device=q.device)
+    if n_cols <= 0:
+        return out
+    q3 = q.reshape(b, hkv * g, d)
+    flags = active.to(device=q.device, dtype=torch.int8).contiguous()
+    block_n = 64
+    grid = (b * hkv, triton.cdiv(n_cols, block_n))
+    _gated_logits[grid](
+        q3, k, flags, out, *q3.stride(), *k.stride(), hkv, g, lo, n_cols, scale, d,
+        BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, HEAD_DIM=triton.next_power_of_2(max(d, 16)),
+        num_warps=4,
+    )
+    return out

@@ -423,7 +423,7 @@ class SyncCounter:
     shape) while active: item/tolist/bool/int/float/index conversions, nonzero, masked_select and
     boolean-mask indexing. On the CPU nothing waits, but the same calls would."""
 
-    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select")
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select", "cpu", "numpy")
 
     def __init__(self, monkeypatch):
         self.count = 0
@@ -432,6 +432,9 @@ class SyncCounter:
         for name in self.NAMES:
             monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
         monkeypatch.setattr(torch, "nonzero", self._wrap(torch.nonzero, "torch.nonzero"))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._wrap(torch.cuda.synchronize, "torch.cuda.synchronize"))
+        to = torch.Tensor.to
+        monkeypatch.setattr(torch.Tensor, "to", self._wrap_to(to))
         get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
         monkeypatch.setattr(torch.Tensor, "__getitem__", self._wrap_index(get, "x[mask]"))
         monkeypatch.setattr(torch.Tensor, "__setitem__", self._wrap_index(put, "x[mask] ="))
@@ -448,6 +451,15 @@ class SyncCounter:
         def wrapper(*args, **kwargs):
             self._hit(name)
             return fn(*args, **kwargs)
+
+        return wrapper
+
+    def _wrap_to(self, fn):
+        def wrapper(x, *args, **kwargs):  # a copy to the host from another device
+            target = kwargs.get("device", args[0] if args else None)
+            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu" and x.device.type != "cpu":
+                self._hit("to(cpu)")
+            return fn(x, *args, **kwargs)
 
         return wrapper
 
@@ -490,16 +502,17 @@ def run_steps(method, params, *, steps=8, layers=4, t0=300, seed=0, valid=None, 
     [
         ("topk-decode", {}, 0),
         ("quest", {"page_size": 8}, 0),
-        ("prhs", {}, 1),
-        ("prhs", {"max_delta": 0.5, "delta_check": "bound"}, 1),
-        ("prhs", {"max_delta": 0.5, "delta_check": "anchor", "phi": 0.5, "psi": 0.5, "depth_start": 0.0, "freeze_start": 0.0}, 1),
-        ("prhs", {"audit": True, "max_delta": 0.5}, 1),
-        ("prhs", {"selectors": "depth,layer", "max_delta": 0.5, "depth_start": 0.0, "freeze_start": 0.0}, 0),  # no sharing: no sync
+        ("prhs", {}, 0),
+        ("prhs", {"max_delta": 0.5, "delta_check": "bound"}, 0),
+        ("prhs", {"max_delta": 0.5, "delta_check": "anchor", "phi": 0.5, "psi": 0.5, "depth_start": 0.0, "freeze_start": 0.0}, 0),
+        ("prhs", {"audit": True, "max_delta": 0.5}, 0),
+        ("prhs", {"selectors": "depth,layer", "max_delta": 0.5, "depth_start": 0.0, "freeze_start": 0.0}, 0),  # no sharing
     ],
 )
 @pytest.mark.parametrize("padded", [False, True])
 def test_steady_state_decode_steps_do_not_sync(monkeypatch, method, params, allowed, padded):
-    """At most `allowed` host syncs per sparse layer-step (PrHS: one, the count of re-anchoring rows)."""
+    """At most `allowed` host syncs per sparse layer-step: none for every method (PrHS's anchor decision
+    lives on the device since issue 18; the host-synchronising version needed one per layer-step)."""
     valid = None
     if padded:
         valid = torch.ones(2, 400, dtype=torch.bool)
@@ -593,3 +606,107 @@ def test_mixed_rows_both_scoring_paths(flip):
         assert as_sets(mixed.indices)[b][h] == as_sets(fresh.indices)[b][h]
         assert mixed.known[b, h]
     assert int(mixed.known.sum()) == len(flip)
+
+
+# ------------------------------------------------------------------ device-side PrHS against the host-synchronising oracle
+
+
+def stream_both(params, *, padded, steps=12, layers=6, t0=260, seed=0, drift=0.9, dtype=torch.float64):
+    """The same decode stream through the device-side PrHS and the host-synchronising reference
+    (prhs_reference.select, today's implementation before issue 18), each in its own DecodeRuntime
+    (so cross-layer freezing reads each one's own previous layer). Returns (pairs of selections per
+    layer-step, pairs of outputs, the two runtimes)."""
+    from stem_cli.decode import prhs_reference
+
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d = 2, 8, 2, 16
+    total = t0 + steps
+    k, v = (torch.randn(b, hkv, total, d, generator=g, dtype=dtype) for _ in range(2))
+    valid = None
+    if padded:
+        valid = torch.ones(b, total, dtype=torch.bool)
+        valid[1, :41] = False
+    q = torch.randn(b, hq, 1, d, generator=g, dtype=dtype) * 2
+    m = get_decode_method("prhs")
+    cfg = PrhsConfig(**{"budget": 64, "sink_tokens": 4, "window_tokens": 16, "dense_decode_layers": (0,), **params})
+    recorded = {"device": [], "reference": []}
+
+    def recording(fn, key):
+        def select(ctx, config, state):
+            sel = fn(ctx, config, state)
+            recorded[key].append(sel)
+            return sel
+
+        return select
+
+    runtimes = [DecodeRuntime(SimpleNamespace(name=key, select=recording(fn, key)), cfg, num_layers=layers)
+                for key, fn in (("device", m.select), ("reference", prhs_reference.select))]
+    outs = []
+    for step in range(steps):
+        t = t0 + step + 1
+        q = q + drift * torch.randn(q.shape, generator=g, dtype=dtype)
+        kv_valid = None if valid is None else valid[:, :t]
+        for layer in range(layers):
+            outs.append([rt.forward(SimpleNamespace(layer_idx=layer), q, k[:, :, :t], v[:, :, :t], kv_valid, 0.25) for rt in runtimes])
+    return list(zip(recorded["device"], recorded["reference"])), outs, runtimes
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"depth_start": 0.0, "freeze_start": 0.0, "phi": 0.5, "psi": 0.5},
+        {"max_delta": 0.3, "delta_check": "bound", "tau": 0.5},
+        {"max_delta": 0.05, "delta_check": "anchor", "phi": 0.5, "psi": 0.5, "depth_start": 0.0, "freeze_start": 0.0},
+        {"audit": True, "max_delta": 0.2},
+        {"selectors": "time", "r": 2},
+        {"selectors": "depth,layer", "max_delta": 0.5, "depth_start": 0.0, "freeze_start": 0.0},
+    ],
+)
+@pytest.mark.parametrize("padded", [False, True])
+def test_device_side_prhs_equals_the_host_synchronising_reference(params, padded):
+    """Step by step on a random stream whose rows re-anchor at different steps: the same anchors, the same
+    cosine re-anchors and fallbacks, the same index sets, the same known deltas, the same outputs and state."""
+    pairs, outs, runtimes = stream_both(params, padded=padded)
+    mixed = 0
+    for i, (dev, want) in enumerate(pairs):
+        assert as_sets(dev.indices) == as_sets(want.indices), i
+        no_duplicates(dev.indices)
+        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
+            assert int(getattr(dev, name)) == int(getattr(want, name)), (i, name)
+        assert torch.equal(dev.known, want.known), i
+        torch.testing.assert_close(dev.delta[dev.known].double(), want.delta[want.known].double(), rtol=1e-6, atol=1e-7)
+        mixed += 0 < int(dev.anchors) < dev.decisions
+    cfg = PrhsConfig(**params)
+    if cfg.uses("time") and cfg.max_delta == 0:  # (with max_delta, 64 of ~260 random keys fall back nearly always)
+        assert mixed > 0  # the stream exercised steps where some rows share and others re-anchor
+    for got, want in outs:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    dev_rt, ref_rt = runtimes
+    assert dev_rt.stats() == {**ref_rt.stats(), "method": dev_rt.name}
+    for layer, state in ref_rt.states.items():
+        mine = dev_rt.states[layer]
+        for key in ("static", "has", "T", "forced_pos"):
+            if key in state:
+                assert torch.equal(mine[key], state[key]), (layer, key)
+        for key in ("q", "q_norm", "p_static", "p_forced", "kmax"):
+            if key in state:
+                torch.testing.assert_close(mine[key].double(), state[key].double(), rtol=1e-6, atol=1e-7)
+
+
+def test_gated_scoring_kernel_reads_only_active_rows():
+    """kernels/sparse_decode.gated_logits (the GPU scoring of PrHS's re-anchoring rows, run here in the Triton
+    interpreter): full_logits on the active rows, -inf elsewhere, with a strided cache view and lo > 0."""
+    pytest.importorskip("triton")
+    from stem_cli.kernels.sparse_decode import gated_logits
+
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(2, 3, 4, 32, generator=g)
+    buf = torch.randn(2, 3, 150, 32, generator=g)
+    k = buf[:, :, :130]
+    active = torch.tensor([True, False, True, True, False, False])
+    got = gated_logits(q, k, active, lo=7, scale=0.2)
+    want = (torch.einsum("bhgd,bhtd->bhgt", q, k[:, :, 7:]) * 0.2).flatten(0, 1)
+    assert got.shape == (6, 4, 123)
+    torch.testing.assert_close(got[active], want[active], rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(got[~active]).all()

@@ -144,3 +144,20 @@ def test_kernel_without_counts_reads_whole_rows_of_either_index_dtype(index_dtyp
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
     assert (out[1, :3] == 0).all()
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_kernel_without_indices_is_dense_split_k(splits):
+    """indices=None: every cached position (flash-decoding split-K, the decode benchmark's dense kernel)."""
+    pytest.importorskip("triton")
+    from stem_cli.kernels import sparse_decode as kernel
+
+    g = torch.Generator().manual_seed(22)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q = torch.randn(2, 8, 1, 32, generator=g).to(DEVICE, dtype)
+    buf_k, buf_v = (torch.randn(2, 2, 160, 32, generator=g).to(DEVICE, dtype) for _ in range(2))
+    k, v = buf_k[:, :, :137], buf_v[:, :, :137]  # a strided view of a static cache
+    out = kernel.sparse_decode_attention(q, k, v, None, scale=0.2, splits=splits)
+    want = ref.dense_decode_attention(q.double(), k.double(), v.double(), scale=0.2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)

@@ -42,6 +42,8 @@ re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from stem_cli.decode.common import (
@@ -95,20 +97,23 @@ def compact(idx: torch.Tensor, width: int) -> torch.Tensor:
     return pad_to(s[..., :width], width)
 
 
-def _put(state: dict, key: str, rows, value: torch.Tensor, n_rows: int, fill) -> None:
-    """state[key][rows] = value for flat per-row state; the last dim may differ and is padded with fill.
-    rows: None (every row) or a LongTensor of row ids (index_copy_: no host sync)."""
+def _store(state: dict, key: str, rows: torch.Tensor | None, value: torch.Tensor, n_rows: int, fill) -> None:
+    """state[key][r] = value[r] for the rows r where `rows` (R,) bool is True (None: every row), for flat
+    per-row state; the last dim may differ and is padded with fill. In place wherever the buffer fits,
+    so a CUDA graph that captured the step replays into the state it reads next time. No host sync."""
     cur = state.get(key)
-    if cur is None or cur.shape[0] != n_rows or cur.shape[1:-1] != value.shape[1:-1]:
-        cur = value.new_full((n_rows, *value.shape[1:]), fill)
+    if cur is None or cur.dim() != value.dim() or cur.shape[0] != n_rows or cur.shape[1:-1] != value.shape[1:-1]:
+        cur = state[key] = value.new_full((n_rows, *value.shape[1:]), fill)
     if value.dim() > 1 and cur.shape[-1] != value.shape[-1]:
         width = max(cur.shape[-1], value.shape[-1])
-        cur, value = (torch.cat([x, x.new_full((*x.shape[:-1], width - x.shape[-1]), fill)], -1) for x in (cur, value))
+        if cur.shape[-1] < width:  # a wider set than before (budget_fraction on a longer context): a new buffer
+            cur = state[key] = torch.cat([cur, cur.new_full((*cur.shape[:-1], width - cur.shape[-1]), fill)], -1)
+        value = torch.cat([value, value.new_full((*value.shape[:-1], width - value.shape[-1]), fill)], -1)
+    value = value.to(cur.dtype)
     if rows is None:
-        cur = value.clone()
+        cur.copy_(value)
     else:
-        cur = cur.index_copy(0, rows, value.to(cur.dtype))
-    state[key] = cur
+        cur.copy_(torch.where(rows.view(-1, *([1] * (value.dim() - 1))), value, cur))
 
 
 def running_key_norm(ctx: StepContext, state: dict) -> torch.Tensor:
@@ -132,27 +137,36 @@ def running_key_norm(ctx: StepContext, state: dict) -> torch.Tensor:
     return run
 
 
-def _anchor_rows(anchor: torch.Tensor, n_anchor: int) -> torch.Tensor:
-    """The ids of the True rows, ascending, given their count (no host sync, unlike nonzero())."""
-    order = torch.sort(anchor.to(torch.int8), descending=True, stable=True).indices
-    return order[:n_anchor]
+def score_rows(ctx: StepContext, lo: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """(R, g, T - lo) logits as full_logits(ctx, lo) gives them, for the rows where `rows` (R,) bool is True
+    (None: every row). Other rows may hold -inf instead (their result is discarded): on a GPU the Triton
+    gated scoring kernel reads no key of a row that does not re-anchor, so a shared step costs O(budget)
+    memory traffic, not O(T), with no host sync to find out which rows those are."""
+    if rows is not None and ctx.q.is_cuda and ctx.q.dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("triton"):
+        from stem_cli.kernels.sparse_decode import gated_logits
+
+        logits = gated_logits(ctx.q, ctx.k, rows, lo=lo, scale=ctx.scale)
+        if ctx.key_valid is not None:
+            logits = logits.masked_fill(~ctx.key_valid.repeat_interleave(ctx.kv_heads, 0)[:, None, lo:], NEG_INF)
+        return logits
+    return full_logits(ctx, lo).flatten(0, 1)
 
 
 def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
-    """One layer-step. Host syncs: none at an anchor-only step (the first after a pre-fill, or the time
-    selector off); ONE otherwise (reading how many rows re-anchor, with the counters, in one copy), which
-    decides whether anything scores the cache. A shared step (no row re-anchors) is O(budget): the
-    cosine test, the anchor's stored set, the forced positions. Rows that re-anchor while others share:
-    when at most half the rows anchor, only theirs score the cache (one product per row on its keys in
-    place: O(T) per anchor row, no copy of the cache); when more do, one batched product scores every
-    row (fewer launches, at most twice the key reads) and the anchor rows' logits are kept."""
+    """One layer-step, with no host sync: which rows re-anchor is a device mask. Both branches are
+    computed for every row and chosen per row (torch.where): the shared set (O(budget): the cosine test,
+    the anchor's stored set, the forced positions) and the anchor set (exact top-k over the scored
+    positions). Scoring reads only the re-anchoring rows' keys on a GPU (score_rows), so a step where every
+    row shares reads O(budget) of the cache. The selections, deltas and state equal the host-synchronising
+    version's (prhs_reference.py, the tests' oracle) step by step; the state is updated in place, so a
+    CUDA graph of the whole decode step replays correctly. Counters are 0-d device tensors."""
     b, h, t = ctx.batch, ctx.kv_heads, ctx.n_keys
     n_rows, g = b * h, ctx.q.shape[2]
     flat_b = torch.arange(n_rows, device=ctx.device) // h
     ws = ctx.window_start()
     f_drop = drop_fraction(ctx.layer, ctx.num_layers, phi=config.phi, alpha=config.alpha, start=config.depth_start) if config.uses("depth") else 0.0
     f_freeze = freeze_fraction(ctx.layer, ctx.num_layers, psi=config.psi, gamma=config.gamma, start=config.freeze_start) if config.uses("layer") else 0.0
-    frozen = schedule_count(f_freeze, t)  # host-side: an upper bound of every row's frozen count
+    frozen = schedule_count(f_freeze, t)  # host-side (from the shape): an upper bound of every row's frozen count
     sink_end = (ctx.start + ctx.sinks).clamp_max(ws)
     drop_end = (sink_end + schedule_count(f_drop, ctx.n_valid)).clamp_max(ws) if f_drop > 0 else sink_end  # t = each sequence's valid tokens
     width = salient_width(ctx, config.budget, config.budget_fraction)
@@ -162,13 +176,12 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
     kmax = running_key_norm(ctx, state) if check == "bound" else None  # O(new keys) per step
 
     logits_all = full_logits(ctx).flatten(0, 1) if config.audit else None  # (R, g, T)
-    p_all = None
     qf = ctx.q.float().flatten(0, 1)  # (R, g, d)
     delta = torch.zeros(n_rows, g, device=ctx.device)
     known = torch.zeros(n_rows, dtype=torch.bool, device=ctx.device)
     shared_idx = None
     n_cos = n_fallback = 0
-    anchor = None  # None: every row anchors
+    anchor = None  # (R,) bool on the device; None: every row anchors (the first step after a pre-fill, or time off)
 
     if config.uses("time") and state.get("has") is not None and state["has"].shape[0] == n_rows:
         qa = state["q"]
@@ -187,8 +200,7 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
         if check is not None:
             if check == "exact":
                 logits_all = full_logits(ctx).flatten(0, 1) if logits_all is None else logits_all
-                p_all = softmax_rows(logits_all)
-                est = dropped_from_probs(p_all, shared_idx)
+                est = dropped_from_probs(softmax_rows(logits_all), shared_idx)
                 delta, known = torch.where(share[:, None], est, delta), share.clone()
             else:
                 fpos = state["forced_pos"]
@@ -205,118 +217,97 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
             fallback = share & (est.amax(-1) > config.max_delta)
             share = share & ~fallback
             known = known & share
+            n_fallback = fallback.sum()
         anchor = ~share
-        counts = [cos_fail.sum()] + ([fallback.sum()] if fallback is not None else [])
-        # THE host sync of the step (one copy): which rows re-anchor decides whether anything scores
-        # the cache, and which keys are read; the counters come along.
-        got = torch.cat([anchor.long(), torch.stack(counts)]).tolist()
-        host_rows = [i for i, a in enumerate(got[:n_rows]) if a]
-        n_anchor, n_cos = len(host_rows), got[n_rows]
-        n_fallback = got[n_rows + 1] if fallback is not None else 0
-    else:
-        n_anchor, host_rows = n_rows, None
+        n_cos = cos_fail.sum()
+    n_anchor = n_rows if anchor is None else anchor.sum()
 
+    # The anchor branch, for every row (rows that share discard it; on a GPU their keys are not read).
     out_width = forced.shape[-1] + width
-    final = (pad_to(shared_idx, out_width) if shared_idx is not None
-             else torch.full((n_rows, out_width), -1, dtype=torch.long, device=ctx.device))
-    out_width = final.shape[-1]
+    freeze_end = (sink_end + schedule_count(f_freeze, ctx.n_valid)).clamp_max(ws)
+    excl_end = torch.maximum(drop_end, freeze_end)  # [sink_end, excl_end): never scored at an anchor
+    avail = (row_budget(ctx, config.budget, config.budget_fraction) - ctx.forced_count())[flat_b]  # (R,)
+    valid = ctx.valid_mask()[flat_b]  # (R, T)
+    # Before lo lie only padding, sinks and frozen tokens, for every row: with left padding,
+    # start + floor(f (T - start)) >= floor(f T). Those logits are never computed.
+    lo = 0 if need_full else min(ctx.sinks + schedule_count(f_freeze, t), ws)
+    pos = torch.arange(lo, t, device=ctx.device)
+    if logits_all is not None:
+        lo, pos, logits = 0, torch.arange(t, device=ctx.device), logits_all
+    else:
+        logits = score_rows(ctx, lo, anchor)
+        if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
+            logits = logits.masked_fill((pos < freeze_end[flat_b, None])[:, None, :], NEG_INF)
+    p = softmax_rows(logits)  # (R, g, T - lo); the full softmax when lo == 0
+    cand = (valid[:, lo:] & ~ctx.forced_mask()[flat_b, lo:]
+            & ~((pos >= sink_end[flat_b, None]) & (pos < excl_end[flat_b, None])))
+    scores = p.mean(1).masked_fill(~cand, NEG_INF)
+    prev = ctx.prev_indices
+    if frozen > 0 and prev is not None:
+        inherit = (prev >= drop_end[flat_b, None]) & (prev < freeze_end[flat_b, None])
+        inherited = compact(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width))
+    else:
+        inherited = forced.new_full((n_rows, 0), -1)
+    free = (avail - (inherited >= 0).sum(-1)).clamp_min(0)
+    ranked = topk_rows(scores, free, width)
+    ranked = torch.where(ranked >= 0, ranked + lo, ranked)
+    anchor_idx = torch.cat([forced, compact(torch.cat([inherited, ranked], -1), width)], dim=-1)
+    d_a = dropped_from_probs(p, anchor_idx) if lo == 0 else None
+    if check is not None and (f_drop > 0 or f_freeze > 0):
+        # max_delta guards the depth and layer selectors too: a row whose restricted set drops more
+        # than max_delta falls back to exact top-k over every candidate (lo == 0 here: exact delta).
+        bad = d_a.amax(-1) > config.max_delta
+        n_fallback = n_fallback + (bad if anchor is None else bad & anchor).sum()
+        every = valid & ~ctx.forced_mask()[flat_b]
+        exact = topk_rows(p.mean(1).masked_fill(~every, NEG_INF), avail, width)
+        ranked = torch.where(bad[:, None], exact, ranked)
+        inherited = torch.where(bad[:, None], torch.full_like(inherited, -1), inherited)
+        free = (avail - (inherited >= 0).sum(-1)).clamp_min(0)
+        exact_idx = torch.cat([forced, compact(exact, width)], dim=-1)
+        anchor_idx = torch.where(bad[:, None], exact_idx, anchor_idx)
+        d_a = torch.where(bad[:, None], dropped_from_probs(p, exact_idx), d_a)
 
-    if n_anchor:
-        rows = None if n_anchor == n_rows else _anchor_rows(anchor, n_anchor)
-        rb = flat_b if rows is None else flat_b.index_select(0, rows)  # the rows' sequences, for (B, ...) tensors
-        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # flat (R, ...) tensors
-        freeze_end = (sink_end + schedule_count(f_freeze, ctx.n_valid)).clamp_max(ws)
-        excl_end = torch.maximum(drop_end, freeze_end)  # [sink_end, excl_end): never scored at an anchor
-        avail = pick((row_budget(ctx, config.budget, config.budget_fraction) - ctx.forced_count())[flat_b])  # (Ra,)
-        forced_a = pick(forced)
-        # Before lo lie only padding, sinks and frozen tokens, for every row: with left padding,
-        # start + floor(f (T - start)) >= floor(f T). Those logits are never computed.
-        lo = 0 if need_full else min(ctx.sinks + schedule_count(f_freeze, t), ws)
-        pos = torch.arange(lo, t, device=ctx.device)
-        if logits_all is not None:
-            lo, pos, logits = 0, torch.arange(t, device=ctx.device), pick(logits_all)
+    if shared_idx is None:
+        final = pad_to(anchor_idx, out_width)
+    else:
+        final = pad_to(shared_idx, out_width)
+        final = torch.where(anchor[:, None], pad_to(anchor_idx, final.shape[-1]), final)
+    if d_a is not None:
+        if anchor is None:
+            delta, known = d_a, torch.ones_like(known)
         else:
-            if rows is None:
-                logits = full_logits(ctx, lo).flatten(0, 1)
-            elif 2 * n_anchor > n_rows:  # most rows anchor: one batched product over every row, then theirs
-                logits = full_logits(ctx, lo).flatten(0, 1).index_select(0, rows)
-            else:  # a few rows anchor: only their keys are read (in place, no gathered copy of the cache)
-                logits = full_logits(ctx, lo, rows=rows, host_rows=host_rows)
-            if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
-                logits = logits.masked_fill((pos < freeze_end[rb, None])[:, None, :], NEG_INF)
-        p = softmax_rows(logits)  # (Ra, g, T - lo); the full softmax when lo == 0
-        cand = (ctx.valid_mask()[rb, lo:] & ~ctx.forced_mask()[rb, lo:]
-                & ~((pos >= sink_end[rb, None]) & (pos < excl_end[rb, None])))
-        scores = p.mean(1).masked_fill(~cand, NEG_INF)
-        prev = ctx.prev_indices
-        if frozen > 0 and prev is not None:
-            prev = pick(prev)
-            inherit = (prev >= drop_end[rb, None]) & (prev < freeze_end[rb, None])
-            inherited = compact(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width))
-        else:
-            inherited = forced.new_full((rb.shape[0], 0), -1)
-        n_inherited = (inherited >= 0).sum(-1)
-        free = (avail - n_inherited).clamp_min(0)
-        ranked = topk_rows(scores, free, width)
-        ranked = torch.where(ranked >= 0, ranked + lo, ranked)
-        anchor_idx = torch.cat([forced_a, compact(torch.cat([inherited, ranked], -1), width)], dim=-1)
-        d_a = dropped_from_probs(p, anchor_idx) if lo == 0 else None
-        if check is not None and (f_drop > 0 or f_freeze > 0):
-            # max_delta guards the depth and layer selectors too: a row whose restricted set drops more
-            # than max_delta falls back to exact top-k over every candidate (lo == 0 here: exact delta).
-            # Computed for every anchor row and chosen per row by mask: no host sync.
-            bad = d_a.amax(-1) > config.max_delta
-            n_fallback = n_fallback + bad.sum()
-            every = ctx.valid_mask()[rb] & ~ctx.forced_mask()[rb]
-            exact = topk_rows(p.mean(1).masked_fill(~every, NEG_INF), avail, width)
-            ranked = torch.where(bad[:, None], exact, ranked)
-            inherited = torch.where(bad[:, None], torch.full_like(inherited, -1), inherited)
-            free = (avail - (inherited >= 0).sum(-1)).clamp_min(0)
-            exact_idx = torch.cat([forced_a, compact(exact, width)], dim=-1)
-            anchor_idx = torch.where(bad[:, None], exact_idx, anchor_idx)
-            d_a = torch.where(bad[:, None], dropped_from_probs(p, exact_idx), d_a)
-        if d_a is not None:
-            if rows is None:
-                delta, known = d_a, torch.ones_like(known)
-            else:
-                delta = delta.index_copy(0, rows, d_a.to(delta.dtype))
-                known = known.index_fill(0, rows, True)
-        if rows is None:
-            final = pad_to(anchor_idx, out_width)
-        else:
-            final = final.index_copy(0, rows, pad_to(anchor_idx, out_width))
+            delta = torch.where(anchor[:, None], d_a.to(delta.dtype), delta)
+            known = known | anchor
 
-        if config.uses("time"):
-            top, around = dilate(ranked, share_count(free, config.r), config.r)
-            ok = (around >= 0) & (around < t)
-            safe = torch.where(ok, around, torch.zeros_like(around))
-            ok &= ctx.valid_mask()[rb].gather(1, safe) & (safe >= excl_end[rb, None])  # not padding, sinks, dropped or frozen
-            around = torch.where(ok, around, torch.full_like(around, -1))
-            static = compact(dedupe(torch.cat([inherited, top, around], -1)), width)
-            n, ra_count = n_rows, rb.shape[0]
-            qa_rows = pick(qf)
-            _put(state, "q", rows, qa_rows, n, 0.0)
-            _put(state, "q_norm", rows, qa_rows.norm(dim=-1), n, 1.0)  # what every later cosine test divides by
-            _put(state, "has", rows, torch.ones(ra_count, dtype=torch.bool, device=ctx.device), n, False)
-            _put(state, "T", rows, torch.full((ra_count,), t, dtype=torch.long, device=ctx.device), n, 0)
-            _put(state, "static", rows, static, n, -1)
-            if check in ("bound", "anchor"):  # lo == 0 here: p is the full softmax
-                def at(idx):
-                    got = p.gather(2, idx.clamp_min(0)[:, None, :].expand(-1, g, -1))
-                    return got.masked_fill((idx < 0)[:, None, :], 0.0)
+    if config.uses("time"):
+        top, around = dilate(ranked, share_count(free, config.r), config.r)
+        ok = (around >= 0) & (around < t)
+        safe = torch.where(ok, around, torch.zeros_like(around))
+        ok &= valid.gather(1, safe) & (safe >= excl_end[flat_b, None])  # not padding, sinks, dropped or frozen
+        around = torch.where(ok, around, torch.full_like(around, -1))
+        static = compact(dedupe(torch.cat([inherited, top, around], -1)), width)
+        n = n_rows
+        _store(state, "q", anchor, qf, n, 0.0)
+        _store(state, "q_norm", anchor, qf.norm(dim=-1), n, 1.0)  # what every later cosine test divides by
+        _store(state, "has", anchor, torch.ones(n, dtype=torch.bool, device=ctx.device), n, False)
+        _store(state, "T", anchor, torch.full((n,), t, dtype=torch.long, device=ctx.device), n, 0)
+        _store(state, "static", anchor, static, n, -1)
+        if check in ("bound", "anchor"):  # lo == 0 here: p is the full softmax
+            def at(idx):
+                got = p.gather(2, idx.clamp_min(0)[:, None, :].expand(-1, g, -1))
+                return got.masked_fill((idx < 0)[:, None, :], 0.0)
 
-                _put(state, "p_static", rows, at(static), n, 0.0)
-                _put(state, "p_forced", rows, at(forced_a), n, 0.0)
-                _put(state, "forced_pos", rows, forced_a, n, -1)
-                if kmax is not None:
-                    _put(state, "kmax", rows, pick(kmax), n, 0.0)
+            _store(state, "p_static", anchor, at(static), n, 0.0)
+            _store(state, "p_forced", anchor, at(forced), n, 0.0)
+            _store(state, "forced_pos", anchor, forced, n, -1)
+            if kmax is not None:
+                _store(state, "kmax", anchor, kmax, n, 0.0)
 
     logits_out = logits_all.view(b, h, g, t) if logits_all is not None else None
     return Selection(
-        final.view(b, h, out_width), delta.view(b, h, g), known.view(b, h), logits_out,
+        final.view(b, h, final.shape[-1]), delta.view(b, h, g), known.view(b, h), logits_out,
         decisions=n_rows, anchors=n_anchor, cosine_reanchors=n_cos, fallbacks=n_fallback,
     )
-
 
 DEFAULTS = PrhsConfig()
 DESCRIPTION = (

@@ -15,8 +15,10 @@ densely (SDPA over the cache).
 
 No host synchronisation in a step: counts and sums that live on the device
 (kept tokens, dropped mass, over-bound rows, PrHS's device-side counters) are
-accumulated there and read only by stats(). The only host sync of the decode
-path is PrHS's one read per layer-step of how many rows re-anchor (prhs.py).
+accumulated there (in place) and read only by stats(); PrHS decides which rows
+re-anchor on the device (prhs.py). So a whole decode step (every layer) can be
+captured in a CUDA graph and replayed (graphs.py); the dropped-mass samples of
+replayed steps are not appended (the list is host-side), the counters are.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ class DecodeRuntime:
         """Add a host int or a device tensor to a counter without a host sync."""
         if isinstance(value, torch.Tensor):
             cur = self._device.get(name)
-            self._device[name] = value.double() if cur is None else cur + value
+            if cur is None:
+                self._device[name] = value.detach().to(torch.float64, copy=True)
+            else:  # in place: a CUDA graph of the step replays into the same counter
+                cur.add_(value)
         else:
             self._host[name] += value
 

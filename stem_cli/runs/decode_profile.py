@@ -25,7 +25,8 @@ measure each stage's span on the GPU timeline, launch gaps included, so they can
 add up to more than the per-token time. dense = SDPA over the cache for every
 layer, as a user's model runs it (FlashAttention on GPU, native GQA), with no
 runtime around it. The decode steps themselves do not synchronise with the host
-(PrHS: one read per layer-step of its re-anchor count). Rows go into profiles/ as JSON.
+(PrHS decides its re-anchors on the device). Dense in a CUDA graph, split-K and
+batch 16: tests/bench/decode.py. Rows go into profiles/ as JSON.
 """
 
 from __future__ import annotations
