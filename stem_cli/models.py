@@ -452,14 +452,15 @@ def _looks_local(name: str) -> bool:
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot answer now, or None. Asked before a hub load so that an offline machine
     gets one clear message at once instead of the hub client's retries (tens of seconds)."""
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                                       for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # through a proxy a direct probe says nothing: let the hub client try
     import socket
     from urllib.parse import urlparse
-
-    from huggingface_hub import constants
 
     url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
@@ -479,8 +480,9 @@ def check_model_name(name: str, random_weights: bool = False) -> None:
     path = Path(name).expanduser()
     if spec is None and (path.exists() or _looks_local(name)):
         if not path.exists():
-            raise ModelError(f"--model {name!r}: no such file or directory ({path.absolute()}). A model is a registry alias "
-                             f"({', '.join(REGISTRY)}), a .gguf file, a directory with config.json, or a hub id org/name.")
+            what = "GGUF file not found" if name.endswith(".gguf") else "not found"
+            raise ModelError(f"--model {name!r}: {what}, no such file or directory ({path.absolute()}). A model is a registry "
+                             f"alias ({', '.join(REGISTRY)}), a .gguf file, a directory with config.json, or a hub id org/name.")
         return
     repo = spec.hf_id if spec is not None else name
     why = hub_unreachable()
@@ -498,12 +500,13 @@ def check_model_name(name: str, random_weights: bool = False) -> None:
 
         near = sorted((a for a in REGISTRY if fuzz.ratio(name, a) >= 60), key=lambda a: -fuzz.ratio(name, a))[:3]
         hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-        raise ModelError(f"--model {name!r} is not a registry alias{hint}, nor a local file or directory; as a hub id it cannot "
+        raise ModelError(f"Unknown model {name!r}: not a registry alias{hint}, nor a local file or directory; as a hub id it cannot "
                          f"be fetched: {why}, and it is not in the local Hugging Face cache. Aliases: {', '.join(REGISTRY)}.")
-    fix = " (or --random-weights to profile its shapes)" if spec is not None else ""
+    shapes = "--random-weights (its config ships with stem)" if spec is not None else "--random-weights with a registry alias"
     raise ModelError(f"--model {name!r} needs {repo} from the Hugging Face hub, which cannot be reached: {why}, and it is not "
-                     f"in the local Hugging Face cache. Download it where the hub is reachable (`hf download {repo} --local-dir DIR`) "
-                     f"and pass --model DIR{fix}.")
+                     f"in the local Hugging Face cache. Download it where the hub is reachable (`hf download {repo} --local-dir DIR`; "
+                     f"a gated model such as Llama needs its licence accepted and HF_TOKEN set there) and pass --model DIR; "
+                     f"or profile its shapes offline with {shapes}.")
 
 
 def _load_pretrained(where: str, dtype: torch.dtype, device: torch.device, attn: str):

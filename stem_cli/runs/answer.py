@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
+from rich.markup import escape
+
 from stem_cli.errors import UsageError
 from stem_cli.runs.evaluation import default_console
 
@@ -83,7 +85,7 @@ def generate(model: str = "smollm2-135m", methods: str | Iterable[str] = ("dense
     ids, answer, what = prompt_ids(loaded, prompt, prompt_file, needle, seed)
     dev = next(loaded.model.parameters()).device
     ids = ids.to(dev)
-    console.print(f"[dim]{loaded.source} on {dev}, {what}[/]")
+    console.print(f"[dim]{escape(f'{loaded.source} on {dev}, {what}')}[/]")
     stop = stop_ids_of(loaded.model, loaded.tokenizer)
     rows = []
     for name in names:
