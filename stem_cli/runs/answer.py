@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
+from rich.markup import escape
+
 from stem_cli.errors import UsageError
 from stem_cli.runs.evaluation import default_console
 
@@ -22,13 +24,27 @@ class Answers:
     rows: list[dict]
 
 
+def check_prompt(prompt: str | None, prompt_file: str | Path | None, needle: str | int | None) -> None:
+    """At most one prompt source, and a prompt with text in it: the chat template alone is no prompt
+    (the answer would mean nothing). Checked before the model loads."""
+    if sum(x is not None for x in (prompt, prompt_file, needle)) > 1:
+        raise UsageError("give one of --prompt, --prompt-file, --needle")
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {str(path)!r} does not exist")
+        if not path.read_text().strip():
+            raise UsageError(f"--prompt-file {str(path)!r} is empty: give a file with the prompt text")
+    if prompt is not None and not prompt.strip():
+        raise UsageError("--prompt is empty: give the prompt text, or --prompt-file FILE, or --needle LENGTH")
+
+
 def prompt_ids(loaded, prompt: str | None, prompt_file: str | Path | None, needle: str | int | None, seed: int):
     """(input_ids, answer or None, description) for the one prompt chosen; the built-in 4k needle when none is."""
     from stem_cli.runs import plan
 
+    check_prompt(prompt, prompt_file, needle)
     chosen = [x is not None for x in (prompt, prompt_file, needle)]
-    if sum(chosen) > 1:
-        raise UsageError("give one of --prompt, --prompt-file, --needle")
     tok = loaded.tokenizer
     if needle is not None or not any(chosen):
         from stem_cli.tasks.needle import build_needle_prompt
@@ -39,8 +55,6 @@ def prompt_ids(loaded, prompt: str | None, prompt_file: str | Path | None, needl
         return built.input_ids, built.answer, f"built-in needle, {built.n_tokens} tokens, depth {built.depth:.0%}"
     if prompt_file is not None:
         prompt_file = Path(prompt_file)
-        if not prompt_file.is_file():
-            raise UsageError(f"--prompt-file {str(prompt_file)!r} does not exist")
         prompt = prompt_file.read_text()
     if tok.chat_template:
         ids = tok.apply_chat_template(
@@ -60,16 +74,18 @@ def generate(model: str = "smollm2-135m", methods: str | Iterable[str] = ("dense
     `on_answer(row)` is called as each method's answer is made."""
     import stem_cli
     from stem_cli.generation import greedy, stop_ids_of
-    from stem_cli.models import load_model
+    from stem_cli.models import check_model_name, load_model
     from stem_cli.runs import plan
 
     console = console or default_console()
     names, configs = plan.methods_and_configs(methods, config, overrides)
+    check_prompt(prompt, prompt_file, needle)
+    check_model_name(model, random_weights)
     loaded = load_model(model, dtype=dtype, device=device, random_weights=random_weights, console=console)
     ids, answer, what = prompt_ids(loaded, prompt, prompt_file, needle, seed)
     dev = next(loaded.model.parameters()).device
     ids = ids.to(dev)
-    console.print(f"[dim]{loaded.source} on {dev}, {what}[/]")
+    console.print(f"[dim]{escape(f'{loaded.source} on {dev}, {what}')}[/]")
     stop = stop_ids_of(loaded.model, loaded.tokenizer)
     rows = []
     for name in names:
@@ -88,4 +104,5 @@ def generate(model: str = "smollm2-135m", methods: str | Iterable[str] = ("dense
         rows.append(row)
         if on_answer:
             on_answer(row)
+    plan.full_budget_notice(rows, console, seq_len=ids.shape[1])
     return Answers(model, loaded.source, ids.shape[1], what, answer, rows)

@@ -82,12 +82,14 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
               command: str | None = None, margin: float | None = None) -> EvalRun:
     """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
     else stored results of this run are an error unless `resume`."""
-    from stem_cli.models import load_model, resolve_device
+    from rich.markup import escape
+
+    from stem_cli.models import check_model_name, load_model, resolve_device
     from stem_cli.runs import plan
     from stem_cli.environment import environment, provenance, slug
     from stem_cli.runs.runner import EvalSettings, Runner, averages, summarize
     from stem_cli.runs.store import ResultStore
-    from stem_cli.runs.task_names import resolve_tasks
+    from stem_cli.runs.task_names import check_lm_eval_tasks, resolve_tasks
 
     console = console or default_console()
     names, configs = plan.methods_and_configs(methods, config, overrides)
@@ -99,9 +101,11 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
         raise UsageError(f"--include-path {str(include_path)!r} is not a folder of lm-eval task YAML files")
     dev = resolve_device(device)
     model = model or (EVAL_GPU_MODEL if dev.type == "cuda" else EVAL_CPU_MODEL)
-    loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=console)
     lengths = plan.parse_lengths(lengths)
     refs = resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks), data_dir)
+    check_model_name(model, random_weights)  # every name checked before anything loads: a typo costs no model load
+    check_lm_eval_tasks(refs, include_path, console)
+    loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=console)
     plan.check_context(loaded.model, lengths)
     model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
@@ -116,15 +120,17 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
         if existing:
             raise UsageError(f"{existing} results of this run are already in {store.path}: pass --resume to continue from them, "
                              "or --output DIR for a fresh run")
-    console.print(f"[dim]{loaded.source} ({model_dtype}) on {dev}; {len(refs)} task(s) x {len(lengths)} length(s) x "
-                  f"{len(names)} method(s), up to {limit} sample(s) each; results -> {store.path}[/]")
+    console.print(f"[dim]{escape(loaded.source)} ({model_dtype}) on {dev}; {len(refs)} task(s) x {len(lengths)} length(s) x "
+                  f"{len(names)} method(s), up to {limit} sample(s) each; results -> {escape(str(store.path))}[/]")
+    console.print(f"[dim]{plan.plan_line(jobs, refs, limit)}[/]")
     try:
         with progress_bars(console) as progress:
-            runner.progress = progress
+            runner.progress = plan.Estimate(progress, runner, plan.planned_generations(jobs, refs, limit), len(names), console)
             records = runner.run(jobs, refs)
     except KeyboardInterrupt:
         raise Interrupted(runner.computed, store.path) from None
     rows = summarize(records)
+    plan.full_budget_notice(rows, console)
     avg = averages(rows, records, margin=margin)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     summary = {
@@ -157,7 +163,8 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
              overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto", random_weights: bool = False,
              console=None, command: str | None = None, margin: float | None = None) -> EvalRun:
     """Accuracy of each method on each task and length; results appended to OUTPUT/results-MODEL.jsonl as they are
-    scored, the summary written to OUTPUT/eval-MODEL-TIME.json (`run.paths["summary"]`).
+    scored, the summary written to OUTPUT/eval-MODEL-TIME.json (`run.paths["summary"]`), the table beside it as .md
+    and .csv (`run.paths["md"]`, `run.paths["csv"]`: compare's per-(method, length) rows).
 
     `overrides`: NAME=VALUE or METHOD.NAME=VALUE (as --set); `budget`: solve each method's knob to this BUD first.
     Raises UsageError for bad input (names, lengths, results of this run already stored without `resume`)."""
@@ -170,4 +177,16 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
     path = Path(output) / f"eval-{slug(run.model)}-{run.stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(run.summary, indent=2, default=str))
     run.paths["summary"] = path
+    run.paths.update(write_tables(run, path.with_suffix("")))
     return run
+
+
+def write_tables(run: EvalRun, base: Path) -> dict[str, Path]:
+    """BASE.md and BASE.csv: one row per (method, length) with every task, as `stem compare` writes them."""
+    from stem_cli.report.tables import compare_rows, render
+
+    flat = compare_rows(run.rows, run.averages)
+    paths = {"md": base.with_suffix(".md"), "csv": base.with_suffix(".csv")}
+    paths["md"].write_text(f"`{run.summary['command']}`\n\n" + render(flat, "markdown"))
+    paths["csv"].write_text(render(flat, "csv"))
+    return paths

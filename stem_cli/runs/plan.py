@@ -111,3 +111,77 @@ def token_ids(ids: list[int], model):
     import torch
 
     return torch.tensor([ids], device=next(model.parameters()).device)
+
+
+def full_budget_notice(rows: list[dict], console, seq_len: int | None = None) -> None:
+    """Say so when a sparse method computed every block (BUD 100%) at a length: it ran as dense attention there,
+    so its accuracy and time say nothing about sparsity (e.g. Stem's start budget covers a whole 4K prompt)."""
+    from rich.markup import escape
+
+    from stem_cli.report.tables import keeps_everything
+    from stem_cli.units import format_length
+
+    groups: dict[tuple[str, int | None], list] = {}
+    for r in rows:
+        if r.get("bud") is not None:
+            groups.setdefault((r["method"], r.get("seq_len", seq_len)), []).append(r["bud"])
+    for (method, n), buds in groups.items():
+        if all(keeps_everything(method, b) for b in buds):
+            at = f" at {format_length(n)}" if n else ""
+            console.print(f"[yellow]notice:[/] {escape(method)} keeps every block{at} (BUD 100%): it ran as dense attention there; "
+                          "a longer --seq-len or a smaller block_size (--set block_size=32) makes it sparse", highlight=False)
+
+
+def planned_generations(jobs: list, refs: list, limit: int) -> int:
+    """Upper bound on the per-sample results a run computes: jobs x built-in tasks x samples (fewer when stored)."""
+    return len(jobs) * sum(r.kind != "lm-eval" for r in refs) * limit
+
+
+def plan_line(jobs: list, refs: list, limit: int) -> str:
+    """'plan: up to 110 generations (11 task(s) x 5 sample(s) x 2 method(s) at 4K); ...' printed before any work."""
+    from stem_cli.units import format_length
+
+    built = [r for r in refs if r.kind != "lm-eval"]
+    lengths = list(dict.fromkeys(j.seq_len for j in jobs))
+    methods = list(dict.fromkeys(j.method for j in jobs))
+    parts = [f"up to {planned_generations(jobs, refs, limit)} generation(s) ({len(built)} task(s) x {limit} sample(s) x "
+             f"{len(methods)} method(s) at {', '.join(format_length(n) for n in lengths)})"]
+    lm_eval = len(refs) - len(built)
+    if lm_eval:
+        parts.append(f"{lm_eval * len(jobs)} lm-eval run(s)")
+    return "plan: " + " and ".join(parts) + "; stored results are reused; a time estimate follows the first sample"
+
+
+class Estimate:
+    """Wraps a progress callback: once the first sample has run under every method, prints the time left at the
+    pace measured so far (a measurement on this machine, not a model of it), so a run of hours says so early."""
+
+    def __init__(self, progress, runner, planned: int, per_sample: int, console):
+        import time
+
+        self.progress, self.runner, self.planned, self.per_sample, self.console = progress, runner, planned, per_sample, console
+        self.clock = time.perf_counter
+        self.start, self.said = None, planned == 0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        self.progress(what, done, total)
+        computed = self.runner.computed
+        if self.said:
+            return
+        if computed == 0:
+            self.start = self.clock()  # reused results and sample building before the first computed one do not count
+            return
+        if computed >= min(self.per_sample, self.planned):
+            self.said = True
+            each = (self.clock() - self.start) / computed
+            left = max(self.planned - computed - self.runner.reused, 0)
+            self.console.print(f"[dim]estimate: {each:.1f} s per generation measured on the first {computed}; "
+                               f"up to {left} more: about {_duration(each * left)} at this pace[/]")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

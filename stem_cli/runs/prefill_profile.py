@@ -40,12 +40,15 @@ class Sample:
 def _prefill_and_decode(model, ids: torch.Tensor) -> tuple[float, float]:
     from transformers import DynamicCache
 
+    from stem_cli.generation import with_cache
+
     device = ids.device
+    cached = with_cache(model, DynamicCache(config=model.config))
     with Interval(device) as prefill:
-        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cached, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     with Interval(device) as decode:
-        model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=token, **cached, use_cache=True)
     return prefill.ms(), decode.ms()
 
 

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from rich.markup import escape
+
 from stem_cli.errors import UsageError
 from stem_cli.runs.defaults import PROFILE_CPU_DEFAULTS, PROFILE_GPU_DEFAULTS
 from stem_cli.runs.evaluation import command_line, default_console
@@ -60,7 +62,7 @@ def profile(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     except ModelError as e:
         if random_weights or model not in REGISTRY:
             raise
-        console.print(f"[yellow]notice:[/] weights not available ({str(e).splitlines()[0]}); using random weights from the shipped config")
+        console.print(f"[yellow]notice:[/] weights not available ({escape(str(e).splitlines()[0])}); using random weights from the shipped config")
         loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=True, console=console)
     plan.check_context(loaded.model, lengths)
     sampler_info = None
@@ -68,7 +70,7 @@ def profile(model: str | None = None, methods: str | Iterable[str] = "dense,stem
         probe = NvmlSampler(dev.index or 0)
         sampler_info = probe.static_info()
         if not probe.available:
-            console.print(f"[yellow]notice:[/] {probe.reason}; continuing without GPU telemetry")
+            console.print(f"[yellow]notice:[/] {escape(str(probe.reason))}; continuing without GPU telemetry")
 
     env = environment(dev, sampler_info)
     stamp = datetime.datetime.now(datetime.timezone.utc)
