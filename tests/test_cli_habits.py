@@ -146,6 +146,9 @@ def test_unreachable_hub_is_found_by_a_quick_probe(monkeypatch):
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read from the environment once, at import: maybe by another test
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
     assert "127.0.0.1 is not reachable" in hub_unreachable()
     with pytest.raises(ModelError, match="cannot be reached"):
@@ -225,7 +228,7 @@ def test_eval_writes_markdown_and_csv_like_compare(tmp_path):
     (csv_file,) = tmp_path.glob("eval-tiny-llama-*.csv")
     assert md.read_text().startswith("`stem") and "| method |" in md.read_text()
     lines = csv_file.read_text().splitlines()
-    assert lines[0].startswith("method,seq_len,niah_single_1") and [x.split(",")[0] for x in lines[1:]] == ["dense", "stem"]
+    assert lines[0].startswith("method,seq_len,n,niah_single_1") and [x.split(",")[0] for x in lines[1:]] == ["dense", "stem"]
     text = " ".join(plain(result.output).split())
     assert "plan: up to 2 generation(s) (1 task(s) x 1 sample(s) x 2 method(s) at 600)" in text
     assert re.search(r"estimate: [\d.]+ s per generation measured on the first 2", text)
