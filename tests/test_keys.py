@@ -250,6 +250,10 @@ def test_a_second_budget_run_solves_nothing(tmp_path, cache, solver_calls):
 
     other = cli.invoke(app, compare_args(tmp_path, "0.6"), env=ENV)  # another target: solved again
     assert other.exit_code == 0 and set(solver_calls) == {"stem", "streaming"}
+    solver_calls.clear()
+    fresh = cli.invoke(app, [*compare_args(tmp_path), "--no-cache"], env=ENV)  # recompute: results and knobs
+    assert fresh.exit_code == 0 and set(solver_calls) == {"stem", "streaming"}
+    assert "3 computed, 0 reused" in " ".join(fresh.output.split()), fresh.output
 
 
 def test_ctrl_c_while_solving_keeps_the_knobs_already_solved(tmp_path, cache, solver_calls, monkeypatch):

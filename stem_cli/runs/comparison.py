@@ -61,7 +61,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     run = run_tasks(model=model, tasks=tasks, methods=names, lengths=lengths, limit=limit, budget=budget, output=output, resume=True,
                     reuse_any=cache, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device, dtype=dtype,
                     random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=None, kind="compare",
-                    console=console, command=command, solve_again=not cache)
+                    console=console, command=command, recompute=not cache)
     summary = run.summary
     on_gpu = next(run.loaded.model.parameters()).is_cuda
     timings = None

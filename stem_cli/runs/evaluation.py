@@ -74,9 +74,10 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
               budget: float | None, output: str | Path, resume: bool, reuse_any: bool, seed: int, data_dir: str | Path | None,
               config, overrides: Iterable[str], device: str, dtype: str, random_weights: bool, max_new_tokens: int | None,
               chat_template: bool | None, kind: str, include_path: str | Path | None = None, console=None,
-              command: str | None = None, solve_again: bool = False) -> EvalRun:
+              command: str | None = None, recompute: bool = False) -> EvalRun:
     """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
-    else stored results of this run are an error unless `resume`. `solve_again`: do not take stored budget knobs."""
+    else stored results of this run are an error unless `resume`. `recompute`: compute every result and solve every knob
+    again even when stored (compare's --no-cache)."""
     from stem_cli.models import load_model, resolve_device
     from stem_cli.runs import plan
     from stem_cli.runs.knobs import Knobs
@@ -102,13 +103,14 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
     store = ResultStore(output / f"results-{slug(model)}.jsonl")
-    runner = Runner(loaded, store, settings, reuse=True)
-    knobs = Knobs(output / f"budgets-{slug(model)}.jsonl", runner.identity["weights"], model_dtype, reuse=not solve_again)
+    runner = Runner(loaded, store, settings, reuse=not recompute)
+    knobs = Knobs(output / f"budgets-{slug(model)}.jsonl", runner.identity["weights"], model_dtype, reuse=not recompute)
     try:
         jobs = plan.jobs(loaded.model, runner, names, configs, lengths, refs, budget, console, knobs)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted while solving budgets:[/] {knobs.solved} newly solved knob(s) are saved in "
-                      f"{knobs.path}; the same command reuses them")
+        if budget is not None:  # each knob was stored as it was solved
+            console.print(f"[yellow]interrupted while solving budgets:[/] {knobs.solved} newly solved knob(s) are saved in "
+                          f"{knobs.path}; the same command reuses them")
         raise Interrupted(0, store.path) from None
     census = runner.census(jobs, refs)
     if not (resume or reuse_any) and census["stored"]:
