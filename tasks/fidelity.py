@@ -83,6 +83,10 @@ DESCRIPTION = (
 PROMPT_SOURCE = "auto"  # see prompts()
 RULER_MIX = ("niah_single_2", "niah_multikey_2", "vt", "cwe")
 CHUNK_BYTES = 32 << 20  # one (Hq, rows, N) float32 slab: cache-friendlier than big slabs on the CPU
+# Bump when a change alters the measures this module makes (its prompts are ruler's and needle's,
+# whose versions are keyed too): stored results are keyed by it, so older ones are recomputed
+# (and the run says so) instead of reused.
+GENERATOR_VERSION = 1
 
 
 # --------------------------------------------------------------------------- prompts

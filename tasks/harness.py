@@ -71,6 +71,9 @@ def lm_eval_version() -> str | None:
         return None
 
 
+GENERATOR_VERSION = f"lm_eval {lm_eval_version()}"  # what makes an lm-eval task's result: results are keyed by it
+
+
 # ------------------------------------------------------------------ the request cache
 
 

@@ -40,6 +40,9 @@ from stem_cli.tasks.base import Sample, register_metric, render_prompt
 from stem_cli.tasks.harness import TaskError
 
 DOWNLOAD = "https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip"
+# Bump when a change alters the prompts, references or scoring this module makes: stored results
+# are keyed by it, so older ones are recomputed (and the run says so) instead of reused.
+GENERATOR_VERSION = 1
 
 
 @dataclass(frozen=True)

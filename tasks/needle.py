@@ -21,6 +21,9 @@ INTRO = "A special magic number is hidden in the text below. Memorize it."
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
 ANSWER_PREFIX = "The special magic number for {key} mentioned in the provided text is"
+# Bump when a change alters the prompts, references or scoring this module makes: stored results
+# are keyed by it, so older ones are recomputed (and the run says so) instead of reused.
+GENERATOR_VERSION = 1
 
 # Short words keep the fixed part of the prompt small; none of the pairs occurs in the
 # Python docs, so the key is unique in the haystack.

@@ -46,6 +46,9 @@ DESCRIPTION = (
     "also ppl over the last quarter of positions"
 )
 CE_CHUNK = 1024  # positions per lm-head chunk
+# Bump when a change alters the prompts, references or scoring this module makes: stored results
+# are keyed by it, so older ones are recomputed (and the run says so) instead of reused.
+GENERATOR_VERSION = 1
 
 
 def _bos(tokenizer) -> list[int]:

@@ -51,6 +51,10 @@ TASKS = (
 )
 GROUPS = {"ruler": TASKS, "niah": TASKS[:8]}
 
+# Bump when a change alters the prompts, references or scoring this module makes: stored results
+# are keyed by it, so older ones are recomputed (and the run says so) instead of reused.
+GENERATOR_VERSION = 1
+
 METRIC = "string_match_all"  # RULER scores every synthetic task by the fraction of references found
 MAX_NEW_TOKENS = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}
 

@@ -1,4 +1,3 @@
-import os
 import time
 
 import pytest
@@ -138,15 +137,9 @@ def test_score_needle():
     assert score_needle("", "1234567") == 0.0
 
 
-SMOLLM2_GGUF = os.environ.get("STEM_TEST_SMOLLM2_GGUF", "/work/dl/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(SMOLLM2_GGUF), reason=f"no SmolLM2 GGUF at {SMOLLM2_GGUF}")
-def test_smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(SMOLLM2_GGUF), gguf_file=os.path.basename(SMOLLM2_GGUF))
+def test_smollm2_tokenizer(smollm2):  # the tokenizer of the GGUF pulled into the stem cache (tests/conftest.py)
+    tokenizer = smollm2.tokenizer
     assert tokenizer.chat_template
     for n_tokens in (1000, 4096, 32768):
         started = time.perf_counter()

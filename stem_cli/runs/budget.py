@@ -12,12 +12,12 @@ model run, and nothing held in memory but counts. A data-dependent method (XAtte
 FlexPrefill, MInference) keeps different amounts on different inputs, so the probes are
 prompts of several tasks, not one; and the probe runs on dense hidden states. The BUD
 of the real (sparse) run therefore can differ; every result row carries the BUD
-actually achieved.
+actually achieved. Solved knobs are stored and reused (stem_cli/runs/knobs.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ from stem_cli.index import block_pair_counts, causal_pairs, computed_pairs
 from stem_cli.registry import get_method
 
 TOLERANCE = 0.01  # +-1 BUD point, as the comparison promises
+GRID = 16  # knob values per pass
+SOLVER_VERSION = 1  # bump when a change to the solver changes the knob it finds: stored knobs are keyed by it
+
+# progress(text, done, total): what is being tried, in probe forwards done of at most `total`
+Progress = Callable[[str, int, int], None]
 
 
 def knob_grid(low: float, high: float, count: int, integer: bool) -> list[float]:
@@ -39,8 +44,10 @@ def knob_grid(low: float, high: float, count: int, integer: bool) -> list[float]
 
 
 @torch.no_grad()
-def bud_curve(model, method: str, config, values: list[float], probes: torch.Tensor | list[torch.Tensor]) -> list[float]:
-    """BUD of `method` with its knob at each of `values`, over dense pre-fills of the probe prompts."""
+def bud_curve(model, method: str, config, values: list[float], probes: torch.Tensor | list[torch.Tensor],
+              on_probe: Callable[[int], None] | None = None) -> list[float]:
+    """BUD of `method` with its knob at each of `values`, over dense pre-fills of the probe prompts.
+    `on_probe(i)`: called after the i-th (1-based) probe's forward."""
     probes = [probes] if isinstance(probes, torch.Tensor) else list(probes)
     m = get_method(method)
     configs = [replace(config, {m.knob.name: v}, method) for v in values]
@@ -78,9 +85,11 @@ def bud_curve(model, method: str, config, values: list[float], probes: torch.Ten
     runtime = stem_cli.apply(model, "dense")
     runtime.probe = probe
     try:
-        for ids in probes:
+        for i, ids in enumerate(probes, 1):
             pairs_cache.clear()
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            if on_probe is not None:
+                on_probe(i)
     finally:
         runtime.probe = None
     if not total[0]:
@@ -88,9 +97,11 @@ def bud_curve(model, method: str, config, values: list[float], probes: torch.Ten
     return [d / total[0] for d in done]
 
 
-def solve_budget(model, method: str, config, probes: torch.Tensor | list[torch.Tensor], target: float, *, grid: int = 16) -> tuple[Any, dict]:
+def solve_budget(model, method: str, config, probes: torch.Tensor | list[torch.Tensor], target: float, *, grid: int = GRID,
+                 progress: Progress | None = None) -> tuple[Any, dict]:
     """(config with the knob set, info) so that BUD over the probe prompts is within TOLERANCE of target.
 
+    `progress(text, done, total)`: the knob values being tried, after every probe forward (two passes at most).
     Raises ConfigError (exit 2 in the CLI) when the target lies outside what the knob can reach.
     """
     if not 0 < target <= 1:
@@ -99,8 +110,17 @@ def solve_budget(model, method: str, config, probes: torch.Tensor | list[torch.T
     if m.knob is None:
         raise ConfigError(f"method {method!r} has no budget knob (it computes every causal block); leave it out of --budget or compare against it as the baseline")
     knob = m.knob
+    n_probes = 1 if isinstance(probes, torch.Tensor) else len(probes)
+    total = 2 * n_probes  # a grid pass, then at most one refining pass
+    show = progress or (lambda text, done, total: None)
+
+    def trying(vals: list[float], done: int):
+        text = f"trying {knob.name} {min(vals):.4g}..{max(vals):.4g} ({len(vals)} values)"
+        show(text, done, total)
+        return lambda i: show(f"{text}, probe {i}/{n_probes}", done + i, total)
+
     values = knob_grid(knob.low, knob.high, grid, knob.integer)
-    buds = bud_curve(model, method, config, values, probes)
+    buds = bud_curve(model, method, config, values, probes, on_probe=trying(values, 0))
     if not knob.increasing:
         values, buds = values[::-1], buds[::-1]
     low_bud, high_bud = min(buds), max(buds)
@@ -116,10 +136,11 @@ def solve_budget(model, method: str, config, probes: torch.Tensor | list[torch.T
     if abs(buds[best] - target) > TOLERANCE / 4 and above != below:
         fine = knob_grid(values[below], values[above], grid, knob.integer) if not knob.integer else \
             list(range(int(min(values[below], values[above])), int(max(values[below], values[above])) + 1))
-        fine_buds = bud_curve(model, method, config, fine, probes)
+        fine_buds = bud_curve(model, method, config, fine, probes, on_probe=trying(fine, n_probes))
         values, buds = values + fine, buds + fine_buds
         best = min(range(len(values)), key=lambda i: abs(buds[i] - target))
     value = values[best]
+    show(f"{knob.name}={value:.4g} gives BUD {buds[best]:.1%}", total, total)
     info = {"name": knob.name, "value": value, "target": target, "probe_bud": buds[best], "within_tolerance": abs(buds[best] - target) <= TOLERANCE}
     return replace(config, {knob.name: value}, method), info
 

@@ -61,7 +61,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     run = run_tasks(model=model, tasks=tasks, methods=names, lengths=lengths, limit=limit, budget=budget, output=output, resume=True,
                     reuse_any=cache, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device, dtype=dtype,
                     random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=None, kind="compare",
-                    console=console, command=command, margin=margin)
+                    console=console, command=command, margin=margin, recompute=not cache)
     summary = run.summary
     on_gpu = next(run.loaded.model.parameters()).is_cuda
     timings = None
@@ -95,7 +95,7 @@ def time_jobs(run: EvalRun, repeat: int, reuse: bool, console) -> list[dict]:
     with console.status("profiling") as status:
         for n in settings["settings"]["lengths"]:
             jobs = [j for j in run.jobs if j.seq_len == n]
-            keys = {j.method: record_key(model=settings["model_source"], dtype=settings["dtype"], method=j.method, config=config_dict(j.config),
+            keys = {j.method: record_key(model=settings["key_components"]["weights"], dtype=settings["dtype"], method=j.method, config=config_dict(j.config),
                                          task="profile", seq_len=n, seed=0, sample=f"{where}|repeat={repeat}") for j in jobs}
             todo = [j for j in jobs if not (reuse and keys[j.method] in run.store)]
             fresh = profile_prefill(run.loaded.model, [j.method for j in todo], {j.method: j.config for j in todo}, [n],

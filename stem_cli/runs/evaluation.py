@@ -1,7 +1,8 @@
 """Long-context accuracy per task, length and method (`stem eval`, `stem_cli.evaluate`).
 
 `run_tasks` is what evaluation and comparison share: load the model, check the plan,
-solve budgets, run every (job, task, sample) with progress bars, summarise. `evaluate`
+solve budgets (or take stored ones), run every (job, task, sample) with progress bars,
+summarise; the summary records every component results are keyed by. `evaluate`
 adds the summary JSON beside the results file.
 """
 
@@ -79,16 +80,18 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
               budget: float | None, output: str | Path, resume: bool, reuse_any: bool, seed: int, data_dir: str | Path | None,
               config, overrides: Iterable[str], device: str, dtype: str, random_weights: bool, max_new_tokens: int | None,
               chat_template: bool | None, kind: str, include_path: str | Path | None = None, console=None,
-              command: str | None = None, margin: float | None = None) -> EvalRun:
+              command: str | None = None, margin: float | None = None, recompute: bool = False) -> EvalRun:
     """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
-    else stored results of this run are an error unless `resume`."""
+    else stored results of this run are an error unless `resume`. `recompute`: compute every result and solve every knob
+    again even when stored (compare's --no-cache)."""
     from rich.markup import escape
 
     from stem_cli.models import check_model_name, load_model, resolve_device
     from stem_cli.runs import plan
+    from stem_cli.runs.knobs import Knobs
     from stem_cli.environment import environment, provenance, slug
     from stem_cli.runs.runner import EvalSettings, Runner, averages, summarize
-    from stem_cli.runs.store import ResultStore
+    from stem_cli.runs.store import ResultStore, config_dict
     from stem_cli.runs.task_names import check_lm_eval_tasks, resolve_tasks
 
     console = console or default_console()
@@ -110,16 +113,22 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
     store = ResultStore(output / f"results-{slug(model)}.jsonl")
-    runner = Runner(loaded, store, settings, reuse=True)
-    jobs = plan.jobs(loaded.model, runner, names, configs, lengths, refs, budget, console)
-    if not (resume or reuse_any):
-        existing = sum(
-            runner.key(j, r, s.id) in store
-            for j in jobs for r in refs if r.kind != "lm-eval" for s in runner.samples(r, j.seq_len)
-        )
-        if existing:
-            raise UsageError(f"{existing} results of this run are already in {store.path}: pass --resume to continue from them, "
-                             "or --output DIR for a fresh run")
+    runner = Runner(loaded, store, settings, reuse=not recompute)
+    knobs = Knobs(output / f"budgets-{slug(model)}.jsonl", runner.identity["weights"], model_dtype, reuse=not recompute)
+    try:
+        jobs = plan.jobs(loaded.model, runner, names, configs, lengths, refs, budget, console, knobs)
+    except KeyboardInterrupt:
+        if budget is not None:  # each knob was stored as it was solved
+            console.print(f"[yellow]interrupted while solving budgets:[/] {knobs.solved} newly solved knob(s) are saved in "
+                          f"{escape(str(knobs.path))}; the same command reuses them")
+        raise Interrupted(0, store.path) from None
+    census = runner.census(jobs, refs)
+    if not (resume or reuse_any) and census["stored"]:
+        raise UsageError(f"{census['stored']} results of this run are already in {store.path}: pass --resume to continue from them, "
+                         "or --output DIR for a fresh run")
+    if census["older"]:
+        console.print(f"[yellow]notice:[/] {census['older']} stored result(s) of this run were made by an older task generator "
+                      "(or stored before results were keyed by it): recomputing them")
     console.print(f"[dim]{escape(loaded.source)} ({model_dtype}) on {dev}; {len(refs)} task(s) x {len(lengths)} length(s) x "
                   f"{len(names)} method(s), up to {limit} sample(s) each; results -> {escape(str(store.path))}[/]")
     console.print(f"[dim]{plan.plan_line(jobs, refs, limit)}[/]")
@@ -147,9 +156,20 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
                      "max_new_tokens": max_new_tokens, "margin": margin},
         "statistics": STATISTICS,
         "jobs": [{"method": j.method, "seq_len": j.seq_len, "config": dataclasses.asdict(j.config), "knob": j.knob} for j in jobs],
+        "key_components": {  # what every result of this run is keyed by; per-sample ones are in each record's key_parts
+            "weights": runner.identity["weights"], "weights_how": runner.identity["how"], "dtype": model_dtype,
+            "chat_template": chat_template, "max_new_tokens": max_new_tokens,
+            "tasks": {r.name: runner.task_components(r) for r in refs},
+            "jobs": [{"method": j.method, "seq_len": j.seq_len, "config": config_dict(j.config)} for j in jobs],
+            "per_sample": ["sample", "prompt", "max_new_tokens (generation tasks: the task's own unless overridden)"],
+        },
         "results_file": str(store.path),
         "computed": runner.computed,
         "reused": runner.reused,
+        "older_recomputed": runner.older,
+        "budgets_file": str(knobs.path) if budget is not None else None,
+        "knobs_solved": knobs.solved,
+        "knobs_reused": knobs.reused,
         "rows": rows,
         "averages": [{"method": m, "seq_len": n, **v} for (m, n), v in avg.items()],
     }

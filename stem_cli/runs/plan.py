@@ -71,25 +71,30 @@ def output_folder(output: str | Path) -> Path:
     return output
 
 
-def jobs(model, runner, names: list[str], configs: dict, lengths: list[int], refs: list, budget: float | None, console) -> list:
-    """One Job per (method, length); with a budget each method's knob is solved on the length's probe prompts."""
-    from stem_cli.runs.budget import solve_budget
+def jobs(model, runner, names: list[str], configs: dict, lengths: list[int], refs: list, budget: float | None, console,
+         knobs=None) -> list:
+    """One Job per (method, length); with a budget each method's knob is solved on the length's probe prompts, or taken
+    from `knobs` (a knobs.Knobs: solved knobs stored as they are found) when solved before with the same settings."""
+    from stem_cli.runs.knobs import Knobs, solving_display
     from stem_cli.runs.runner import Job
+    from stem_cli.units import format_length
 
+    knobs = knobs if knobs is not None else Knobs(None, runner.identity["weights"], runner.settings.dtype)
     out = []
-    for n in lengths:
-        probe = None
-        for name in names:
-            if budget is None or name == "dense":
-                out.append(Job(name, configs[name], n))
-                continue
-            if probe is None:
-                probe = probe_prompts(runner, refs, n, model)
-            with console.status(f"solving {name}'s budget knob for BUD {budget:.0%} at {n} tokens"):
-                config, info = solve_budget(model, name, configs[name], probe, budget)
-            console.print(f"[dim]{name} @ {n}: {info['name']}={info['value']:.4g} gives BUD {info['probe_bud']:.1%} "
-                          f"on {len(probe)} probe prompt(s)[/]")
-            out.append(Job(name, config, n, knob=info))
+    with solving_display(console) as progress_for:
+        for n in lengths:
+            probe = None
+            for name in names:
+                if budget is None or name == "dense":
+                    out.append(Job(name, configs[name], n))
+                    continue
+                if probe is None:
+                    probe = probe_prompts(runner, refs, n, model)
+                label = f"{name} @ {format_length(n)} for BUD {budget:.0%}"
+                config, info, stored = knobs.solve(model, name, configs[name], n, budget, probe, progress_for(label))
+                console.print(f"[dim]{name} @ {n}: {info['name']}={info['value']:.4g} gives BUD {info['probe_bud']:.1%} "
+                              f"on {len(probe)} probe prompt(s){' (solved before, reused)' if stored else ''}[/]")
+                out.append(Job(name, config, n, knob=info))
     return out
 
 

@@ -3,8 +3,9 @@
 A job is one method at one length with the config it runs with (a budget-solved one
 under an equal-budget comparison). Samples are built once per (task, length) and run
 samples-outer, so every method sees a prompt while it is hot in cache. Results go to a
-`ResultStore` (stem_cli/runs/store.py) as soon as each is scored; `summarize` and
-`averages` turn records into the rows the reports render.
+`ResultStore` (stem_cli/runs/store.py) as soon as each is scored, keyed by what makes
+them (stem_cli/runs/keys.py); `summarize` and `averages` turn records into the rows the
+reports render.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 import stem_cli
-from stem_cli.runs.store import ResultStore, config_dict, record_key
+from stem_cli.runs import keys
+from stem_cli.runs.store import ResultStore, config_dict
 from stem_cli.runs.task_names import TaskRef, measure_module
 from stem_cli.tasks.harness import TaskError
 
@@ -60,8 +62,11 @@ class Runner:
         self.reuse = reuse
         self.progress = progress or (lambda what, done, total: None)
         self._samples: dict[tuple[str, int], list] = {}
+        self.identity = keys.weights_identity(loaded)  # {"weights", "how"}: the weights by content, never by path
+        self._tasks: dict[str, dict] = {}
         self.computed = 0
         self.reused = 0
+        self.older = 0  # stored under an older generator version (or the old key format): recomputed
 
     # ---- samples
 
@@ -86,13 +91,52 @@ class Runner:
             return longbench.build_samples(ref.sub, tok, seq_len, data_dir=s.data_dir, limit=s.limit, use_chat_template=s.use_chat_template)
         return measure_module(ref).build_samples(tok, seq_len, seed=s.seed, limit=s.limit, use_chat_template=s.use_chat_template)
 
-    def key(self, job: Job, ref: TaskRef, sample_id: str) -> str:
+    # ---- keys
+
+    def task_components(self, ref: TaskRef) -> dict:
+        """What every result of this task shares in the run: generator version, seed, prompt format, data file."""
+        if ref.name not in self._tasks:
+            s = self.settings
+            parts = keys.task_components(ref.name, tokenizer=self.loaded.tokenizer, seed=s.seed, chat_template=s.use_chat_template,
+                                         data_dir=s.data_dir)
+            if ref.kind == "lm-eval":  # an aggregate over the first `limit` documents, of tasks perhaps defined in YAMLs
+                parts.update(limit=s.limit, include=keys.folder_digest(s.include_path))
+            self._tasks[ref.name] = parts
+        return self._tasks[ref.name]
+
+    def key_parts(self, job: Job, ref: TaskRef, sample=None) -> dict:
+        """Everything that makes this result (see stem_cli/runs/keys.py); `sample` None: lm-eval's aggregate."""
+        parts = {"weights": self.identity["weights"], "dtype": self.settings.dtype, "method": job.method,
+                 "config": config_dict(job.config), "task": ref.name, "seq_len": job.seq_len, **self.task_components(ref)}
+        if sample is None:
+            return {**parts, "sample": "aggregate"}
+        parts.update(sample=sample.id, prompt=keys.ids_digest(sample.input_ids))
+        if ref.kind == "generate":
+            parts["max_new_tokens"] = self.settings.max_new_tokens or sample.max_new_tokens
+        return parts
+
+    def key(self, job: Job, ref: TaskRef, sample=None) -> str:
+        return keys.key_of(self.key_parts(job, ref, sample))
+
+    def _older(self, parts: dict) -> bool:
+        """A stored record of this result from an older generator (or keyed the old way): recomputed, and counted."""
         s = self.settings
-        config = config_dict(job.config)
-        if s.max_new_tokens is not None:
-            config = {**config, "_max_new_tokens": s.max_new_tokens}
-        return record_key(model=s.model_id, dtype=s.dtype, method=job.method, config=config, task=ref.name,
-                          seq_len=job.seq_len, seed=s.seed, sample=sample_id)
+        legacy = {"model": s.model_id, "method": parts["method"], "task": parts["task"], "seq_len": parts["seq_len"], "seed": s.seed,
+                  "sample": parts["sample"], "dtype": s.dtype, "config": parts["config"]}
+        return self.store.older(parts, legacy)
+
+    def census(self, jobs: list[Job], refs: list[TaskRef]) -> dict[str, int]:
+        """Before running: how many results of the built-in tasks are stored, and how many are stored from an older generator."""
+        stored = older = 0
+        for job in jobs:
+            for ref in refs:
+                for sample in [None] if ref.kind == "lm-eval" else self.samples(ref, job.seq_len):
+                    parts = self.key_parts(job, ref, sample)
+                    if keys.key_of(parts) in self.store:
+                        stored += ref.kind != "lm-eval"
+                    elif self._older(parts):
+                        older += 1
+        return {"stored": stored, "older": older}
 
     # ---- running
 
@@ -118,15 +162,17 @@ class Runner:
         return results
 
     def _one(self, job: Job, ref: TaskRef, sample) -> dict:
-        key = self.key(job, ref, sample.id)
+        parts = self.key_parts(job, ref, sample)
+        key = keys.key_of(parts)
         if self.reuse and key in self.store:
             self.reused += 1
             return self.store.get(key)
+        self.older += self._older(parts)
         runtime = stem_cli.apply(self.loaded.model, job.method, job.config)
         runtime.recorder.reset()
         record = {
             "key": key, "method": job.method, "task": ref.name, "seq_len": job.seq_len, "seed": self.settings.seed,
-            "sample": sample.id, "model": self.settings.model_id, "dtype": self.settings.dtype,
+            "sample": sample.id, "model": self.settings.model_id, "dtype": self.settings.dtype, "key_parts": parts,
         }
         if job.knob:
             record["knob"] = job.knob
@@ -173,11 +219,13 @@ class Runner:
         results = []
         for job in jobs:
             runtime = stem_cli.apply(self.loaded.model, job.method, job.config)
-            key = self.key(job, ref, "aggregate")
+            parts = self.key_parts(job, ref)
+            key = keys.key_of(parts)
             if self.reuse and key in self.store:
                 self.reused += 1
                 results.append(self.store.get(key))
                 continue
+            self.older += self._older(parts)
             runtime.recorder.reset()
             cache = self.store.path.parent / "lm-eval-cache" / f"{key}.sqlite"
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +243,7 @@ class Runner:
             headline = _headline_metric(metrics)
             record = {
                 "key": key, "method": job.method, "task": ref.name, "seq_len": job.seq_len, "seed": self.settings.seed,
-                "sample": "aggregate", "model": self.settings.model_id, "dtype": self.settings.dtype,
+                "sample": "aggregate", "model": self.settings.model_id, "dtype": self.settings.dtype, "key_parts": parts,
                 "score": headline[1] if headline else None, "metric": headline[0] if headline else None,
                 "lm_eval": out, "bud": runtime.recorder.bud, "samples_file": samples_path.name, "config": config_dict(job.config),
             }

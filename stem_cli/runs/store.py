@@ -1,21 +1,24 @@
 """Results on disk: JSON lines, one per (method, task, length, sample), keyed by what determines them.
 
 Each record is written and flushed as soon as its sample is scored. Its key is hashed
-from everything that determines it (model, dtype, method and its full config, task,
-length, seed, sample id), so a resumed run skips what is already there and a comparison
-reuses results across runs. A torn last line (the process killed mid-write) is dropped
-when the file is opened.
+from everything that determines it (stem_cli/runs/keys.py: the weights' content, dtype,
+method and its full config, task and its generator version, length, seed, sample, prompt
+format, answer length, data file), and the record keeps those components as `key_parts`,
+so a resumed run skips what is already there and a comparison reuses results across
+runs. A record made by an older task generator is found by its key without the version
+(`older`): it is recomputed, not reused. A torn last line (the process killed mid-write)
+is dropped when the file is opened. Solved budget knobs are stored the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from stem_cli.runs.keys import key_of, versionless
 from stem_cli.tasks.harness import TaskError
 
 
@@ -23,10 +26,16 @@ def config_dict(config) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()} if dataclasses.is_dataclass(config) else {}
 
 
-def record_key(*, model: str, dtype: str, method: str, config: dict, task: str, seq_len: int, seed: int, sample: str) -> str:
-    """What determines a result, hashed: equal keys mean the same computation."""
-    what = {"model": model, "dtype": dtype, "method": method, "config": config, "task": task, "seq_len": seq_len, "seed": seed, "sample": sample}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+def record_key(**parts: Any) -> str:
+    """What determines a result, hashed: equal keys mean the same computation (components: stem_cli/runs/keys.py)."""
+    return key_of(parts)
+
+
+def _legacy(record: dict) -> tuple:
+    """What a record keyed before key_parts existed was about, to tell that it is an older one of a result."""
+    config = {k: v for k, v in (record.get("config") or {}).items() if k != "_max_new_tokens"}
+    return (record.get("model"), record.get("method"), record.get("task"), record.get("seq_len"), record.get("seed"), record.get("sample"),
+            record.get("dtype"), json.dumps(config, sort_keys=True, default=str))
 
 
 class ResultStore:
@@ -35,6 +44,8 @@ class ResultStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.records: dict[str, dict] = {}
+        self._versions: dict[str, set[str]] = {}  # key without the generator version -> generator versions stored
+        self._legacy: set[tuple] = set()  # records from before key_parts
         if self.path.exists():
             self._load()
 
@@ -52,7 +63,23 @@ class ResultStore:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise TaskError(f"{self.path}:{number} is not a JSON line; the results file is damaged (move it away or use another --output)") from None
-            self.records[record["key"]] = record
+            self._index(record)
+
+    def _index(self, record: dict) -> None:
+        self.records[record["key"]] = record
+        parts = record.get("key_parts")
+        if isinstance(parts, dict):
+            self._versions.setdefault(versionless(parts), set()).add(str(parts.get("generator")))
+        elif "method" in record:
+            self._legacy.add(_legacy(record))
+
+    def older(self, parts: dict, record: dict | None = None) -> bool:
+        """Whether the store holds this result made by another (older) generator version, or keyed the old way."""
+        if key_of(parts) in self.records:
+            return False
+        if self._versions.get(versionless(parts), set()) - {str(parts.get("generator"))}:
+            return True
+        return record is not None and _legacy(record) in self._legacy
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -67,4 +94,4 @@ class ResultStore:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.records[record["key"]] = record
+        self._index(record)
