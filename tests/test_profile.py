@@ -7,6 +7,8 @@ import re
 import time
 
 import pytest
+
+import stem_cli
 import torch
 from typer.testing import CliRunner
 
@@ -35,6 +37,7 @@ def test_profile_cli_writes_json_and_plot(tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 10_000
     data = json.loads(json_path.read_text())
     assert {"command", "timestamp", "model", "environment", "parameters", "timing", "rows"} <= set(data)
+    assert data["schema_version"] == 1 and data["stem_version"] == stem_cli.__version__ and "git_commit" in data
     assert data["environment"]["device"] == "cpu" and "torch" in data["environment"]
     assert [(r["method"], r["seq_len"]) for r in data["rows"]] == [("dense", 256), ("stem", 256), ("dense", 512), ("stem", 512)]
     for row in data["rows"]:

@@ -46,7 +46,13 @@ def test_compare_from_python_gives_the_rows_the_cli_prints_and_writes(tmp_path):
     printed = json.loads(cli.stdout)
     (written,) = (tmp_path / "cli").glob("compare-tiny-llama-*.json")
     assert printed == result.rows == json.loads(written.read_text())["table"]
-    assert json.loads(result.paths["json"].read_text())["table"] == result.rows
+    summary = json.loads(result.paths["json"].read_text())
+    assert summary["table"] == result.rows
+    assert summary["schema_version"] == 2 and summary["stem_version"] == stem_cli.__version__ and "git_commit" in summary
+    for row in result.rows:  # every accuracy cell with n and its interval; deltas paired, with a verdict
+        assert row["n"] == 1 and row["ci_low"] <= row["average"] <= row["ci_high"]
+        assert set(row["cells"]["niah_single_1"]) == {"n", "ci_low", "ci_high", "ci_method"}
+    assert result.rows[1]["verdict"].startswith("inconclusive") and result.rows[0]["verdict"] is None
     assert "3 computed, 0 reused" in " ".join(cli.output.split())  # the CLI's own results, not the API's cache
 
 

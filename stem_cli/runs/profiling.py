@@ -20,6 +20,8 @@ from stem_cli.errors import UsageError
 from stem_cli.runs.defaults import PROFILE_CPU_DEFAULTS, PROFILE_GPU_DEFAULTS
 from stem_cli.runs.evaluation import command_line, default_console
 
+SCHEMA_VERSION = 1  # of the profile JSONs (pre-fill and decode); eval and compare JSONs have their own
+
 
 def _writer(result: dict, path: Path):
     """save(row=None): append the row (if any) to result["rows"] and rewrite the JSON."""
@@ -45,7 +47,7 @@ def profile(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     from stem_cli.nvml import NvmlSampler
     from stem_cli.report.plots import plot_profile
     from stem_cli.runs import plan
-    from stem_cli.environment import environment, slug
+    from stem_cli.environment import environment, provenance, slug
     from stem_cli.runs.prefill_profile import profile_prefill
 
     console = console or default_console()
@@ -79,6 +81,8 @@ def profile(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     output.mkdir(parents=True, exist_ok=True)
     json_path, png_path = output / f"{name}.json", output / f"{name}.png"
     result = {
+        "schema_version": SCHEMA_VERSION,
+        **provenance(),
         "command": command or command_line(),
         "timestamp": stamp.isoformat(),
         "model": model,
@@ -112,7 +116,7 @@ def profile_decode(model: str | None = None, methods: str | Iterable[str] | None
     from stem_cli.registry import split_spec
     from stem_cli.runs import plan
     from stem_cli.runs.decode_profile import CPU_DEFAULTS, DECODE_METHODS_DEFAULT, DRIFT_SIGMA, GPU_DEFAULTS, Shape, time_decode
-    from stem_cli.environment import environment, slug
+    from stem_cli.environment import environment, provenance, slug
 
     console = console or default_console()
     dev = resolve_device(device)
@@ -141,6 +145,8 @@ def profile_decode(model: str | None = None, methods: str | Iterable[str] | None
     output.mkdir(parents=True, exist_ok=True)
     json_path = output / f"{name}.json"
     result = {
+        "schema_version": SCHEMA_VERSION,
+        **provenance(),
         "command": command or command_line(),
         "timestamp": stamp.isoformat(),
         "kind": "decode",
