@@ -380,7 +380,7 @@ def synthetic_metadata(tokenizer, max_length: int | None) -> dict[str, Any]:
     return meta
 
 
-_saved_tokenizers: dict[int, str] = {}
+_saved_tokenizers: dict[int, tuple[Any, str]] = {}  # id -> (the tokenizer, kept alive so its id stays its own; its dir)
 
 
 def tokenizer_dir(tokenizer) -> str:
@@ -393,8 +393,8 @@ def tokenizer_dir(tokenizer) -> str:
     if key not in _saved_tokenizers:
         where = tempfile.mkdtemp(prefix="stem-tokenizer-")
         tokenizer.save_pretrained(where)
-        _saved_tokenizers[key] = where
-    return _saved_tokenizers[key]
+        _saved_tokenizers[key] = (tokenizer, where)
+    return _saved_tokenizers[key][1]
 
 
 def prepare_ruler(names: list[str]) -> None:
@@ -411,6 +411,31 @@ def prepare_ruler(names: list[str]) -> None:
             f"{', '.join(n for n in names if RULER_DOWNLOADS.get(n) == ESSAYS)} split their essay haystack into "
             "sentences with nltk's punkt_tab, which is not installed and cannot be made here: "
             f"{RULER_HINT}, or with internet access python -m nltk.downloader punkt_tab")
+    # Imported now, before the run silences lm-eval's progress bars (theirs included); lm-eval
+    # imports them under these names when it loads the tasks, so it finds them done.
+    import importlib
+
+    for module in sorted({_RULER_MODULES.get(n, "niah_utils") for n in names}):
+        try:
+            importlib.import_module(f"lm_eval.tasks.ruler.{module}")
+        except ImportError as e:
+            raise TaskError(f"lm-eval's RULER tasks cannot be imported ({e}): {RULER_HINT}") from e
+
+
+_RULER_MODULES = {"ruler_vt": "vt_utils", "ruler_cwe": "cwe_utils", "ruler_fwe": "fwe_utils",
+                  "ruler_qa_squad": "qa_utils", "ruler_qa_hotpot": "qa_utils"}  # niah_*: niah_utils
+
+
+def model_context(model, max_length: int | None, *, synthetic: bool) -> int | None:
+    """The context HFLM gives the model (it cuts longer prompts from the left): `max_length`, but for
+    RULER the model's own context where that is longer. RULER sizes a prompt to max_length
+    counting the answer but not the answer prefix lm-eval appends after it, so at exactly
+    max_length HFLM would cut the task's instruction off the front; lm-eval's own CLI gives
+    the model its whole context too."""
+    if not synthetic or max_length is None:
+        return max_length
+    own = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return max(max_length, own) if isinstance(own, int) else max_length
 
 
 def _importable(module: str) -> bool:
@@ -496,9 +521,9 @@ def run_lm_eval(
 
     `limit`: documents per task (None: all). `seed` seeds lm-eval's python/numpy/torch and
     few-shot RNGs. `max_length`: the context lm-eval allows the model (it truncates longer
-    prompts from the left) and the length synthetic tasks build their prompts to (RULER's
-    max_seq_lengths, with `tokenizer` saved where it can load it); None: from the model's
-    config (RULER: its default, 4096). `cache_path`: lm-eval's request
+    prompts from the left; for RULER see model_context) and the length synthetic tasks
+    build their prompts to (RULER's max_seq_lengths, with `tokenizer` saved where it can
+    load it); None: from the model's config (RULER: its default, 4096). `cache_path`: lm-eval's request
     cache (see the module doc; one per method) or None for none. `log_samples_to(record)`
     gets one dict per (document, filter): task, doc_id, prompt, arguments, prediction,
     target, metrics, filter and hashes. `include_path`: folder(s) of task YAML files of
@@ -520,18 +545,20 @@ def run_lm_eval(
     if not tasks:
         raise TaskError("no lm-eval task given")
 
-    use_cache = None
-    if cache_path is not None:
-        identity = cache_identity(model, tokenizer, max_length=max_length, apply_chat_template=apply_chat_template, extra=cache_key)
-        _claim_cache(cache_file(cache_path), identity)
-        use_cache = _cache_prefix(cache_path)
-
     indexed = task_manager(include_path, include_defaults)
     ruler = ruler_tasks(indexed, tasks)
     prepare_ruler(ruler)
     manager = task_manager(include_path, include_defaults, synthetic_metadata(tokenizer, max_length))
+    context = model_context(model, max_length, synthetic=bool(ruler))
+
+    use_cache = None
+    if cache_path is not None:
+        identity = cache_identity(model, tokenizer, max_length=context, apply_chat_template=apply_chat_template, extra=cache_key)
+        _claim_cache(cache_file(cache_path), identity)
+        use_cache = _cache_prefix(cache_path)
+
     with _quiet(quiet):
-        lm = _tracking_hflm(HFLM)(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+        lm = _tracking_hflm(HFLM)(pretrained=model, tokenizer=tokenizer, max_length=context, batch_size=batch_size)
         try:
             out = simple_evaluate(
                 lm,
