@@ -338,8 +338,6 @@ RULER_HINT = f"pip install 'stem-cli[lmeval]' (lm-eval's RULER tasks need wonder
 def leaf_tasks(manager, tasks: list[str]) -> list[str]:
     """The task names `tasks` stand for, groups and tags expanded through lm-eval's index; names
     it does not index (YAML paths, typos) stay as they are."""
-    from lm_eval.tasks._index import Kind
-
     index, out, todo, seen = manager.task_index, [], list(tasks), set()
     while todo:
         name = todo.pop(0)
@@ -347,13 +345,14 @@ def leaf_tasks(manager, tasks: list[str]) -> list[str]:
             continue
         seen.add(name)
         entry = index.get(name)
-        if entry is None or entry.kind in (Kind.TASK, Kind.PY_TASK):
-            out.append(name)
-        elif entry.kind == Kind.TAG:
+        kind = getattr(getattr(entry, "kind", None), "name", None)  # lm-eval's Kind: TASK, PY_TASK, GROUP, TAG
+        if kind == "TAG":
             todo += sorted(entry.tags)
-        else:  # a group: its `task:` list holds names, or dicts that name one
+        elif kind == "GROUP":  # its `task:` list holds names, or dicts that name one
             members = (entry.cfg or {}).get("task") or []
             todo += [m if isinstance(m, str) else m.get("task") or m.get("group") for m in members]
+        else:
+            out.append(name)
     return out
 
 
@@ -365,7 +364,7 @@ def ruler_tasks(manager, tasks: list[str]) -> list[str]:
     found = []
     for name in leaf_tasks(manager, tasks):
         entry = manager.task_index.get(name)
-        path = getattr(entry, "yaml_path", None)
+        path = getattr(entry, "yaml_path", None)  # an older lm-eval's index holds dicts: no RULER found, none prepared
         if path is not None and Path(path).resolve().parent == home:
             found.append(name)
     return found
