@@ -127,6 +127,7 @@ RunLengths = Annotated[str, typer.Option("--seq-len", help="Prompt lengths, comm
 TaskSeed = Annotated[int, typer.Option("--seed", help="Seed of the built-in task generators.")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with LongBench's <subset>.jsonl files.")]
 AnswerTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Override the tasks' answer lengths.")]
+RandomWeightsTesting = Annotated[bool, typer.Option("--random-weights", help="Build the model from its config with random weights (testing only).")]
 Margin = Annotated[float, typer.Option("--margin", min=0.0, help="Points of accuracy a method may lose and still 'keep' it: the verdict asks the paired Δ's 95% interval to lie above -MARGIN.")]
 
 
@@ -437,7 +438,7 @@ def calibrate_cmd(
     set_: Annotated[List[str], typer.Option("--set", help="Elastic parameter NAME=VALUE (block_size, streaming_window_tokens, mu, ...): calibrate with what you will run.")] = [],
     device: Device = "auto",
     dtype: Dtype = "auto",
-    random_weights: Annotated[bool, typer.Option("--random-weights", help="Build the model from its config with random weights (testing only).")] = False,
+    random_weights: RandomWeightsTesting = False,
 ):
     """Rank heads without training (Elastic Attention): keep the best retrieval heads dense, the rest stem or streaming.
 
@@ -484,7 +485,7 @@ def train_router_cmd(
     set_: Annotated[List[str], typer.Option("--set", help="Elastic parameter NAME=VALUE (block_size, default_dense_layers = layers never routed, ...).")] = [],
     device: Device = "auto",
     dtype: Dtype = "auto",
-    random_weights: Annotated[bool, typer.Option("--random-weights", help="Build the model from its config with random weights (testing only).")] = False,
+    random_weights: RandomWeightsTesting = False,
 ):
     """Train the Elastic Attention router (backbone frozen): per input, each KV head's mode from its pooled pre-RoPE keys.
 

