@@ -136,7 +136,10 @@ def compare_rows(rows: list[dict], averages: dict, profile: list[dict] | None = 
             flat["n"] = None if not counts else counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
             flat["average"] = avg.get("score")
             flat["ci_low"], flat["ci_high"] = avg.get("ci_low"), avg.get("ci_high")
-            flat["delta_vs_dense"] = None if base is None or avg.get("score") is None or m == baseline else avg["score"] - base
+            if avg.get("delta") is not None:  # paired on the samples both ran: the delta its interval belongs to
+                flat["delta_vs_dense"] = avg["delta"]
+            else:
+                flat["delta_vs_dense"] = None if base is None or avg.get("score") is None or m == baseline else avg["score"] - base
             flat["delta_ci_low"], flat["delta_ci_high"] = avg.get("delta_ci_low"), avg.get("delta_ci_high")
             flat["verdict"] = avg.get("verdict")
             budgets = [by[(t, n, m)].get("bud") for t in tasks if (t, n, m) in by and by[(t, n, m)].get("bud") is not None]
