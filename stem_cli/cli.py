@@ -128,6 +128,7 @@ TaskSeed = Annotated[int, typer.Option("--seed", help="Seed of the built-in task
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with LongBench's <subset>.jsonl files.")]
 AnswerTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Override the tasks' answer lengths.")]
 RandomWeightsTesting = Annotated[bool, typer.Option("--random-weights", help="Build the model from its config with random weights (testing only).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: samples decoded together (each pre-fill still runs alone, so results equal --batch-size 1's); 8-16 on a GPU.")]
 Margin = Annotated[float, typer.Option("--margin", min=0.0, help="Points of accuracy a method may lose and still 'keep' it: the verdict asks the paired Δ's 95% interval to lie above -MARGIN.")]
 
 
@@ -305,6 +306,7 @@ def eval_cmd(
     dtype: Dtype = "auto",
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights from the config (plumbing checks only: accuracy is meaningless).")] = False,
     margin: Margin = 2.0,
+    batch_size: BatchSize = 1,
 ):
     """Long-context accuracy per task, length and method; every result written as it is scored.
 
@@ -317,7 +319,7 @@ def eval_cmd(
         run = evaluate(model, task, method, seq_len, limit=limit, budget=budget, output=output, resume=resume, seed=seed,
                        data_dir=data_dir, include_path=include_path, max_new_tokens=max_new_tokens, chat_template=chat_template,
                        config=config, overrides=set_, device=device, dtype=dtype, random_weights=random_weights, console=err,
-                       command=command_line(), margin=margin)
+                       command=command_line(), margin=margin, batch_size=batch_size)
     summary = run.summary
     console.print(eval_table(run.rows, run.averages, f"stem eval: {run.model} (scores in %, {summary['computed']} computed, {summary['reused']} reused)"))
     console.print(escape(f"wrote {summary['results_file']} and {run.paths['summary'].with_suffix('')}.json/.md/.csv"))
@@ -351,6 +353,7 @@ def compare_cmd(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights from the config (plumbing and timing only).")] = False,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed pre-fills per method and length when profiling.")] = 3,
     margin: Margin = 2.0,
+    batch_size: BatchSize = 1,
 ):
     """Methods side by side on the same tasks, samples and lengths: accuracy, delta vs dense, BUD, time, speed-up.
 
@@ -365,7 +368,7 @@ def compare_cmd(
         result = compare(model, methods, task, seq_len, budget=budget, limit=limit, profile=profile, repeat=repeat, output=output,
                          cache=not no_cache, seed=seed, data_dir=data_dir, max_new_tokens=max_new_tokens, config=config,
                          overrides=set_, device=device, dtype=dtype, random_weights=random_weights, console=err, command=command_line(),
-                         margin=margin)
+                         margin=margin, batch_size=batch_size)
     title = f"stem compare: {result.model}" + (f", equal budget {budget:.0%}" if budget else ", published defaults") + " (scores in %)"
     if fmt == "table":
         console.print(compare_table(result.rows, title))

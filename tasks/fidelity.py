@@ -42,6 +42,13 @@ c_i = |S(i)|:
   is what the method's ranking loses against the dense attention's own ranking.
 - bud (per layer and overall) = computed / causal token pairs, as in the runtime
   recorder (stem_cli.index.computed_pairs); dense layers count fully.
+- by query position: rel_error and delta over the rows t of each of POSITION_BINS
+  equal slices of the prompt (bin floor(t * POSITION_BINS / N)), and over the last
+  TAIL_ROWS rows, where a task's question sits (the row that decides the answer
+  attends from there). Per (layer, head) as above, then the mean over (layer, head):
+  `position_rel_error` and `position_delta`, POSITION_BINS + 1 values, the tail last.
+  Sparse methods drop most mass in late rows (their budget is a falling fraction of a
+  longer causal row), so a headline error can hide a large one where the question is.
 Headlines: score = rel_error = mean over (layer, head); delta, delta_oracle and
 recall the same means (every (layer, head) has the same rows); recall_sparse
 pooled over all sparse rows; bud over all pairs.
@@ -86,7 +93,9 @@ CHUNK_BYTES = 32 << 20  # one (Hq, rows, N) float32 slab: cache-friendlier than 
 # Bump when a change alters the measures this module makes (its prompts are ruler's and needle's,
 # whose versions are keyed too): stored results are keyed by it, so older ones are recomputed
 # (and the run says so) instead of reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: position-resolved error and dropped mass
+POSITION_BINS = 16
+TAIL_ROWS = 64
 
 
 # --------------------------------------------------------------------------- prompts
@@ -147,6 +156,10 @@ class LayerFidelity:
     recall_sparse_sum: torch.Tensor  # (B, Hq) the same over rows that drop a causal block
     sparse_rows: torch.Tensor  # (B, Hq)
     delta_oracle_sum: torch.Tensor  # (B, Hq)
+    position_err_sq: torch.Tensor  # (B, Hq, POSITION_BINS + 1): err_sq per position bin, the last TAIL_ROWS rows last
+    position_ref_sq: torch.Tensor  # (B, Hq, POSITION_BINS + 1)
+    position_delta_sum: torch.Tensor  # (B, Hq, POSITION_BINS + 1)
+    position_rows: torch.Tensor  # (B, Hq, POSITION_BINS + 1) valid rows per bin
     computed: float  # token pairs over all heads and the batch
     causal: float
     dense_out: torch.Tensor | None = None  # (B, Hq, N, dv) in the work dtype
@@ -167,7 +180,16 @@ class LayerFidelity:
             ],
             "recall_sparse_sum": self.recall_sparse_sum[b].double().tolist(),
             "sparse_rows": sparse.tolist(),
+            "position_rel_error": _ratio(self.position_err_sq[b], self.position_ref_sq[b], root=True),
+            "position_delta": _ratio(self.position_delta_sum[b], self.position_rows[b]),
         }
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, root: bool = False) -> list:
+    """num / den per head and bin (sqrt when `root`); None where the bin has no rows (den 0)."""
+    r = num.double() / den.double().clamp_min(1e-300)
+    r = r.sqrt() if root else r
+    return [[float(x) if d > 0 else None for x, d in zip(rr.tolist(), dd.tolist())] for rr, dd in zip(r, den)]
 
 
 _TINY = 1e-20  # relative kept mass below which exp(s - rowmax) may have underflowed
@@ -233,6 +255,8 @@ def layer_fidelity(
     delta_sum = torch.zeros_like(err_sq)
     block_mass = torch.zeros(batch, hq, p, p, dtype=acc, device=dev)  # A[i, j], summed over the valid queries of block i
     out = torch.zeros(batch, hq, n, dv, dtype=work, device=dev) if keep_output else None
+    slots = POSITION_BINS + 1
+    position = torch.zeros(4, batch, hq, slots, dtype=acc, device=dev)  # err_sq, ref_sq, delta, rows per bin
 
     for r0 in range(0, npad, rows_per_chunk):
         r1 = min(npad, r0 + rows_per_chunk)
@@ -266,9 +290,18 @@ def layer_fidelity(
             o_m = torch.where(tiny[..., None], _exact_sparse_rows(qc, kf, vf, r0, r1, scale, kept, valid, key_valid is not None), o_m)
         dropped = torch.where(l_d > 0, l_drop / torch.where(l_d > 0, l_d, 1.0), 0.0)
 
-        err_sq += (((o_m - o_d) ** 2).sum(-1, dtype=acc) * w).sum(-1)
-        ref_sq += ((o_d**2).sum(-1, dtype=acc) * w).sum(-1)
-        delta_sum += (dropped.to(acc) * w).sum(-1)
+        row_err = ((o_m - o_d) ** 2).sum(-1, dtype=acc) * w
+        row_ref = (o_d**2).sum(-1, dtype=acc) * w
+        row_delta = dropped.to(acc) * w
+        err_sq += row_err.sum(-1)
+        ref_sq += row_ref.sum(-1)
+        delta_sum += row_delta.sum(-1)
+        t = torch.arange(r0, r1, device=dev)
+        bins = (t * POSITION_BINS // n).clamp_max(POSITION_BINS - 1)
+        per_row = torch.stack([row_err, row_ref, row_delta, w.to(acc)])  # (4, B, Hq, rows)
+        position.index_add_(-1, bins, per_row)
+        tail = (t >= n - TAIL_ROWS) & (t < n)
+        position[..., POSITION_BINS] += per_row[..., tail].sum(-1)
         if out is not None:
             stop = min(r1, n) - r0
             if stop > 0:
@@ -298,6 +331,10 @@ def layer_fidelity(
         recall_sparse_sum=torch.where(sparse_row, row_recall, 0.0).sum(-1).cpu(),
         sparse_rows=sparse_row.sum(-1).cpu(),
         delta_oracle_sum=oracle_sum.cpu(),
+        position_err_sq=position[0].cpu(),
+        position_ref_sq=position[1].cpu(),
+        position_delta_sum=position[2].cpu(),
+        position_rows=position[3].cpu(),
         computed=float(computed),
         causal=float(causal),
         dense_out=out,
@@ -424,7 +461,16 @@ def summarize(probe: Probe) -> dict:
         "delta_oracle_per_head": [h["delta_oracle"] for h in heads],
         "recall_per_head": [h["recall"] for h in heads],
         "recall_sparse_per_head": [h["recall_sparse"] for h in heads],
+        "position_bins": POSITION_BINS,
+        "tail_rows": TAIL_ROWS,
+        "position_rel_error": _bin_means([row for h in heads for row in h["position_rel_error"]]),
+        "position_delta": _bin_means([row for h in heads for row in h["position_delta"]]),
     }
+
+
+def _bin_means(curves: list[list]) -> list:
+    """Elementwise mean of curves (one per (layer, head), or per sample), skipping None (an empty bin)."""
+    return [_mean(column) for column in zip(*curves)] if curves else []
 
 
 def measure(model, method_name: str, config, sample: Sample, *, chunk_bytes: int = CHUNK_BYTES) -> dict:
@@ -468,6 +514,11 @@ def aggregate(records: list[dict]) -> dict:
         "samples": len(records),
         "seconds": sum(r.get("seconds", 0.0) for r in records),
     }
+    curves = [r for r in records if r.get("position_rel_error")]
+    if curves and len({len(r["position_rel_error"]) for r in curves}) == 1:  # mean over samples, bin by bin
+        for key in ("position_rel_error", "position_delta"):
+            out[key] = _bin_means([r[key] for r in curves])
+        out["tail_rel_error"], out["tail_delta"] = out["position_rel_error"][-1], out["position_delta"][-1]
     shapes = {(tuple(r["layers"]), tuple(len(h) for h in r["rel_error_per_head"])) for r in records}
     if len(shapes) == 1:
         out["layers"] = records[0]["layers"]
@@ -493,6 +544,8 @@ def table_rows(records_by_method: dict[str, list[dict]]) -> list[dict]:
                 "delta_oracle": agg.get("delta_oracle"),
                 "recall": agg.get("recall"),
                 "recall_sparse": agg.get("recall_sparse"),
+                "tail_rel_error": agg.get("tail_rel_error"),
+                "tail_delta": agg.get("tail_delta"),
                 "seconds": agg.get("seconds"),
             }
         )

@@ -237,3 +237,42 @@ def test_kept_mass_below_float32_range_is_exact():
     expected = float((o_m - o_d).norm() / o_d.norm())
     assert float(res.per_head()["rel_error"][0]) == pytest.approx(expected, rel=1e-5)
     assert float(res.delta_sum[0, 0]) == pytest.approx(8.0, abs=1e-6)  # block 3's 8 rows drop all their mass
+
+
+def test_error_and_dropped_mass_by_query_position_equal_a_row_by_row_float64_count():
+    """Random float64 q/k/v (GQA 2), a random causal block index, 200 rows in small chunks: each position bin's
+    relative error and mean dropped mass, and the last TAIL_ROWS rows', equal a direct float64 count."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    n, bs, d = 203, 16, 8
+    q, k, v = (torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    p = -(-n // bs)
+    mask = (torch.rand(1, 4, p, p, generator=g) < 0.4) | torch.eye(p, dtype=torch.bool)
+    index = BlockIndex.from_mask(mask & torch.ones(p, p, dtype=torch.bool).tril(), bs, n)
+    res = fidelity.layer_fidelity(q, k, v, index, scale=0.3, chunk_bytes=1)  # one block of rows per chunk
+    heads = res.per_head()
+
+    o_m = ref.block_sparse_attention(q, k, v, index, scale=0.3)
+    o_d = ref.block_sparse_attention(q, k, v, BlockIndex.full_causal(1, 4, n, bs), scale=0.3)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    keep = mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :n, :n]
+    dropped = (s * ~keep).sum(-1)[0]  # (Hq, N)
+    err, base = ((o_m - o_d) ** 2).sum(-1)[0], (o_d**2).sum(-1)[0]
+    t = torch.arange(n)
+    groups = [t * fidelity.POSITION_BINS // n == b for b in range(fidelity.POSITION_BINS)] + [t >= n - fidelity.TAIL_ROWS]
+    want_rel = [[math.sqrt(err[h, m].sum() / base[h, m].sum()) for m in groups] for h in range(4)]
+    want_delta = [[float(dropped[h, m].mean()) for m in groups] for h in range(4)]
+    assert heads["position_rel_error"] == [[pytest.approx(x, rel=1e-9) for x in row] for row in want_rel]
+    assert heads["position_delta"] == [[pytest.approx(x, rel=1e-9, abs=1e-12) for x in row] for row in want_delta]
+    assert max(max(r) for r in want_delta) > 0.05  # the index drops real mass: the check is not of zeros
+
+
+def test_a_run_reports_the_tail_and_the_curve_over_positions():
+    model = tiny()
+    rec = fidelity.measure(model, "stem", cfg("stem", **SPARSE), sample(ids(300)))
+    assert rec["position_bins"] == fidelity.POSITION_BINS and len(rec["position_rel_error"]) == fidelity.POSITION_BINS + 1
+    assert rec["position_rel_error"][0] == pytest.approx(0.0, abs=1e-6)  # the first rows keep every causal block
+    assert rec["position_rel_error"][-1] > 1e-3 and rec["position_delta"][-1] > 0
+    agg = fidelity.aggregate([rec, rec])
+    assert agg["tail_rel_error"] == pytest.approx(rec["position_rel_error"][-1])
+    assert fidelity.table_rows({"stem": [rec]})[0]["tail_delta"] == pytest.approx(rec["position_delta"][-1])

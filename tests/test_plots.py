@@ -53,3 +53,25 @@ def test_empty_rows_rejected(tmp_path):
     with pytest.raises(ValueError, match="no result rows"):
         plot_profile([], tmp_path / "p.png", "empty")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_an_eval_with_fidelity_draws_error_by_query_position(tmp_path):
+    import stem_cli
+
+    run = stem_cli.evaluate("tiny-llama", ["fidelity"], "dense,stem,streaming", "600", limit=1, output=tmp_path, device="cpu",
+                            random_weights=True, overrides=["block_size=16", "dense_layers=[0]", "k_start=4"])
+    rows = [r for r in run.rows if r["task"] == "fidelity"]
+    assert all(len(r["position_rel_error"]) == 17 for r in rows)
+    stem = next(r for r in rows if r["method"] == "stem")
+    assert stem["tail_rel_error"] > 1e-3 and next(r for r in rows if r["method"] == "dense")["tail_rel_error"] < 1e-6
+    png = run.paths["fidelity_png"]
+    assert png.name.endswith("-fidelity.png") and png.read_bytes()[:8] == PNG_SIGNATURE
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert (width, height) == (1440, 600)
+
+
+def test_fidelity_plot_needs_position_curves(tmp_path):
+    from stem_cli.report.plots import plot_fidelity_positions
+
+    with pytest.raises(ValueError, match="no fidelity rows"):
+        plot_fidelity_positions([{"method": "stem", "seq_len": 600}], tmp_path / "x.png", "t")

@@ -1,4 +1,4 @@
-"""The pre-fill profile as one PNG: time breakdown per method and length, and speed-up vs dense."""
+"""The PNGs: the pre-fill profile (time per stage, speed-up), compare (accuracy vs BUD), fidelity by query position."""
 
 from __future__ import annotations
 
@@ -178,6 +178,47 @@ def plot_compare(flat: list[dict], path: str | Path, title: str) -> Path:
         speed.set_title("speed-up vs dense")
         speed.grid(alpha=0.3)
         speed.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity_positions(rows: list[dict], path: str | Path, title: str) -> Path:
+    """The fidelity task by query position (tasks/fidelity.py): relative output error and dropped softmax
+    mass per slice of the prompt, one line per method and length, and the last rows (the question) apart."""
+    rows = [r for r in rows if r.get("position_rel_error")]
+    if not rows:
+        raise ValueError("plot_fidelity_positions: no fidelity rows with position curves")
+    path = Path(path)
+    methods = _ordered(r["method"] for r in rows if r["method"] != "dense")
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
+    panels = (("position_rel_error", "relative output error vs dense"), ("position_delta", "dropped softmax mass (delta)"))
+    for ax, (key, label) in zip(axes, panels):
+        for index, method in enumerate(methods):
+            for style, seq_len in zip(("-", "--", ":", "-."), lengths):
+                row = next((r for r in rows if r["method"] == method and r["seq_len"] == seq_len), None)
+                if row is None:
+                    continue
+                curve = row[key][:-1]  # the bins; the last value is the tail
+                xs = [(i + 0.5) / len(curve) for i in range(len(curve))]
+                points = [(x, y) for x, y in zip(xs, curve) if y is not None]
+                name = method + (f" @ {format_length(seq_len)}" if len(lengths) > 1 else "")
+                if points:
+                    ax.plot(*zip(*points), linestyle=style, marker=".", color=f"C{index % 10}", label=name)
+                if row[key][-1] is not None:
+                    ax.plot([1.04], [row[key][-1]], marker="*", markersize=10, color=f"C{index % 10}", linestyle="none")
+        ax.axvline(1.0, color="black", linewidth=0.6, alpha=0.5)
+        ax.set_xlabel("query position (fraction of the prompt); ★ = the last 64 rows, where the question is")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, 1.08)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("output error by query position (mean over layers and heads)")
+    axes[1].set_title("dropped mass by query position")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from stem_cli.runs.evaluation import EvalRun, default_console, run_tasks
+from stem_cli.runs.evaluation import EvalRun, default_console, fidelity_plot, run_tasks
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
             output: str | Path = "runs", cache: bool = True, seed: int = 0, data_dir: str | Path | None = None,
             max_new_tokens: int | None = None, config: str | Path | None = None, overrides: Iterable[str] = (),
             device: str = "auto", dtype: str = "auto", random_weights: bool = False, console=None,
-            command: str | None = None, margin: float | None = None) -> Comparison:
+            command: str | None = None, margin: float | None = None, batch_size: int = 1) -> Comparison:
     """Accuracy (and, with `profile`, pre-fill time) of each method against dense; writes OUTPUT/compare-MODEL-TIME
     .json/.md/.csv/.png and returns their rows.
 
@@ -61,7 +61,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     run = run_tasks(model=model, tasks=tasks, methods=names, lengths=lengths, limit=limit, budget=budget, output=output, resume=True,
                     reuse_any=cache, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device, dtype=dtype,
                     random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=None, kind="compare",
-                    console=console, command=command, margin=margin, recompute=not cache)
+                    console=console, command=command, margin=margin, recompute=not cache, batch_size=batch_size)
     summary = run.summary
     on_gpu = next(run.loaded.model.parameters()).is_cuda
     timings = None
@@ -75,6 +75,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     paths["json"].write_text(json.dumps(summary, indent=2, default=str))
     paths["md"].write_text(f"`{summary['command']}`\n\n" + render(flat, "markdown"))
     paths["csv"].write_text(render(flat, "csv"))
+    paths.update(fidelity_plot(run, base))
     plot_compare(flat, paths["png"], f"{run.model}: " + ", ".join(names) + (f" at BUD {budget:.0%}" if budget else ""))
     run.paths.update(paths)
     return Comparison(run, flat, names, budget, timings, paths)

@@ -80,7 +80,7 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
               budget: float | None, output: str | Path, resume: bool, reuse_any: bool, seed: int, data_dir: str | Path | None,
               config, overrides: Iterable[str], device: str, dtype: str, random_weights: bool, max_new_tokens: int | None,
               chat_template: bool | None, kind: str, include_path: str | Path | None = None, console=None,
-              command: str | None = None, margin: float | None = None, recompute: bool = False) -> EvalRun:
+              command: str | None = None, margin: float | None = None, recompute: bool = False, batch_size: int = 1) -> EvalRun:
     """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
     else stored results of this run are an error unless `resume`. `recompute`: compute every result and solve every knob
     again even when stored (compare's --no-cache)."""
@@ -111,7 +111,8 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=console)
     plan.check_context(loaded.model, lengths)
     model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path)
+    plan.check_batch_size(batch_size, names, refs, console)
+    settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path, batch_size)
     store = ResultStore(output / f"results-{slug(model)}.jsonl")
     runner = Runner(loaded, store, settings, reuse=not recompute)
     knobs = Knobs(output / f"budgets-{slug(model)}.jsonl", runner.identity["weights"], model_dtype, reuse=not recompute)
@@ -153,7 +154,7 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
         "dtype": model_dtype,
         "environment": environment(dev, None),
         "settings": {"tasks": [r.name for r in refs], "lengths": lengths, "limit": limit, "seed": seed, "budget": budget,
-                     "max_new_tokens": max_new_tokens, "margin": margin},
+                     "max_new_tokens": max_new_tokens, "margin": margin, "batch_size": batch_size},
         "statistics": STATISTICS,
         "jobs": [{"method": j.method, "seq_len": j.seq_len, "config": dataclasses.asdict(j.config), "knob": j.knob} for j in jobs],
         "key_components": {  # what every result of this run is keyed by; per-sample ones are in each record's key_parts
@@ -181,7 +182,7 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
              seed: int = 0, data_dir: str | Path | None = None, include_path: str | Path | None = None,
              max_new_tokens: int | None = None, chat_template: bool | None = None, config: str | Path | None = None,
              overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto", random_weights: bool = False,
-             console=None, command: str | None = None, margin: float | None = None) -> EvalRun:
+             console=None, command: str | None = None, margin: float | None = None, batch_size: int = 1) -> EvalRun:
     """Accuracy of each method on each task and length; results appended to OUTPUT/results-MODEL.jsonl as they are
     scored, the summary written to OUTPUT/eval-MODEL-TIME.json (`run.paths["summary"]`), the table beside it as .md
     and .csv (`run.paths["md"]`, `run.paths["csv"]`: compare's per-(method, length) rows).
@@ -193,7 +194,8 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
     run = run_tasks(model=model, tasks=tasks, methods=methods, lengths=lengths, limit=limit, budget=budget, output=output,
                     resume=resume, reuse_any=False, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device,
                     dtype=dtype, random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=chat_template,
-                    kind="eval", include_path=include_path, console=console, command=command, margin=margin)
+                    kind="eval", include_path=include_path, console=console, command=command, margin=margin,
+                    batch_size=batch_size)
     path = Path(output) / f"eval-{slug(run.model)}-{run.stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(run.summary, indent=2, default=str))
     run.paths["summary"] = path
@@ -209,4 +211,16 @@ def write_tables(run: EvalRun, base: Path) -> dict[str, Path]:
     paths = {"md": base.with_suffix(".md"), "csv": base.with_suffix(".csv")}
     paths["md"].write_text(f"`{run.summary['command']}`\n\n" + render(flat, "markdown"))
     paths["csv"].write_text(render(flat, "csv"))
+    paths.update(fidelity_plot(run, base))
     return paths
+
+
+def fidelity_plot(run: EvalRun, base: Path) -> dict[str, Path]:
+    """BASE-fidelity.png when the run measured fidelity: error and dropped mass by query position."""
+    rows = [r for r in run.rows if r["task"] == "fidelity" and r.get("position_rel_error")]
+    if not rows:
+        return {}
+    from stem_cli.report.plots import plot_fidelity_positions
+
+    path = base.with_name(base.name + "-fidelity.png")
+    return {"fidelity_png": plot_fidelity_positions(rows, path, f"{run.model}: attention fidelity by query position")}

@@ -63,6 +63,22 @@ def check_budget(budget: float | None) -> None:
         raise UsageError(f"--budget {budget!r} is not allowed: use a fraction in (0, 1], e.g. 0.3")
 
 
+def check_batch_size(batch_size: int, names: list[str], refs: list, console) -> None:
+    """--batch-size: a positive count; say which runs cannot be decoded in batches (no silent slower path)."""
+    from stem_cli.registry import split_spec
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size!r} is not allowed: use a whole number of samples, 1 or more")
+    if batch_size == 1:
+        return
+    single = [n for n in names if split_spec(n)[1] is not None]
+    if single:
+        console.print(f"[yellow]notice:[/] {', '.join(single)} decode(s) with a decode method that keeps per-sample state: "
+                      "one sample at a time (--batch-size applies to the other methods)")
+    if not any(r.kind == "generate" for r in refs):
+        console.print("[yellow]notice:[/] --batch-size applies to generation tasks only; none of these tasks generates")
+
+
 def output_folder(output: str | Path) -> Path:
     """The folder results go to; a file of that name is an error (the folder itself is made when written)."""
     output = Path(output)

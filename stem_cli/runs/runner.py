@@ -45,6 +45,7 @@ class EvalSettings:
     data_dir: Path | None = None
     max_new_tokens: int | None = None  # overrides the task's
     include_path: Path | None = None  # a folder of extra lm-eval task YAMLs
+    batch_size: int = 1  # generation tasks: samples decoded together (each pre-fill stays alone; runner.Runner._run_batched)
 
 
 class Runner:
@@ -154,6 +155,9 @@ class Runner:
                 total, done = len(samples) * len(at_length), 0
                 what = f"{ref.name} @ {_length(seq_len)}"
                 self.progress(what, 0, total)
+                if ref.kind == "generate" and self.settings.batch_size > 1:
+                    results += self._run_batched(at_length, ref, samples, what, total)
+                    continue
                 for sample in samples:  # samples outer: every method sees a prompt while it is hot in cache
                     for job in at_length:
                         results.append(self._one(job, ref, sample))
@@ -162,24 +166,34 @@ class Runner:
         return results
 
     def _one(self, job: Job, ref: TaskRef, sample) -> dict:
+        record, stored = self._stored_or_new(job, ref, sample)
+        if stored:
+            return record
+        runtime = stem_cli.apply(self.loaded.model, job.method, job.config)
+        runtime.recorder.reset()
+        if ref.kind == "measure":
+            record.update(measure_module(ref).measure(self.loaded.model, job.method, job.config, sample))
+        else:
+            record.update(self._generate(runtime, sample))
+        return self._keep(record, job)
+
+    def _stored_or_new(self, job: Job, ref: TaskRef, sample) -> tuple[dict, bool]:
+        """(the stored record of this result, True), or (the head of a new one, False)."""
         parts = self.key_parts(job, ref, sample)
         key = keys.key_of(parts)
         if self.reuse and key in self.store:
             self.reused += 1
-            return self.store.get(key)
+            return self.store.get(key), True
         self.older += self._older(parts)
-        runtime = stem_cli.apply(self.loaded.model, job.method, job.config)
-        runtime.recorder.reset()
         record = {
             "key": key, "method": job.method, "task": ref.name, "seq_len": job.seq_len, "seed": self.settings.seed,
             "sample": sample.id, "model": self.settings.model_id, "dtype": self.settings.dtype, "key_parts": parts,
         }
         if job.knob:
             record["knob"] = job.knob
-        if ref.kind == "measure":
-            record.update(measure_module(ref).measure(self.loaded.model, job.method, job.config, sample))
-        else:
-            record.update(self._generate(runtime, sample))
+        return record, False
+
+    def _keep(self, record: dict, job: Job) -> dict:
         record["config"] = config_dict(job.config)
         self.store.add(record)
         self.computed += 1
@@ -187,7 +201,6 @@ class Runner:
 
     def _generate(self, runtime, sample) -> dict:
         from stem_cli.generation import greedy, stop_ids_of
-        from stem_cli.tasks.base import score
 
         model, tok = self.loaded.model, self.loaded.tokenizer
         device = next(model.parameters()).device
@@ -197,21 +210,77 @@ class Runner:
         if decode is not None:
             decode.reset()
         gen = greedy(model, ids, max_new_tokens=budget, stop_ids=stop_ids_of(model, tok))
-        prediction = tok.decode(gen.new_tokens, skip_special_tokens=True).strip()
-        result = {
+        return {**self._answer(sample, gen.new_tokens, gen.prefill_seconds, gen.decode_seconds, runtime.recorder.bud),
+                **_runtime_stats(runtime)}
+
+    def _answer(self, sample, new_tokens: list[int], prefill_s: float, decode_s: float, bud) -> dict:
+        from stem_cli.tasks.base import score
+
+        prediction = self.loaded.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        return {
             "prediction": prediction,
             "references": sample.references,
             "metric": sample.metric,
             "score": score(sample.metric, prediction, sample.references, sample.meta),
-            "bud": runtime.recorder.bud,
+            "bud": bud,
             "prompt_tokens": len(sample.input_ids),
-            "new_tokens": len(gen.new_tokens),
-            "prefill_s": gen.prefill_seconds,
-            "decode_s": gen.decode_seconds,
+            "new_tokens": len(new_tokens),
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
         }
-        for name, stats in _runtime_stats(runtime).items():
-            result[name] = stats
-        return result
+
+    def _run_batched(self, jobs: list[Job], ref: TaskRef, samples: list, what: str, total: int) -> list[dict]:
+        """A generation task with `batch_size` samples decoded together, in the samples-outer order of `run`.
+
+        Each sample is pre-filled alone, so its selection and BUD are exactly the unbatched ones
+        (the block grid starts at its first token); the filled caches are stacked, left-padded, and
+        decoded as one batch (stem_cli/generation.py greedy_batch), which is where a small model's
+        time goes. A method with a decode method keeps per-sample decode state: it runs one
+        sample at a time (evaluation.run_tasks says so before the run).
+        """
+        from stem_cli.generation import greedy_batch, prefill, stop_ids_of
+        from stem_cli.registry import split_spec
+
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        device = next(model.parameters()).device
+        stop = stop_ids_of(model, tok)
+        made: dict[tuple[int, int], dict] = {}
+        done = 0
+        size = self.settings.batch_size
+        for start in range(0, len(samples), size):
+            chunk = list(enumerate(samples))[start:start + size]
+            for j, job in enumerate(jobs):
+                if split_spec(job.method)[1] is not None:
+                    for i, sample in chunk:
+                        made[i, j] = self._one(job, ref, sample)
+                    done += len(chunk)
+                    self.progress(what, done, total)
+                    continue
+                pending = []
+                for i, sample in chunk:
+                    record, stored = self._stored_or_new(job, ref, sample)
+                    if stored:
+                        made[i, j] = record
+                    else:
+                        pending.append((i, sample, record))
+                if pending:
+                    runtime = stem_cli.apply(model, job.method, job.config)
+                    filled, heads = [], []
+                    for i, sample, record in pending:
+                        runtime.recorder.reset()
+                        filled.append(prefill(model, torch.tensor([sample.input_ids], device=device)))
+                        heads.append((runtime.recorder.bud, _runtime_stats(runtime)))
+                    budgets = [self.settings.max_new_tokens or sample.max_new_tokens for _, sample, _ in pending]
+                    tokens, decode_s = greedy_batch(model, filled, max_new_tokens=budgets, stop_ids=stop)
+                    for (i, sample, record), new, pre, (bud, stats) in zip(pending, tokens, filled, heads):
+                        # decode time is the batch's, shared equally by its rows
+                        record.update(self._answer(sample, new, pre.seconds, decode_s / len(pending), bud), **stats,
+                                      decode_batch=len(pending))
+                        made[i, j] = self._keep(record, job)
+                    del filled
+                done += len(chunk)
+                self.progress(what, done, total)
+        return [made[i, j] for i in range(len(samples)) for j in range(len(jobs))]
 
     def _run_lm_eval(self, jobs: list[Job], ref: TaskRef) -> list[dict]:
         from stem_cli.tasks import harness
