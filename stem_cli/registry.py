@@ -40,6 +40,9 @@ PREFILL_MODULES: dict[str, str] = {
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "uniform": ("stem", {"tpd": False},
                 "Stem's Output-Aware Metric with a uniform per-row budget k_start(1+mu)/2 (TPD off; equal total budget)"),
+    # The paper's ablation baseline: neither TPD nor the Output-Aware Metric (uniform < +TPD < +TPD+OAM).
+    "uniform-score": ("stem", {"tpd": False, "beta": 0.0},
+                      "the paper's ablation baseline 'Uniform': a uniform per-row budget with the score-only metric (TPD off, beta = 0)"),
     "sam": ("stem", {"beta": 0.0},
             "Stem with the score-only metric (beta = 0): TPD on, Output-Aware Metric off"),
     # The paper's ablation step "+TPD": exactly sam under the ablation table's name, so rows can carry that label.
@@ -47,7 +50,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
                  "ablation name '+TPD': TPD budgets with the score-only metric (beta = 0); identical to sam"),
 }
 
-ORDER = ("dense", "stem", "uniform", "sam", "streaming", "stem-tpd", "xattention", "flexprefill", "minference", "elastic")
+ORDER = ("dense", "stem", "uniform", "uniform-score", "sam", "streaming", "stem-tpd", "xattention", "flexprefill", "minference", "elastic")
 
 DECODE_MODULES: dict[str, str] = {
     "prhs": "stem_cli.decode.prhs",
