@@ -58,6 +58,9 @@ class DenseConfig:
     """Dense attention has no parameters."""
 
 
+SELECT_IMPLS = ("auto", "triton", "torch")
+
+
 @dataclass(frozen=True)
 class StemConfig(BlockConfig):
     stride: int = param(8, "antidiagonal stride s of the block-score estimate (power of two, divides block_size)", "paper+code")
@@ -83,6 +86,12 @@ class StemConfig(BlockConfig):
     gqa: str = param(
         "query",
         "'query' = select per query head; 'kv' = one selection per KV head from the group's mean block logits",
+        "stem",
+    )
+    select_impl: str = param(
+        "auto",
+        "top-k selection: 'auto' = the Triton kernel (kernels/tpd_select.py) on a CUDA device, torch ops on the CPU; "
+        "'triton' or 'torch' to force one (the same index on distinct logits; ties: lower block id for triton)",
         "stem",
     )
 
@@ -112,6 +121,8 @@ class StemConfig(BlockConfig):
             raise ConfigError(f"forced_rule={self.forced_rule!r} is not allowed: use 'code' or 'inside'")
         if not isinstance(self.tpd, bool):
             raise ConfigError(f"tpd={self.tpd!r} is not allowed: use true or false")
+        if self.select_impl not in SELECT_IMPLS:
+            raise ConfigError(f"select_impl={self.select_impl!r} is not allowed: use {', '.join(map(repr, SELECT_IMPLS))}")
 
 
 @dataclass(frozen=True)
