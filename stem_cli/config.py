@@ -58,7 +58,7 @@ class DenseConfig:
     """Dense attention has no parameters."""
 
 
-SELECT_IMPLS = ("auto", "triton", "torch")
+ESTIMATE_IMPLS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,11 @@ class StemConfig(BlockConfig):
         "'query' = select per query head; 'kv' = one selection per KV head from the group's mean block logits",
         "stem",
     )
-    select_impl: str = param(
+    estimate_impl: str = param(
         "auto",
-        "top-k selection: 'auto' = the Triton kernel (kernels/tpd_select.py) on a CUDA device, torch ops on the CPU; "
-        "'triton' or 'torch' to force one (the same index on distinct logits; ties: lower block id for triton)",
+        "the estimate's code path: 'auto' = Triton on a CUDA device (kernels/block_scores.py causal GEMM, "
+        "kernels/tpd_select.py top-k), torch ops on the CPU; 'triton' or 'torch' to force one "
+        "(the same index on distinct logits; triton breaks ties to the lower block id, its TF32x3 logits agree to ~1e-6)",
         "stem",
     )
 
@@ -121,8 +122,8 @@ class StemConfig(BlockConfig):
             raise ConfigError(f"forced_rule={self.forced_rule!r} is not allowed: use 'code' or 'inside'")
         if not isinstance(self.tpd, bool):
             raise ConfigError(f"tpd={self.tpd!r} is not allowed: use true or false")
-        if self.select_impl not in SELECT_IMPLS:
-            raise ConfigError(f"select_impl={self.select_impl!r} is not allowed: use {', '.join(map(repr, SELECT_IMPLS))}")
+        if self.estimate_impl not in ESTIMATE_IMPLS:
+            raise ConfigError(f"estimate_impl={self.estimate_impl!r} is not allowed: use {', '.join(map(repr, ESTIMATE_IMPLS))}")
 
 
 @dataclass(frozen=True)

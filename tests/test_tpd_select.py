@@ -89,7 +89,7 @@ def test_narrow_width_pads_and_truncates_like_the_torch_selection():
 
 @pytest.mark.parametrize("rule", ["code", "inside"])
 def test_stem_selector_kernel_path_equals_torch_path_with_left_padding(rule):
-    """The selector on real pooled logits (batch 2, left padding, odd length): select_impl triton == torch."""
+    """The selector on real pooled logits (batch 2, left padding, odd length): estimate_impl triton == torch."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     batch, hq, hkv, n, d = 2, 4, 2, 333, 16
     q, k, v = (torch.randn(batch, h, n, d, generator=gen) for h in (hq, hkv, hkv))
@@ -97,18 +97,48 @@ def test_stem_selector_kernel_path_equals_torch_path_with_left_padding(rule):
     valid[1, :70] = False
     base = StemConfig(block_size=16, k_start=5, forced_rule=rule)
     logits = score.block_logits(q, k, v, block_size=16, stride=8, beta=0.2, key_valid=valid)
-    via_torch = stem_method.select_from_logits(logits, n, StemConfig(**{**base.__dict__, "select_impl": "torch"}), valid)
-    via_kernel = stem_method.select_from_logits(logits.to(DEVICE), n, StemConfig(**{**base.__dict__, "select_impl": "triton"}),
+    via_torch = stem_method.select_from_logits(logits, n, StemConfig(**{**base.__dict__, "estimate_impl": "torch"}), valid)
+    via_kernel = stem_method.select_from_logits(logits.to(DEVICE), n, StemConfig(**{**base.__dict__, "estimate_impl": "triton"}),
                                                 valid.to(DEVICE))
     assert torch.equal(via_kernel.counts.cpu(), via_torch.counts)
     assert torch.equal(via_kernel.indices.cpu(), via_torch.indices)
 
 
-def test_selection_impl_is_said_and_checked(monkeypatch):
-    assert stem_method.selection_impl(StemConfig(), torch.device("cpu")) == "torch"  # auto on the CPU
-    assert stem_method.selection_impl(StemConfig(select_impl="torch"), torch.device("cuda")) == "torch"
+def test_estimate_path_is_said_and_checked(monkeypatch):
+    assert stem_method.estimate_path(StemConfig(), torch.device("cpu")) == "torch"  # auto on the CPU
+    assert stem_method.estimate_path(StemConfig(estimate_impl="torch"), torch.device("cuda")) == "torch"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ConfigError, match="select_impl='triton' needs a CUDA device"):
-        stem_method.selection_impl(StemConfig(select_impl="triton"), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="select_impl='fast' is not allowed"):
-        StemConfig(select_impl="fast")
+    with pytest.raises(ConfigError, match="estimate_impl='triton' needs a CUDA device"):
+        stem_method.estimate_path(StemConfig(estimate_impl="triton"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="estimate_impl='fast' is not allowed"):
+        StemConfig(estimate_impl="fast")
+
+
+SCORE_CASES = [
+    # batch, hq, hkv, n, d, block, stride, beta, padded
+    (1, 3, 1, 300, 16, 16, 8, 0.2, False),
+    (2, 4, 1, 201, 32, 16, 4, 0.2, True),
+    (1, 8, 1, 130, 64, 32, 8, 0.0, False),
+    (2, 2, 2, 97, 16, 16, 8, 0.5, True),
+]
+
+
+@pytest.mark.parametrize("case", SCORE_CASES)
+def test_fused_block_scores_match_the_float64_reference(case):
+    """kernels/block_scores.py via score.block_logits(impl='triton') == the tile-by-tile oracle (float64 inputs)."""
+    batch, hq, hkv, n, d, block, stride, beta, padded = case
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v = (torch.randn(batch, h, n, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
+    v = v * torch.randn(batch, hkv, n, 1, generator=gen, dtype=torch.float64).exp()  # value norms that vary
+    valid = None
+    if padded:
+        valid = torch.ones(batch, n, dtype=torch.bool)
+        valid[-1, : n // 3] = False
+    args = dict(block_size=block, stride=stride, beta=beta, scale=0.7 / d**0.5, key_valid=valid)
+    want = ref.block_logits(q, k, v, **args)
+    got = score.block_logits(*(x.to(DEVICE) for x in (q, k, v)), **{**args, "key_valid": None if valid is None else valid.to(DEVICE)},
+                             impl="triton").cpu()
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)) and not got.isnan().any()
+    finite = torch.isfinite(want)
+    assert (got[~finite] == float("-inf")).all()
+    torch.testing.assert_close(got[finite].double(), want[finite].double(), rtol=1e-5, atol=1e-5)

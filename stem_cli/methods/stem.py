@@ -38,7 +38,8 @@ def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: 
 def estimate(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Output-Aware block logits (B, H, P, P), H = query heads or KV heads (gqa='kv')."""
     logits = score.block_logits(
-        q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid
+        q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid,
+        impl=estimate_path(config, q.device),
     )
     if config.gqa == "kv":
         # One selection per KV head: the group's mean logit (-inf stays -inf, since
@@ -65,7 +66,7 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
     knobs = (config.schedule, config.mu, config.tpd, config.k_scale, config.k_start)
     budget = _budgets(p, tuple(lengths.tolist()), tuple(first.tolist()), knobs)  # cached: the same tensor per shape
     most = int(budget.max()) + config.sink_blocks + config.window_blocks + 1  # >= any row's count
-    if selection_impl(config, logits.device) == "triton":
+    if estimate_path(config, logits.device) == "triton":
         from stem_cli.kernels import tpd_select
 
         shape_key = (p, tuple(lengths.tolist()), tuple(first.tolist()))
@@ -80,15 +81,15 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
                        rule=config.forced_rule)
 
 
-def selection_impl(config: StemConfig, device: torch.device) -> str:
-    """'triton' or 'torch': which top-k runs for `config` on `device` (select_impl 'auto':
-    the kernel on CUDA, torch on the CPU, where Triton would need its interpreter)."""
+def estimate_path(config: StemConfig, device: torch.device) -> str:
+    """'triton' or 'torch': which scoring and top-k run for `config` on `device` (estimate_impl
+    'auto': the kernels on CUDA, torch on the CPU, where Triton would need its interpreter)."""
     device = torch.device(device)
-    if config.select_impl == "torch":
+    if config.estimate_impl == "torch":
         return "torch"
-    if config.select_impl == "triton":
+    if config.estimate_impl == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"select_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1), not {device.type}: "
+            raise ConfigError(f"estimate_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1), not {device.type}: "
                               "use 'auto' or 'torch'")
         return "triton"
     if device.type != "cuda":
@@ -96,7 +97,7 @@ def selection_impl(config: StemConfig, device: torch.device) -> str:
     if importlib.util.find_spec("triton") is None:
         from stem_cli.executor import notice_once
 
-        notice_once("select:no-triton", "stem: triton is not installed; Stem's top-k runs as torch ops on the GPU (slower)")
+        notice_once("select:no-triton", "stem: triton is not installed; Stem's estimate runs as torch ops on the GPU (slower)")
         return "torch"
     return "triton"
 
@@ -129,8 +130,8 @@ NOTES = (
     "value-norm z-score: population std (N) here, sample std (N-1) in the released code (a 1 + 1/(2N) factor, N = stride tiles)",
     "partial last block: mean over its valid tiles here; the released code zero-pads to a multiple of 2048 and averages "
     "the zero tiles in (a logit that depends on where the sequence ends); followed: valid tiles",
-    "top-k: select_impl=auto runs the Triton kernel (kernels/tpd_select.py, ties to the lower block id) on CUDA and "
-    "torch.topk on the CPU; both give the same index on distinct logits",
+    "estimate: estimate_impl=auto runs Triton on CUDA (causal block GEMM with TF32x3 dots, kernels/block_scores.py; "
+    "top-k, ties to the lower block id, kernels/tpd_select.py) and torch ops on the CPU; the same index on distinct logits",
 )
 DEFAULTS = StemConfig()
 DESCRIPTION = "Stem: TPD per-row budget (decays to mu*k_start) + Output-Aware Metric (score + beta*value norm)"
