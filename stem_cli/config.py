@@ -58,6 +58,9 @@ class DenseConfig:
     """Dense attention has no parameters."""
 
 
+ESTIMATE_IMPLS = ("auto", "triton", "torch")
+
+
 @dataclass(frozen=True)
 class StemConfig(BlockConfig):
     stride: int = param(8, "antidiagonal stride s of the block-score estimate (power of two, divides block_size)", "paper+code")
@@ -83,6 +86,13 @@ class StemConfig(BlockConfig):
     gqa: str = param(
         "query",
         "'query' = select per query head; 'kv' = one selection per KV head from the group's mean block logits",
+        "stem",
+    )
+    estimate_impl: str = param(
+        "auto",
+        "the estimate's code path: 'auto' = Triton on a CUDA device (kernels/block_scores.py causal GEMM, "
+        "kernels/tpd_select.py top-k), torch ops on the CPU; 'triton' or 'torch' to force one "
+        "(the same index on distinct logits; triton breaks ties to the lower block id, its TF32x3 logits agree to ~1e-6)",
         "stem",
     )
 
@@ -112,6 +122,8 @@ class StemConfig(BlockConfig):
             raise ConfigError(f"forced_rule={self.forced_rule!r} is not allowed: use 'code' or 'inside'")
         if not isinstance(self.tpd, bool):
             raise ConfigError(f"tpd={self.tpd!r} is not allowed: use true or false")
+        if self.estimate_impl not in ESTIMATE_IMPLS:
+            raise ConfigError(f"estimate_impl={self.estimate_impl!r} is not allowed: use {', '.join(map(repr, ESTIMATE_IMPLS))}")
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,12 @@ def block_logits(
     beta: float,
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> torch.Tensor:
-    """Same result as the reference's (kernels/reference.py) block_logits: (B, Hq, P, P) float32, -inf where not choosable."""
+    """Same result as the reference's (kernels/reference.py) block_logits: (B, Hq, P, P) float32, -inf where not choosable.
+
+    impl "torch": the pooled GEMM over all P x P block pairs (float32); "triton": the same pooling, then
+    kernels/block_scores.py's causal-tiles-only GEMM with the value term and the mask fused (TF32x3 dots)."""
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -89,10 +93,19 @@ def block_logits(
     inv = torch.where(weight > 0, 1.0 / weight.clamp_min(1), 0.0)  # (B, P)
     q_bar = q_bar.reshape(batch, hkv, group, p, stride * d) * inv[:, None, None, :, None]
     k_bar = k_bar.reshape(batch, hkv, 1, p, stride * d) * inv[:, None, None, :, None]
-    logits = torch.matmul(q_bar, k_bar.transpose(-1, -2)).view(batch, hq, p, p) * (scale / stride)
+    bonus_bar = None
     if beta > 0:
         bonus = value_bonus(pad_to(v, npad), stride, tile_valid, beta)  # (B, Hkv, N/s), 0 on invalid tiles
         bonus_bar = bonus.view(batch, hkv, p, tiles).sum(-1) * inv[:, None, :]  # (B, Hkv, P)
+    if impl == "triton":
+        from stem_cli.kernels.block_scores import block_scores
+
+        return block_scores(q_bar.view(batch, hq, p, stride * d), k_bar.view(batch, hkv, p, stride * d), bonus_bar,
+                            weight, scale / stride)
+    if impl != "torch":
+        raise ValueError(f"impl={impl!r}: use 'torch' or 'triton'")
+    logits = torch.matmul(q_bar, k_bar.transpose(-1, -2)).view(batch, hq, p, p) * (scale / stride)
+    if bonus_bar is not None:
         logits = logits + bonus_bar.repeat_interleave(group, dim=1)[:, :, None, :]
 
     ids = torch.arange(p, device=q.device)

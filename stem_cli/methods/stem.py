@@ -17,9 +17,13 @@ q/k/v against it: the block logits agree within 1e-5, the selections at Jaccard 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 
-from stem_cli.config import StemConfig
+from stem_cli.config import ConfigError, StemConfig
 from stem_cli.index import BlockIndex
 from stem_cli.methods import score
 from stem_cli.methods.blocks import first_valid_block, forced_blocks, row_budgets, select_topk
@@ -34,7 +38,8 @@ def select(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: 
 def estimate(q, k, v, *, layer: int, config: StemConfig, scale: float, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Output-Aware block logits (B, H, P, P), H = query heads or KV heads (gqa='kv')."""
     logits = score.block_logits(
-        q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid
+        q, k, v, block_size=config.block_size, stride=config.stride, beta=config.beta, scale=scale, key_valid=key_valid,
+        impl=estimate_path(config, q.device),
     )
     if config.gqa == "kv":
         # One selection per KV head: the group's mean logit (-inf stays -inf, since
@@ -51,19 +56,72 @@ def choose(logits: torch.Tensor, *, seq_len: int, config: StemConfig, key_valid:
 def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, key_valid: torch.Tensor | None) -> BlockIndex:
     """TPD budget per row, forced sinks/window/diagonal, then top-k by the block logits.
 
-    Budgets are data-independent, so they are built on the host and nothing here waits
-    for the device (without padding): the forward keeps the GPU queue full."""
+    Budgets are data-independent, so they are built on the host; the Triton path keeps
+    them on the device per (length, padding, schedule), so that without padding nothing
+    here waits for the device: the forward keeps the GPU queue full."""
     batch, _, p, _ = logits.shape
     valid = None if key_valid is None else key_valid.cpu()
     first = first_valid_block(valid, batch, config.block_size, "cpu")
     lengths = torch.full((batch,), seq_len) if valid is None else valid.sum(-1)
-    budget = row_budgets(
-        p, lengths, first, schedule=config.schedule, mu=config.mu, tpd=config.tpd, k_scale=config.k_scale, k_start=config.k_start
-    )
-    forced = forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
+    knobs = (config.schedule, config.mu, config.tpd, config.k_scale, config.k_start)
+    budget = _budgets(p, tuple(lengths.tolist()), tuple(first.tolist()), knobs)  # cached: the same tensor per shape
     most = int(budget.max()) + config.sink_blocks + config.window_blocks + 1  # >= any row's count
+    if estimate_path(config, logits.device) == "triton":
+        from stem_cli.kernels import tpd_select
+
+        shape_key = (p, tuple(lengths.tolist()), tuple(first.tolist()))
+        return tpd_select.select(
+            logits, _on_device(budget, ("budget", *shape_key, knobs), logits.device),
+            _on_device(first, ("first", *shape_key), logits.device),
+            sink_blocks=config.sink_blocks, window_blocks=config.window_blocks, width=most,
+            block_size=config.block_size, seq_len=seq_len, rule=config.forced_rule,
+        )
+    forced = forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
     return select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most,
                        rule=config.forced_rule)
+
+
+def estimate_path(config: StemConfig, device: torch.device) -> str:
+    """'triton' or 'torch': which scoring and top-k run for `config` on `device` (estimate_impl
+    'auto': the kernels on CUDA, torch on the CPU, where Triton would need its interpreter)."""
+    device = torch.device(device)
+    if config.estimate_impl == "torch":
+        return "torch"
+    if config.estimate_impl == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"estimate_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1), not {device.type}: "
+                              "use 'auto' or 'torch'")
+        return "triton"
+    if device.type != "cuda":
+        return "torch"
+    if importlib.util.find_spec("triton") is None:
+        from stem_cli.executor import notice_once
+
+        notice_once("select:no-triton", "stem: triton is not installed; Stem's estimate runs as torch ops on the GPU (slower)")
+        return "torch"
+    return "triton"
+
+
+@functools.lru_cache(maxsize=64)
+def _budgets(p: int, lengths: tuple, first: tuple, knobs: tuple) -> torch.Tensor:
+    schedule, mu, tpd, k_scale, k_start = knobs
+    return row_budgets(p, torch.tensor(lengths), torch.tensor(first), schedule=schedule, mu=mu, tpd=tpd,
+                       k_scale=k_scale, k_start=k_start)
+
+
+_DEVICE_COPIES: dict[tuple, torch.Tensor] = {}
+
+
+def _on_device(host: torch.Tensor, key: tuple, device: torch.device) -> torch.Tensor:
+    """`host` copied to `device` once per key: the budgets depend on the shape, never the data."""
+    key = (*key, str(device))
+    if key not in _DEVICE_COPIES:
+        if len(_DEVICE_COPIES) >= 64:
+            _DEVICE_COPIES.clear()
+        # Pinned and non-blocking: a plain .to(device) of pageable memory waits for the whole queue.
+        pinned = host.pin_memory() if device.type == "cuda" else host
+        _DEVICE_COPIES[key] = pinned.to(device, non_blocking=True)
+    return _DEVICE_COPIES[key]
 
 
 NOTES = (
@@ -72,6 +130,8 @@ NOTES = (
     "value-norm z-score: population std (N) here, sample std (N-1) in the released code (a 1 + 1/(2N) factor, N = stride tiles)",
     "partial last block: mean over its valid tiles here; the released code zero-pads to a multiple of 2048 and averages "
     "the zero tiles in (a logit that depends on where the sequence ends); followed: valid tiles",
+    "estimate: estimate_impl=auto runs Triton on CUDA (causal block GEMM with TF32x3 dots, kernels/block_scores.py; "
+    "top-k, ties to the lower block id, kernels/tpd_select.py) and torch ops on the CPU; the same index on distinct logits",
 )
 DEFAULTS = StemConfig()
 DESCRIPTION = "Stem: TPD per-row budget (decays to mu*k_start) + Output-Aware Metric (score + beta*value norm)"

@@ -1,0 +1,349 @@
+"""Pre-fill benchmark for issue 17: Stem's estimate, old (torch) against new (Triton), beside the dense
+and Flex baselines, in one GPU run (< 8 minutes on an H200 at the defaults).
+
+    python -m tests.bench.prefill                          # 32K,128K,256K at 32/8/128, bf16, on the CUDA GPU
+    TRITON_INTERPRET=1 python -m tests.bench.prefill --device cpu --smoke   # tiny sizes on the CPU, kernels interpreted
+
+First, at small shapes, every new kernel against its reference (a failed check makes the exit
+code 1 and the timings are still taken):
+- kernels/tpd_select.py against methods/blocks.select_topk: exact equality of counts and ids
+  on random distinct logits (both forced-block rules, batch 2 with a shifted first block);
+- kernels/block_scores.py (score.block_logits impl="triton") against the tile-by-tile
+  float32 reference (relative error, same -inf pattern), and the index chosen from it
+  against the reference's (identical rows, or differing through near-ties only).
+Then per length, batch 1, random inputs (v scaled per token so value norms vary):
+- scoring torch vs triton, selection torch vs triton (on the same logits; the two indices are
+  compared), block-sparse attention on the new index, Stem total old and new with the
+  estimate's share;
+- dense causal SDPA on cuDNN and FlashAttention-2, FlexAttention on the same index (the
+  Triton backend; FLASH where the installed torch offers it, else the row says why not).
+Variants not built yet (GQA-shared K/V tiles, FP8 attention, fused peer estimates) appear as
+"n/a (not implemented)". JSON with the GPU, versions and command goes to
+profiles/prefill-<date>-<gpu>.json, a PNG of time per stage vs length beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from stem_cli.config import ConfigError, StemConfig
+from stem_cli.environment import slug
+from stem_cli.kernels import reference as ref
+from stem_cli.methods import blocks, score
+from stem_cli.methods.stem import select_from_logits
+from stem_cli.units import format_length, parse_lengths
+from tests.bench import kernels as kb
+
+DEFAULT_LENGTHS = "32K,128K,256K"
+DEFAULT_SHAPE = "32/8/128"
+SMOKE_LENGTHS = "512,1K"
+SMOKE_SHAPE = "4/2/32"
+SMOKE_BLOCK = 16
+NOT_BUILT = "n/a (not implemented in this branch)"
+STAGES = ("score", "select", "attn")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.prefill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", help=f"sequence lengths (default {DEFAULT_LENGTHS}; smoke {SMOKE_LENGTHS})")
+    parser.add_argument("--shape", help=f"QHEADS/KVHEADS/HEADDIM (default {DEFAULT_SHAPE}; smoke {SMOKE_SHAPE})")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole code path in seconds")
+    parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench timing budget per measurement (ms)")
+    parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per measurement (ms)")
+    parser.add_argument("--min-reps", type=int, default=2, help="timed calls at least when one call outlasts --rep-ms")
+    parser.add_argument("--skip", default="", help="comma list to leave out: cudnn, fa2, flex, flash")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="profiles", help="folder for the JSON and PNG (default profiles/)")
+    return parser
+
+
+@dataclasses.dataclass
+class Options:
+    lengths: list[int]
+    shape: kb.Shape
+    config: StemConfig
+    device: str
+    dtype: torch.dtype
+    smoke: bool
+    skip: frozenset
+    seed: int
+    output: Path
+    timer: kb.Timer
+
+
+def parse_options(argv) -> Options:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.smoke:
+        parser.error("the CPU runs only the smoke mode: add --smoke")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("the CPU smoke run executes the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: use --device cpu --smoke")
+    skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
+    if skip - {"cudnn", "fa2", "flex", "flash"}:
+        parser.error(f"--skip {args.skip!r}: use a comma list of cudnn, fa2, flex, flash")
+    try:
+        lengths = parse_lengths(args.lengths or (SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS))
+        shape = kb.parse_shapes(args.shape or (SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE))[0]
+        config = StemConfig(block_size=SMOKE_BLOCK) if args.smoke else StemConfig()
+    except (ValueError, ConfigError) as error:
+        parser.error(str(error))
+    on_gpu = args.device == "cuda"
+    return Options(lengths, shape, config, args.device, torch.bfloat16 if on_gpu else torch.float32, args.smoke, skip,
+                   args.seed, Path(args.output), kb.Timer(args.device, args.warmup_ms, args.rep_ms, args.min_reps))
+
+
+def with_impl(config: StemConfig, impl: str) -> StemConfig:
+    return dataclasses.replace(config, estimate_impl=impl)
+
+
+# --------------------------------------------------------------------------- checks at small shapes
+
+
+def check_selection_kernel(device: str, seed: int, smoke: bool) -> dict:
+    """tpd_select against blocks.select_topk on random distinct logits: exact counts and ids."""
+    from stem_cli.kernels import tpd_select
+
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    cases = [(40, "code"), (67, "inside")] if smoke else [(64, "code"), (257, "inside"), (2048, "code"), (2048, "inside")]
+    for p, rule in cases:
+        first = torch.tensor([0, 5])
+        logits = torch.randn(2, 3, p, p, generator=gen)
+        ids = torch.arange(p)
+        ok = (ids[None, :] <= ids[:, None]) & (ids[None, :] >= first[:, None, None]) & (ids[:, None] >= first[:, None, None])
+        logits = logits.masked_fill(~ok[:, None], float("-inf"))
+        budget = torch.randint(0, p + 2, (2, p), generator=gen)
+        forced = blocks.forced_blocks(p, first, 4, 4)
+        want = blocks.select_topk(logits.to(device), budget, forced.to(device), block_size=128, seq_len=128 * p,
+                                  max_count=p, rule=rule)
+        got = tpd_select.select(logits.to(device), budget.to(device), first.to(device), sink_blocks=4, window_blocks=4,
+                                width=p, block_size=128, seq_len=128 * p, rule=rule)
+        equal = torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+        results.append({"p": p, "rule": rule, "equal": bool(equal)})
+    return {"cases": results, "ok": all(r["equal"] for r in results)}
+
+
+def check_scoring_kernel(opts: Options) -> dict:
+    """block_scores (impl triton) against the float32 tile reference, and the index chosen from each."""
+    n = 512 if opts.smoke else 4096
+    q, k, v = kb.make_inputs(opts.shape, n, opts)
+    cfg = opts.config
+    args = {"block_size": cfg.block_size, "stride": cfg.stride, "beta": cfg.beta, "scale": opts.shape.d**-0.5}
+    got = score.block_logits(q, k, v, **args, impl="triton")
+    want = ref.block_logits(q, k, v, **args)
+    logits = kb.compare_logits(got, want)
+    chosen = kb.compare_indices(got, want, select_from_logits(got, n, cfg, None), select_from_logits(want, n, cfg, None))
+    return {"n": n, "logits_rel_err": logits["rel_err"], "inf_equal": logits["inf_equal"],
+            "index_rows_identical": chosen["rows_identical"], "index_rows_tie_explained": chosen["rows_explained"],
+            "ok": bool(logits["ok"] and chosen["ok"])}
+
+
+# --------------------------------------------------------------------------- one length
+
+
+def timed(row: dict, key: str, fn, opts: Options, *, ours: bool = True):
+    """The result of a first (compiling, autotuning) call; the median ms of the later ones into row[key]."""
+    got = kb.guarded(row, key, partial(kb.run_and_time, fn, opts.timer, opts.device), ours=ours)
+    if got is None:
+        return None
+    row[key] = got[1]
+    return got[0]
+
+
+def run_length(n: int, opts: Options, attend) -> dict:
+    shape, cfg = opts.shape, opts.config
+    row = {"n": n, "shape": shape.label}
+    q, k, v = kb.make_inputs(shape, n, opts)
+    scale = shape.d**-0.5
+    score_args = {"block_size": cfg.block_size, "stride": cfg.stride, "beta": cfg.beta, "scale": scale}
+
+    new_logits = timed(row, "score_triton_ms", partial(score.block_logits, q, k, v, **score_args, impl="triton"), opts)
+    old_logits = timed(row, "score_torch_ms", partial(score.block_logits, q, k, v, **score_args, impl="torch"), opts)
+    if new_logits is not None and old_logits is not None:
+        row["check_logits"] = kb.compare_logits(new_logits, old_logits)
+    del old_logits
+    kb.free_memory()
+    index = None
+    if new_logits is not None:
+        index = timed(row, "select_triton_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "triton"), None), opts)
+        old_index = timed(row, "select_torch_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "torch"), None), opts)
+        if index is not None and old_index is not None:
+            # Same logits on both sides: rows may differ only through exactly tied logits.
+            same = kb.compare_indices(new_logits, new_logits, index, old_index)
+            row["check_select_rows_identical"] = same["rows_identical"]
+            row["check_select_rows_tie_explained"] = same["rows_explained"]
+        del old_index
+    del new_logits
+    kb.free_memory()
+    out = None
+    if index is not None:
+        kb.record_budget(row, index, n, shape, cfg, opts.device)
+        out = timed(row, "attn_ms", partial(attend, q, k, v, index, scale=scale), opts)
+    row["attn_gqa_shared_ms"] = row["attn_fp8_ms"] = NOT_BUILT
+    for peer in ("xattention", "flexprefill", "minference"):
+        row[f"{peer}_estimate_fused_ms"] = NOT_BUILT
+
+    on_gpu = opts.device == "cuda"
+    for name in ("cudnn", "fa2"):
+        if not on_gpu or name in opts.skip:
+            row[f"{name}_ms"] = kb.na("no GPU" if not on_gpu else "skipped")
+            continue
+        got = kb.guarded(row, f"{name}_ms", partial(kb.dense_sdpa, q, k, v, scale, name, opts.timer), ours=False)
+        if got:
+            row[f"{name}_ms"], row[f"{name}_note"] = got
+        kb.free_memory()
+    for backend in ("triton", "flash"):
+        key = f"flex_{backend}_ms"
+        if not on_gpu or "flex" in opts.skip or backend in opts.skip or index is None:
+            row[key] = kb.na("no GPU" if not on_gpu else "skipped" if index is not None else "no index")
+            continue
+        kb.guarded(row, key, partial(run_flex, row, backend, q, k, v, out, index, scale, opts), ours=False)
+        kb.free_memory()
+    del q, k, v, out, index
+    kb.free_memory()
+    return finish(row)
+
+
+def run_flex(row, backend: str, q, k, v, out, index, scale, opts: Options) -> None:
+    flex = kb.compiled_flex_attention()
+    mask = kb.flex_block_mask(index, "split")
+    options = {"BACKEND": "FLASH"} if backend == "flash" else None
+    gqa = q.shape[1] != k.shape[1]
+
+    def call():
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa, kernel_options=options)
+
+    expected = call()
+    kb.synchronize(opts.device)
+    if out is not None:
+        row[f"check_attn_vs_flex_{backend}_rel_err"] = kb.relative_error(out, expected)
+    del expected
+    row[f"flex_{backend}_ms"] = opts.timer(call)
+
+
+def finish(row: dict) -> dict:
+    num = kb.is_num
+    for which in ("torch", "triton"):
+        parts = [row.get(f"score_{which}_ms"), row.get(f"select_{which}_ms"), row.get("attn_ms")]
+        if all(num(x) for x in parts):
+            row[f"stem_total_{which}_ms"] = sum(parts)
+            row[f"estimate_share_{which}"] = (parts[0] + parts[1]) / sum(parts)
+    if num(row.get("attn_ms")) and num(row.get("computed_pairs")):
+        row["attn_tflops"] = kb.tflops(int(row["shape"].split("/")[2]), row["computed_pairs"], row["attn_ms"])
+    for name in ("cudnn", "fa2"):
+        if num(row.get(f"{name}_ms")) and num(row.get("causal_pairs")):
+            row[f"{name}_tflops"] = kb.tflops(int(row["shape"].split("/")[2]), row["causal_pairs"], row[f"{name}_ms"])
+    row["cudnn_over_stem_triton"] = kb.ratio(row.get("cudnn_ms"), row.get("stem_total_triton_ms"))
+    row["flex_over_attn"] = kb.ratio(row.get("flex_triton_ms"), row.get("attn_ms"))
+    return row
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r["n"] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.38
+    colors = {"score": "#4c72b0", "select": "#dd8452", "attn": "#55a868"}
+    for shift, which, hatch in ((-width / 2, "torch", "//"), (width / 2, "triton", "")):
+        bottom = [0.0] * len(rows)
+        for stage in STAGES:
+            key = "attn_ms" if stage == "attn" else f"{stage}_{which}_ms"
+            heights = [r[key] if kb.is_num(r.get(key)) else 0.0 for r in rows]
+            ax.bar([i + shift for i in x], heights, width, bottom=bottom, color=colors[stage], hatch=hatch,
+                   edgecolor="white", label=f"{stage} ({which} estimate)")
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    for key, style in (("cudnn_ms", "k-o"), ("flex_triton_ms", "r--s")):
+        ys = [r[key] if kb.is_num(r.get(key)) else float("nan") for r in rows]
+        ax.plot(list(x), ys, style, label=key.removesuffix("_ms"))
+    ax.set_xticks(list(x), [format_length(n) for n in lengths])
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("ms (log)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_rows(rows: list[dict]) -> None:
+    keys = ["n", "score_torch_ms", "score_triton_ms", "select_torch_ms", "select_triton_ms", "attn_ms",
+            "stem_total_torch_ms", "stem_total_triton_ms", "estimate_share_triton", "cudnn_ms", "fa2_ms",
+            "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops"]
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in keys))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    machine = kb.machine_info(opts.device)
+    attend = kb.load_kernels(opts.device).attn if opts.device == "cuda" else ref.block_sparse_attention
+    started = time.perf_counter()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = opts.output / f"prefill-{stamp}-{slug(machine['name'])}.json"
+    report = {
+        "gpu": machine, "versions": kb.versions(), "command": list(sys.argv),
+        "argv": list(argv) if argv is not None else list(sys.argv[1:]),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parameters": {"lengths": opts.lengths, "shape": opts.shape.label, "dtype": str(opts.dtype), "batch": 1,
+                       "stem_config": dataclasses.asdict(opts.config), "smoke": opts.smoke, "skip": sorted(opts.skip)},
+        "checks": {}, "rows": [], "failures": [], "complete": False,
+    }
+    print(f"{machine['name']}: checks at small shapes", flush=True)
+    for name, fn in (("selection_kernel", partial(check_selection_kernel, opts.device, opts.seed, opts.smoke)),
+                     ("scoring_kernel", partial(check_scoring_kernel, opts))):
+        result = kb.guarded(report["checks"], name, fn, ours=True)
+        if result is not None:
+            report["checks"][name] = result
+        ok = isinstance(report["checks"][name], dict) and report["checks"][name]["ok"]
+        print(f"  {name}: {'ok' if ok else 'FAILED'} {report['checks'][name]}", flush=True)
+        if not ok:
+            report["failures"].append(f"check {name} failed")
+    kb.write_json(report, path)
+    for n in opts.lengths:
+        row = run_length(n, opts, attend)
+        report["rows"].append(row)
+        report["elapsed_s"] = time.perf_counter() - started
+        kb.write_json(report, path)
+        print(f"[{report['elapsed_s']:.0f}s] N={format_length(n)} done", flush=True)
+        for key, value in row.items():
+            if isinstance(value, str) and value.startswith("error"):
+                report["failures"].append(f"N={format_length(n)} {key}: {value}")
+        if row.get("check_select_rows_tie_explained", 1.0) != 1.0:
+            report["failures"].append(f"N={format_length(n)}: triton and torch selections differ beyond ties on the same "
+                                      f"logits ({row['check_select_rows_tie_explained']:.4f} of rows identical or tied)")
+    report["complete"] = True
+    report["png"] = str(plot(report["rows"], path.with_suffix(".png"), f"Stem stages vs length, {opts.shape.label}, "
+                                                                      f"{machine['name']}"))
+    kb.write_json(report, path)
+    print_rows(report["rows"])
+    for problem in report["failures"]:
+        print(f"FAILED: {problem}")
+    print(f"wrote {path} and {report['png']}")
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The pre-fill benchmark (tests/bench/prefill.py) on the CPU: the smoke run end to end (kernels interpreted)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+from tests.bench import prefill  # noqa: E402
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU smoke run needs the Triton interpreter")
+def test_smoke_run_checks_times_and_writes_json_and_png(tmp_path):
+    code = prefill.main(["--device", "cpu", "--smoke", "--lengths", "256", "--output", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("prefill-*.json")
+    report = json.loads(path.read_text())
+    assert report["complete"] and not report["failures"]
+    assert report["checks"]["selection_kernel"]["ok"] and report["checks"]["scoring_kernel"]["ok"]
+    (row,) = report["rows"]
+    for key in ("score_torch_ms", "score_triton_ms", "select_torch_ms", "select_triton_ms", "attn_ms",
+                "stem_total_torch_ms", "stem_total_triton_ms"):
+        assert isinstance(row[key], float) and row[key] > 0, key
+    assert row["check_select_rows_identical"] == 1.0
+    assert row["cudnn_ms"].startswith("n/a") and row["attn_fp8_ms"].startswith("n/a")
+    assert (tmp_path / path.with_suffix(".png").name).stat().st_size > 1000
