@@ -9,9 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from stem_cli.decode.common import NEG_INF, softmax_rows, topk_rows  # noqa: E402
+from stem_cli.decode.common import NEG_INF, dedupe, softmax_rows, topk_rows  # noqa: E402
 from stem_cli.decode.prhs import compact  # noqa: E402
-from stem_cli.decode.common import dedupe  # noqa: E402
 from stem_cli.kernels import prhs_select  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

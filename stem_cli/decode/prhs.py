@@ -38,6 +38,10 @@ re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
   A guarantee (tokens added since the anchor must all be in the window, else the
   row falls back), but loose: large query drifts always fall back;
 - 'anchor': 1 - m, the anchor query's view of the set (cheap, no guarantee).
+
+On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, the anchor branch's scoring, softmax and exact
+top-k and the row sorts run in kernels/prhs_select.py (a row that shares reads nothing there); the same
+sets as the PyTorch path, which serves every other case (TRITON_SELECT switches).
 """
 
 from __future__ import annotations
