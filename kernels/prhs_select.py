@@ -207,7 +207,8 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
     lse = torch.logsumexp(part_m + torch.log(part_s), dim=-1)  # (R, g); -inf for a row with no valid key
     ranked = torch.empty(rows, out_width, dtype=torch.long, device=dev)
     start_l, sink_l, excl_l, k_l = (x.to(device=dev, dtype=torch.long).contiguous() for x in (start, sink_end, excl_end, k_rows))
-    common = dict(HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=block_h, num_warps=8)
+    # no dot product here: the group's heads need no padding to 16 (a CHUNK x 16 float32 tile would spill)
+    common = dict(HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)), num_warps=8)
     bufs = [torch.empty(rows, n * keep, dtype=torch.long, device=dev) for n in levels[:-1]]
     src, n_in = ranked, 0  # level 0 reads the logits
     for level, programs in enumerate(levels):
