@@ -32,11 +32,17 @@ def test_smoke_run_writes_the_profile(tmp_path, capsys):
         for variant in ("dense-eager", "prhs-eager", "topk-decode-eager", "quest-eager"):
             assert row[variant]["status"] == "ok" and row[variant]["per_token_ms"] > 0, variant
             assert row[variant]["tokens_per_s"] == pytest.approx(row["batch"] * 1e3 / row[variant]["per_token_ms"])
-        for variant in ("dense-graph", "splitk-graph", "prhs-graph"):
+        for variant in ("dense-graph", "splitk-graph", "prhs-graph", "prhs-old-graph"):
             assert row[variant]["status"] == bench.NO_GPU
         sel = row["selection"]
         assert sel["topk_ms"] > 0 and sel["prhs_shared_ms"] > 0 and sel["prhs_shared_anchor_fraction"] == 0.0
         assert sel["prhs_anchor_anchor_fraction"] == 1.0  # tau = 1: every row re-anchors
+        assert sel["prhs_old_shared_anchor_fraction"] == 0.0 and sel["prhs_old_anchor_anchor_fraction"] == 1.0
+        assert sel["prhs_old_shared_over_topk"] == pytest.approx(sel["prhs_old_shared_ms"] / sel["topk_ms"])
+    claims = report["seed_comparison"]
+    assert claims["seed"]["attention_latency_speedup_b16_2k"] == 9.9 and claims["seed"]["throughput_speedup_b16_4k"] == 2.8
+    assert set(claims["ours"]["attention_latency_speedup_b16_2k"]) == {"prhs-graph", "prhs-old-graph", "prhs-eager"}
+    assert checks["select_kernels"]["status"].startswith(bench.NO_GPU)
     out = capsys.readouterr().out
     assert "selection per token" in out and "memory limit" in out and str(files[0]) in out
 

@@ -712,3 +712,71 @@ def test_gated_scoring_kernel_reads_only_active_rows():
     tol = 1e-4 if device == "cpu" else 2e-2  # the compiled float32 dot runs in tf32
     torch.testing.assert_close(got[active], want[active], rtol=tol, atol=tol)
     assert torch.isneginf(got[~active]).all()
+
+
+@pytest.mark.parametrize(
+    "params,padded",
+    [({}, False), ({"depth_start": 0.0, "freeze_start": 0.0, "phi": 0.5, "psi": 0.5}, True), ({"selectors": "time", "r": 2}, True)],
+)
+def test_triton_selection_equals_the_host_synchronising_reference(monkeypatch, params, padded):
+    """PrHS with its selection in kernels/prhs_select.py (the GPU path, run here in the Triton interpreter,
+    float32) against prhs_reference step by step: the same anchors, sets, known deltas, outputs and state.
+    Without a host sync (SyncCounter) once the stream is past its first steps."""
+    pytest.importorskip("triton")
+    from stem_cli.decode import prhs as prhs_module
+
+    monkeypatch.setattr(prhs_module, "TRITON_SELECT", True)
+    calls = []
+    from stem_cli.kernels import prhs_select
+
+    real = prhs_select.anchor_topk
+    monkeypatch.setattr(prhs_select, "anchor_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pairs, outs, runtimes = stream_both(params, padded=padded, steps=6, layers=4, dtype=torch.float32)
+    assert len(calls) == len(pairs)  # every sparse layer-step took the Triton path
+    mixed = 0
+    for i, (dev, want) in enumerate(pairs):
+        assert as_sets(dev.indices) == as_sets(want.indices), i
+        no_duplicates(dev.indices)
+        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
+            assert int(getattr(dev, name)) == int(getattr(want, name)), (i, name)
+        assert torch.equal(dev.known, want.known), i
+        # 1 - kept mass against the directly summed dropped mass: float32 rounding of the kept sum
+        torch.testing.assert_close(dev.delta[dev.known].double(), want.delta[want.known].double(), rtol=1e-5, atol=2e-6)
+        mixed += 0 < int(dev.anchors) < dev.decisions
+    if PrhsConfig(**params).uses("time"):
+        assert mixed > 0
+    for got, want in outs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dev_rt, ref_rt = runtimes
+    for layer, state in ref_rt.states.items():
+        for key in ("static", "has", "T"):
+            if key in state:
+                assert torch.equal(dev_rt.states[layer][key], state[key]), (layer, key)
+
+
+def test_triton_selection_steps_do_not_sync(monkeypatch):
+    pytest.importorskip("triton")
+    from stem_cli.decode import prhs as prhs_module
+
+    monkeypatch.setattr(prhs_module, "TRITON_SELECT", True)
+    counter = SyncCounter(monkeypatch)
+    run_steps("prhs", {"depth_start": 0.0, "freeze_start": 0.0}, steps=5, counter=counter)
+    assert counter.count == 0, counter.where[:5]
+
+
+def test_triton_selection_path_choice(monkeypatch):
+    """The Triton path serves max_delta = 0 without audit; other configs take the PyTorch path."""
+    from stem_cli.decode import prhs as prhs_module
+    from stem_cli.decode.common import context_from
+
+    q, k, v = case(batch=1, hq=4, hkv=2, t=200, seed=3)
+    ctx = context_from(1, 4, q, k, v, None, 0.25, sinks=4, window=16)
+    monkeypatch.setattr(prhs_module, "TRITON_SELECT", True)
+    assert prhs_module.triton_path(ctx, PrhsConfig(), None, 80)
+    assert not prhs_module.triton_path(ctx, PrhsConfig(audit=True), None, 80)
+    assert not prhs_module.triton_path(ctx, PrhsConfig(max_delta=0.1), "bound", 80)
+    assert not prhs_module.triton_path(ctx, PrhsConfig(), None, 10**5)
+    monkeypatch.setattr(prhs_module, "TRITON_SELECT", None)
+    assert not prhs_module.triton_path(ctx, PrhsConfig(), None, 80)  # a CPU float32 step: PyTorch
+    monkeypatch.setattr(prhs_module, "TRITON_SELECT", False)
+    assert not prhs_module.triton_path(ctx, PrhsConfig(), None, 80)

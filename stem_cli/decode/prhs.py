@@ -38,11 +38,16 @@ re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
   A guarantee (tokens added since the anchor must all be in the window, else the
   row falls back), but loose: large query drifts always fall back;
 - 'anchor': 1 - m, the anchor query's view of the set (cheap, no guarantee).
+
+On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, the anchor branch's scoring, softmax and exact
+top-k and the row sorts run in kernels/prhs_select.py (a row that shares reads nothing there); the same
+sets as the PyTorch path, which serves every other case (TRITON_SELECT switches).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -95,6 +100,57 @@ def compact(idx: torch.Tensor, width: int) -> torch.Tensor:
         return pad_to(idx, width)
     s, _ = torch.sort(idx, dim=-1, descending=True)
     return pad_to(s[..., :width], width)
+
+
+# None: the Triton selection (kernels/prhs_select.py) wherever it serves (a CUDA bf16/fp16 cache, max_delta = 0,
+# no audit, the widths below its limits); False: always the PyTorch path (the benchmark's "old" PrHS);
+# True: the Triton path wherever the config allows, on the CPU too (the tests run it in the Triton interpreter).
+TRITON_SELECT: bool | None = None
+_announced: set = set()
+
+
+def triton_path(ctx: StepContext, config: PrhsConfig, check, width: int) -> bool:
+    """Whether this layer-step's selection runs in the Triton kernels. A CUDA step that could but does not
+    says why once (a slower path, never taken silently)."""
+    if TRITON_SELECT is False or importlib.util.find_spec("triton") is None:
+        return False
+    on_gpu = ctx.q.is_cuda and ctx.q.dtype in (torch.bfloat16, torch.float16)
+    if not (on_gpu or TRITON_SELECT):
+        return False
+    from stem_cli.kernels.prhs_select import MAX_SORT, topk_plan
+
+    reason = None
+    if config.audit or check is not None:
+        reason = "audit or max_delta > 0 (full softmax needed)"
+    elif topk_plan(ctx.n_keys, width) is None or (3 + 2 * config.r) * width + ctx.sinks + ctx.window > MAX_SORT:
+        reason = f"salient width {width} wider than the Triton selection serves"
+    if reason is not None:
+        if on_gpu and reason not in _announced:
+            _announced.add(reason)
+            warnings.warn(f"PrHS selection takes the PyTorch path (slower): {reason}", stacklevel=3)
+        return False
+    return True
+
+
+def compact_rows(idx: torch.Tensor, width: int, fast: bool, *, unique: bool = False) -> torch.Tensor:
+    """compact(idx, width) (compact(dedupe(idx), width) with unique): one Triton row sort when fast."""
+    if fast:
+        from stem_cli.kernels.prhs_select import sort_rows
+
+        return sort_rows(idx, width, dedupe=unique)
+    return compact(dedupe(idx) if unique else idx, width)
+
+
+def dropped_from_logits(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Full logits (R, g, T) with their logsumexp (R, g), kept positions idx (R, K) -> delta (R, g) =
+    1 - sum_{j kept} exp(l_j - lse): O(K) instead of the (R, g, T) softmax (summed in float64; a row with
+    no valid key has nothing to drop, as softmax_rows' zeros say)."""
+    ok = idx >= 0
+    safe = idx.clamp_min(0)[:, None, :].expand(-1, logits.shape[1], -1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(logits.gather(2, safe) - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    kept = (p.double() * ok[:, None, :]).sum(-1)
+    return torch.where(finite, (1.0 - kept).clamp(0.0, 1.0), torch.zeros_like(kept)).to(logits.dtype)
 
 
 def _store(state: dict, key: str, rows: torch.Tensor | None, value: torch.Tensor, n_rows: int, fill) -> None:
@@ -227,32 +283,46 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
     freeze_end = (sink_end + schedule_count(f_freeze, ctx.n_valid)).clamp_max(ws)
     excl_end = torch.maximum(drop_end, freeze_end)  # [sink_end, excl_end): never scored at an anchor
     avail = (row_budget(ctx, config.budget, config.budget_fraction) - ctx.forced_count())[flat_b]  # (R,)
-    valid = ctx.valid_mask()[flat_b]  # (R, T)
     # Before lo lie only padding, sinks and frozen tokens, for every row: with left padding,
     # start + floor(f (T - start)) >= floor(f T). Those logits are never computed.
     lo = 0 if need_full else min(ctx.sinks + schedule_count(f_freeze, t), ws)
-    pos = torch.arange(lo, t, device=ctx.device)
-    if logits_all is not None:
-        lo, pos, logits = 0, torch.arange(t, device=ctx.device), logits_all
-    else:
-        logits = score_rows(ctx, lo, anchor)
-        if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
-            logits = logits.masked_fill((pos < freeze_end[flat_b, None])[:, None, :], NEG_INF)
-    p = softmax_rows(logits)  # (R, g, T - lo); the full softmax when lo == 0
-    cand = (valid[:, lo:] & ~ctx.forced_mask()[flat_b, lo:]
-            & ~((pos >= sink_end[flat_b, None]) & (pos < excl_end[flat_b, None])))
-    scores = p.mean(1).masked_fill(~cand, NEG_INF)
+    fast = logits_all is None and triton_path(ctx, config, check, width)
     prev = ctx.prev_indices
     if frozen > 0 and prev is not None:
         inherit = (prev >= drop_end[flat_b, None]) & (prev < freeze_end[flat_b, None])
-        inherited = compact(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width))
+        inherited = compact_rows(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width), fast)
     else:
         inherited = forced.new_full((n_rows, 0), -1)
     free = (avail - (inherited >= 0).sum(-1)).clamp_min(0)
-    ranked = topk_rows(scores, free, width)
-    ranked = torch.where(ranked >= 0, ranked + lo, ranked)
-    anchor_idx = torch.cat([forced, compact(torch.cat([inherited, ranked], -1), width)], dim=-1)
-    d_a = dropped_from_probs(p, anchor_idx) if lo == 0 else None
+    if fast:  # scoring, softmax and exact top-k in the Triton kernels; rows that share read nothing
+        from stem_cli.kernels.prhs_select import anchor_topk
+
+        active = anchor if anchor is not None else torch.ones(n_rows, dtype=torch.bool, device=ctx.device)
+        ranked, logits, lse = anchor_topk(
+            ctx.q, ctx.k, active, lo=lo, scale=ctx.scale, key_valid=ctx.key_valid, start=ctx.start,
+            freeze_end=freeze_end[flat_b] if lo > 0 else None, sink_end=sink_end[flat_b], excl_end=excl_end[flat_b],
+            window_start=ws, sinks=ctx.sinks, k_rows=free, width=width)
+        p = None
+    else:
+        pos = torch.arange(lo, t, device=ctx.device)
+        if logits_all is not None:
+            lo, pos, logits = 0, torch.arange(t, device=ctx.device), logits_all
+        else:
+            logits = score_rows(ctx, lo, anchor)
+            if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
+                logits = logits.masked_fill((pos < freeze_end[flat_b, None])[:, None, :], NEG_INF)
+        p = softmax_rows(logits)  # (R, g, T - lo); the full softmax when lo == 0
+        valid = ctx.valid_mask()[flat_b]  # (R, T)
+        cand = (valid[:, lo:] & ~ctx.forced_mask()[flat_b, lo:]
+                & ~((pos >= sink_end[flat_b, None]) & (pos < excl_end[flat_b, None])))
+        scores = p.mean(1).masked_fill(~cand, NEG_INF)
+        ranked = topk_rows(scores, free, width)
+        ranked = torch.where(ranked >= 0, ranked + lo, ranked)
+    anchor_idx = torch.cat([forced, compact_rows(torch.cat([inherited, ranked], -1), width, fast)], dim=-1)
+    if lo > 0:
+        d_a = None
+    else:
+        d_a = dropped_from_logits(logits, lse, anchor_idx) if fast else dropped_from_probs(p, anchor_idx)
     if check is not None and (f_drop > 0 or f_freeze > 0):
         # max_delta guards the depth and layer selectors too: a row whose restricted set drops more
         # than max_delta falls back to exact top-k over every candidate (lo == 0 here: exact delta).
@@ -283,9 +353,9 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
         top, around = dilate(ranked, share_count(free, config.r), config.r)
         ok = (around >= 0) & (around < t)
         safe = torch.where(ok, around, torch.zeros_like(around))
-        ok &= valid.gather(1, safe) & (safe >= excl_end[flat_b, None])  # not padding, sinks, dropped or frozen
+        ok &= ctx.valid_at(safe.view(b, h, -1)).view(n_rows, -1) & (safe >= excl_end[flat_b, None])  # not padding, sinks, dropped or frozen
         around = torch.where(ok, around, torch.full_like(around, -1))
-        static = compact(dedupe(torch.cat([inherited, top, around], -1)), width)
+        static = compact_rows(torch.cat([inherited, top, around], -1), width, fast, unique=True)
         n = n_rows
         _store(state, "q", anchor, qf, n, 0.0)
         _store(state, "q_norm", anchor, qf.norm(dim=-1), n, 1.0)  # what every later cosine test divides by

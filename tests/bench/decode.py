@@ -23,6 +23,7 @@ Variants (per token, median over --steps tokens, CUDA events around each step):
   splitk-graph   Triton flash-decoding split-K (kernels/sparse_decode.py, no index) in a CUDA graph
   prhs / topk-decode / quest, each -eager (DecodeRuntime.forward per layer) and -graph (the whole
                  step, selection + sparse attention of every layer, in one graph; PrHS has no host sync)
+  prhs-old-graph PrHS with its selection in PyTorch (before kernels/prhs_select.py), in a graph
 The dense baseline for speed-ups is the faster of dense-graph and splitk-graph.
 The memory limit is the KV bytes a dense step reads over the copy bandwidth
 measured here (a large device-to-device copy: bytes read + written per second).
@@ -31,7 +32,9 @@ Selection apart from attention (graphs of the selection of every sparse layer):
 topk-decode's exact top-k; PrHS on shared steps (the query repeated, so every
 row shares) and on anchor steps (tau = 1: every row re-anchors).
 
-Correctness first, on small shapes: dense graph and split-K against the float64
+Correctness first, on small shapes: the compiled kernels of kernels/prhs_select.py against
+their PyTorch definitions (the CPU tests run them in the interpreter, with numpy's sort
+in place of tl.sort); dense graph and split-K against the float64
 reference; the device-side PrHS against the host-synchronising reference
 (prhs_reference.py) step by step; graph replays against eager steps (outputs
 and selections); and no host sync inside an eager PrHS step
@@ -83,7 +86,14 @@ NO_GPU = "n/a (no GPU)"
 DENSE_TOL = 2e-2  # bf16 kernels against the float64 reference (relative error)
 SAME_SETS_MIN = 0.98  # bf16 on the GPU: a near-tie may flip a pick between the two PrHS versions
 
-VARIANTS = ("dense-eager", "dense-graph", "splitk-graph") + tuple(f"{m}-{w}" for m in SPARSE for w in ("eager", "graph"))
+VARIANTS = (("dense-eager", "dense-graph", "splitk-graph") + tuple(f"{m}-{w}" for m in SPARSE for w in ("eager", "graph"))
+            + ("prhs-old-graph",))
+OLD = "-old"  # PrHS with its selection in PyTorch (prhs.TRITON_SELECT = False): the version before the Triton kernels
+SEED_CLAIMS = {  # the PrHS paper's figures (A100, batch 16, against its dense attention)
+    "attention_latency_speedup_b16_2k": 9.9,
+    "throughput_speedup_b16_4k": 2.8,
+    "selection_overhead_vs_topk_max": 0.10,
+}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -321,7 +331,29 @@ def measure(case: Case, make: Callable[[], Callable], graph: bool, opts: Options
             "tokens_per_s": case.batch * 1e3 / timed["median"]}
 
 
+class selection_path:
+    """with selection_path(old): PrHS selects in PyTorch (old) or wherever the Triton kernels serve (not old)."""
+
+    def __init__(self, old: bool):
+        self.old = old
+
+    def __enter__(self):
+        from stem_cli.decode import prhs
+
+        self.saved, prhs.TRITON_SELECT = prhs.TRITON_SELECT, (False if self.old else None)
+
+    def __exit__(self, *exc):
+        from stem_cli.decode import prhs
+
+        prhs.TRITON_SELECT = self.saved
+
+
 def run_variant(case: Case, variant: str, opts: Options) -> dict:
+    with selection_path(OLD in variant):
+        return _run_variant(case, variant.replace(OLD, ""), opts)
+
+
+def _run_variant(case: Case, variant: str, opts: Options) -> dict:
     method, _, mode = variant.rpartition("-")
     graph = mode == "graph"
     if graph and case.device.type != "cuda":
@@ -343,46 +375,57 @@ def run_variant(case: Case, variant: str, opts: Options) -> dict:
     return {"status": "ok", **result}
 
 
-def run_selection(case: Case, opts: Options) -> dict:
-    """ms per token of the selections alone: topk-decode's exact top-k, PrHS on shared and on anchor steps."""
-    out: dict = {}
+def time_selection(case: Case, opts: Options, method: str, extra: dict, fixed: bool) -> tuple[float, float | None]:
+    """(ms per token, anchor fraction) of one method's selection of every sparse layer: fixed, the anchor's
+    own query again at every step (so every row shares), else the drifting stream."""
     graph = case.device.type == "cuda"
+    m = get_decode_method(method)
+    cfg = decode_config(method, opts, **extra)
+    states: dict = {}
+    fn = case.selection(m, cfg, states)
+    case.set_query(0)
+    fn()  # the anchors every later step compares with
+    s = [0]
+
+    def call():
+        if not fixed:
+            s[0] += 1
+            case.set_query(s[0])
+
+    runner = GraphStep(fn, case.device, warmup=1) if graph else None
+    for _ in range(opts.warmup):
+        call()
+        runner.replay() if runner else fn()
+
+    def timed(_):
+        call()
+        return runner.replay() if runner else fn()
+
+    synchronize(case.device)
+    ms_token = time_steps(timed, opts.steps, case.device)["median"]
+    outputs = timed(0)  # one more step, its decisions read
+    anchors = sum(float(sel.anchors) for sel in outputs)
+    decisions = sum(float(sel.decisions) for sel in outputs)
+    return ms_token, (anchors / decisions if decisions else None)
+
+
+def run_selection(case: Case, opts: Options) -> dict:
+    """ms per token of the selections alone: topk-decode's exact top-k, PrHS (Triton selection and the old
+    PyTorch one) on shared steps and on anchor steps (tau = 1: every row re-anchors)."""
+    out: dict = {}
     for key, method, extra, fixed in (
         ("topk", "topk-decode", {}, False),
         ("prhs_shared", "prhs", {}, True),
         ("prhs_anchor", "prhs", {"tau": 1.0}, False),
+        ("prhs_old_shared", "prhs", {}, True),
+        ("prhs_old_anchor", "prhs", {"tau": 1.0}, False),
     ):
-        m = get_decode_method(method)
-        cfg = decode_config(method, opts, **extra)
-        states: dict = {}
-        fn = case.selection(m, cfg, states)
-        case.set_query(0)
-        fn()  # the anchors every later step compares with
-        s = [0]
-
-        def call(_, fixed=fixed, s=s):
-            if not fixed:  # shared steps: the anchor's own query again, so every row shares
-                s[0] += 1
-                case.set_query(s[0])
-
-        runner = GraphStep(fn, case.device, warmup=1) if graph else None
-        for _ in range(opts.warmup):
-            call(0)
-            outputs = runner.replay() if runner else fn()
-
-        def timed(i, call=call, runner=runner, fn=fn):
-            call(i)
-            return runner.replay() if runner else fn()
-
-        synchronize(case.device)
-        out[f"{key}_ms"] = time_steps(timed, opts.steps, case.device)["median"]
-        outputs = timed(0)  # one more step, its decisions read
-        anchors = sum(float(sel.anchors) for sel in outputs)
-        decisions = sum(float(sel.decisions) for sel in outputs)
-        out[f"{key}_anchor_fraction"] = anchors / decisions if decisions else None
-        del runner, fn, states
-    out["selection_mode"] = "CUDA graph" if graph else "eager (CPU)"
-    out["prhs_shared_over_topk"] = out["prhs_shared_ms"] / out["topk_ms"] if out["topk_ms"] > 0 else None
+        with selection_path("old" in key):
+            out[f"{key}_ms"], out[f"{key}_anchor_fraction"] = time_selection(case, opts, method, extra, fixed)
+        free_memory()
+    out["selection_mode"] = "CUDA graph" if case.device.type == "cuda" else "eager (CPU)"
+    for key in ("prhs_shared", "prhs_old_shared"):
+        out[f"{key}_over_topk"] = out[f"{key}_ms"] / out["topk_ms"] if out["topk_ms"] > 0 else None
     return out
 
 
@@ -503,9 +546,61 @@ def check_no_sync(opts: Options) -> dict:
     return {"ok": error is None, "error": error}
 
 
+def check_select_kernels(opts: Options) -> dict:
+    """kernels/prhs_select.py compiled: anchor_topk against softmax / mean / topk_rows over the same (bf16-rounded)
+    logits, on shapes with one to three merge levels; sort_rows against compact / dedupe. The sets are compared
+    by their scores (bf16 logits tie often, and ties may be broken differently): the kernel's picks must have
+    exactly the scores of torch.topk's, rank for rank."""
+    device = torch.device(opts.device)
+    if device.type != "cuda":
+        return {"status": NO_GPU + "; tests/test_prhs_select.py runs them in the interpreter"}
+    from stem_cli.decode.common import NEG_INF, dedupe, softmax_rows, topk_rows
+    from stem_cli.decode.prhs import compact
+    from stem_cli.kernels import prhs_select
+
+    gen = torch.Generator(device=device).manual_seed(opts.seed + 5)
+    worst, cases = 0.0, []
+    for b, hkv, g, d, t, lo, width in ((1, 8, 4, 128, 3000, 0, 956), (2, 8, 4, 128, 40000, 37, 956), (1, 2, 4, 64, 9000, 5, 60)):
+        q = torch.randn(b, hkv, g, d, device=device, generator=gen).to(opts.dtype)
+        k = torch.randn(b, hkv, t, d, device=device, generator=gen).to(opts.dtype)
+        rows = b * hkv
+        active = torch.rand(rows, device=device, generator=gen) < 0.7
+        active[0] = True
+        start = torch.zeros(b, dtype=torch.long, device=device)
+        sink_end = torch.full((rows,), 4, dtype=torch.long, device=device)
+        excl_end = sink_end + t // 7
+        freeze_end = excl_end if lo > 0 else None
+        k_rows = torch.full((rows,), width, dtype=torch.long, device=device)
+        ws = t - 64
+        got, _, _ = prhs_select.anchor_topk(q, k, active, lo=lo, scale=d**-0.5, key_valid=None, start=start, freeze_end=freeze_end,
+                                            sink_end=sink_end, excl_end=excl_end, window_start=ws, sinks=4, k_rows=k_rows, width=width)
+        logits = (torch.einsum("bhgd,bhtd->bhgt", q, k[:, :, lo:]).float() * d**-0.5).flatten(0, 1)
+        pos = torch.arange(lo, t, device=device)
+        if freeze_end is not None:
+            logits = logits.masked_fill((pos < freeze_end[:, None])[:, None, :], NEG_INF)
+        scores = softmax_rows(logits).mean(1)
+        cand = (pos >= 4) & (pos < ws) & ~((pos[None, :] >= sink_end[:, None]) & (pos[None, :] < excl_end[:, None]))
+        scores = scores.masked_fill(~cand, NEG_INF)
+        want = topk_rows(scores, k_rows, width)
+        used = want >= 0
+        same_count = bool(torch.equal((got >= 0)[active], used[active]))
+        a_s = scores.gather(1, (got - lo).clamp_min(0))[active][used[active]]
+        w_s = scores.gather(1, want.clamp_min(0))[active][used[active]]
+        err = float(((a_s - w_s).abs() / w_s.abs().clamp_min(1e-30)).max()) if same_count else float("inf")
+        worst = max(worst, err)
+        cases.append({"shape": [b, hkv, g, d, t, lo, width], "levels": len(prhs_select.topk_plan(t - lo, width)[2]),
+                      "score_rel_err": err, "inactive_all_minus_one": bool((got[~active] == -1).all())})
+    x = torch.randint(-1, 1500, (16, 3000), device=device, generator=gen)
+    sorts_ok = bool(torch.equal(prhs_select.sort_rows(x, 956), compact(x, 956))
+                    and torch.equal(prhs_select.sort_rows(x, 956, dedupe=True), compact(dedupe(x), 956)))
+    ok = worst <= 1e-6 and sorts_ok and all(c["inactive_all_minus_one"] for c in cases)
+    return {"anchor_topk": cases, "score_rel_err": worst, "sort_rows_equal": sorts_ok, "ok": ok}
+
+
 def run_checks(opts: Options) -> dict:
     checks = {}
-    for name, fn in (("dense", check_dense), ("prhs_vs_reference", check_prhs_against_reference),
+    for name, fn in (("select_kernels", check_select_kernels), ("dense", check_dense),
+                     ("prhs_vs_reference", check_prhs_against_reference),
                      ("graph_replay", check_graph_replay), ("no_host_sync", check_no_sync)):
         try:
             checks[name] = fn(opts)
@@ -614,12 +709,14 @@ def target_notes(rows: list[dict]) -> list[str]:
                      f"(limit {fmt(r.get('memory_limit_ms'))} ms = {r.get('kv_bytes', 0) / 1e9:.3g} GB / copy bandwidth); "
                      f"target <= 1.5x: {'met' if is_num(x) and x <= 1.5 else 'MISSED'}")
         sp = r.get("prhs-graph", {}).get("speedup_vs_dense") if isinstance(r.get("prhs-graph"), dict) else None
-        notes.append(f"PrHS (graph) speed-up over the dense baseline at {where}: {fmt(sp, '{:.2f}x')}; "
-                     f"target >= 5x: {'met' if is_num(sp) and sp >= 5 else 'MISSED'}")
+        old = r.get("prhs-old-graph", {}).get("speedup_vs_dense") if isinstance(r.get("prhs-old-graph"), dict) else None
+        notes.append(f"PrHS (graph) speed-up over the dense baseline at {where}: {fmt(sp, '{:.2f}x')} "
+                     f"(PyTorch selection, before: {fmt(old, '{:.2f}x')}); target >= 5x: {'met' if is_num(sp) and sp >= 5 else 'MISSED'}")
         sel = r.get("selection", {})
         share = sel.get("prhs_shared_over_topk")
         notes.append(f"PrHS selection on shared steps / exact top-k's at {where}: {fmt(share, '{:.1%}')} "
-                     f"({fmt(sel.get('prhs_shared_ms'))} vs {fmt(sel.get('topk_ms'))} ms, {sel.get('selection_mode')}); "
+                     f"({fmt(sel.get('prhs_shared_ms'))} vs {fmt(sel.get('topk_ms'))} ms, {sel.get('selection_mode')}; "
+                     f"PyTorch selection, before: {fmt(sel.get('prhs_old_shared_over_topk'), '{:.1%}')}); "
                      f"target <= 10%: {'met' if is_num(share) and share <= 0.10 else 'MISSED'}")
     for n, claim, what in ((2048, 9.9, "attention latency"), (4096, 2.8, "throughput (seed: end to end; here attention only)")):
         big = max((b for b, m in by if m == n), default=None)
@@ -633,6 +730,27 @@ def target_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
+def seed_comparison(rows: list[dict]) -> dict:
+    """The seed's claims beside ours (same keys): batch 16 attention latency at 2K, throughput at 4K, selection share."""
+    by = {(r["batch"], r["n"]): r for r in rows}
+
+    def speedup(batch, n, variant):
+        part = by.get((batch, n), {}).get(variant)
+        return part.get("speedup_vs_dense") if isinstance(part, dict) else None
+
+    b1 = by.get((1, max((n for b, n in by if b == 1), default=0)), {})
+    return {
+        "seed": SEED_CLAIMS,
+        "ours": {
+            "attention_latency_speedup_b16_2k": {v: speedup(16, 2048, v) for v in ("prhs-graph", "prhs-old-graph", "prhs-eager")},
+            "throughput_speedup_b16_4k": {v: speedup(16, 4096, v) for v in ("prhs-graph", "prhs-old-graph", "prhs-eager")},
+            "selection_overhead_vs_topk": {k: (b1.get("selection") or {}).get(k) for k in ("prhs_shared_over_topk", "prhs_old_shared_over_topk")},
+            "selection_overhead_at": {"batch": b1.get("batch"), "n": b1.get("n")},
+        },
+        "note": "seed: A100, end-to-end throughput, its dense; ours: H200 attention only, against a CUDA-graph dense at the memory limit",
+    }
+
+
 def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -640,7 +758,7 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=240)
     table = Table(title=title)
     heads = ["B", "N", "layers (bufs)", "KV GB", "limit ms", "dense eager", "dense graph", "split-K graph", "base/limit",
-             "prhs eager", "prhs graph", "topk eager", "topk graph", "quest eager", "quest graph",
+             "prhs eager", "prhs graph", "prhs old graph", "topk eager", "topk graph", "quest eager", "quest graph",
              "prhs/base", "tok/s base", "tok/s prhs"]
     for h in heads:
         table.add_column(h, justify="right")
@@ -653,7 +771,7 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
         for v in ("dense-eager", "dense-graph", "splitk-graph"):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         cells.append(fmt(r.get("dense_over_limit"), "{:.2f}x"))
-        for v in ("prhs-eager", "prhs-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
+        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         prhs = r["prhs-graph"] if is_num(ms(r, "prhs-graph")) else r["prhs-eager"]
         cells.append(fmt(prhs.get("speedup_vs_dense"), "{:.2f}x"))
@@ -663,14 +781,16 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
         table.add_row(*cells)
     console.print(table)
     sel = Table(title="selection per token, apart from attention (all sparse layers)")
-    for h in ("B", "N", "mode", "top-k ms", "PrHS shared ms", "shared/top-k", "PrHS anchor ms", "shared rows re-anchoring"):
+    for h in ("B", "N", "mode", "top-k ms", "PrHS shared ms", "shared/top-k", "PrHS anchor ms", "old shared ms",
+              "old shared/top-k", "old anchor ms", "shared rows re-anchoring"):
         sel.add_column(h, justify="right")
     for r in rows:
         s = r.get("selection") or {}
         if "topk_ms" not in s:
             continue
         sel.add_row(str(r["batch"]), format_length(r["n"]), s["selection_mode"], fmt(s["topk_ms"]), fmt(s["prhs_shared_ms"]),
-                    fmt(s["prhs_shared_over_topk"], "{:.1%}"), fmt(s["prhs_anchor_ms"]), fmt(s["prhs_shared_anchor_fraction"], "{:.0%}"))
+                    fmt(s["prhs_shared_over_topk"], "{:.1%}"), fmt(s["prhs_anchor_ms"]), fmt(s["prhs_old_shared_ms"]),
+                    fmt(s["prhs_old_shared_over_topk"], "{:.1%}"), fmt(s["prhs_old_anchor_ms"]), fmt(s["prhs_shared_anchor_fraction"], "{:.0%}"))
     console.print(sel)
     for note in notes:
         console.print(note)
@@ -717,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
             report["elapsed_s"] = time.perf_counter() - started
             write_json(report, path)
             print(f"[{report['elapsed_s']:.0f}s] B={batch} N={format_length(n)}: base {fmt(row.get('dense_baseline_ms'))} ms "
-                  f"(limit {fmt(row.get('memory_limit_ms'))}), prhs graph {fmt(ms(row, 'prhs-graph'))} ms, "
+                  f"(limit {fmt(row.get('memory_limit_ms'))}), prhs graph {fmt(ms(row, 'prhs-graph'))} ms "
+                  f"(old {fmt(ms(row, 'prhs-old-graph'))}), "
                   f"topk graph {fmt(ms(row, 'topk-decode-graph'))} ms", flush=True)
     failures = check_failures(report["checks"])
     for row in report["rows"]:
@@ -728,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         sel = row.get("selection", {})
         if isinstance(sel.get("status"), str) and sel["status"].startswith("error"):
             failures.append(f"B={row['batch']} N={format_length(row['n'])} selection: {sel['status']}")
-    report.update(complete=True, targets=target_notes(report["rows"]), failures=failures,
+    report.update(complete=True, targets=target_notes(report["rows"]), failures=failures, seed_comparison=seed_comparison(report["rows"]),
                   elapsed_s=time.perf_counter() - started)
     write_json(report, path)
     print_tables(report["rows"], f"decode attention per token on {machine['name']} ({report['parameters']['dtype']}, "

@@ -1,0 +1,258 @@
+"""PrHS's selection on the GPU in a few Triton kernels: gated anchor scoring, an exact chunked top-k, row sorts.
+
+A decode step of PrHS at batch 1 is a handful of rows (B * Hkv) of up to T
+positions; in PyTorch its selection was dozens of launches, each torch.topk and
+torch.sort several more, and every T-long op ran on every step, shared or not.
+Here every kernel reads a per-row flag `active` (the rows that re-anchor, known
+only on the device) and a row that shares reads and writes nothing, so a shared
+step costs launches, not O(T) traffic, with no host sync.
+
+anchor_topk (the anchor branch of prhs.select, for max_delta = 0 and no audit):
+1. _anchor_logits (grid rows x parts): l_hj = scale * q_h . k_j for j in [lo, T),
+   rounded to the inputs' dtype first (as torch's bf16 q @ k^T), -inf where the key
+   is padding or frozen (j < freeze_end); per part the online (max, sum exp).
+   lse_h = log sum_parts sum exp (a few tiny torch ops).
+2. _topk_chunk level 0 (grid rows x chunks of CHUNK positions): the score
+   s_j = mean_h exp(l_hj - lse_h) (the group's mean softmax probability) on the
+   candidates (valid, not forced, outside [sink_end, excl_end)), packed with its
+   position into one int64 key (score bits << 32 | (2^31 - 1 - j): bigger score
+   first, then lower position); each chunk sorts its keys and keeps its best KEEP.
+3. _topk_chunk merge levels: the best KEEP of the union of chunks' bests is the
+   best KEEP overall (exact, no approximation), CHUNK / KEEP chunks per program,
+   until one chunk is left; the last level unpacks positions, -1 past the row's
+   count k_row and for non-candidates: topk_rows(scores, k_rows, width) exactly,
+   ties to the lower position.
+sort_rows: each row sorted in one program (compact: descending, cut to a width;
+with dedupe, repeats dropped first: compact(dedupe(x), width)).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+BIG = tl.constexpr(2**62)  # beyond every position: pads that sort last in ascending order
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRET:
+    # The interpreter runs tl.sort's bitonic network op by op in Python (seconds per 1024 keys): the CPU tests
+    # sort with numpy instead, so they check everything around the sort; the compiled tl.sort is checked on
+    # the GPU by tests/bench/decode.py against the same PyTorch definitions.
+    def _sort(x, descending=False):
+        from triton.runtime.interpreter import TensorHandle
+
+        data = np.sort(x.handle.data, kind="stable")
+        if descending:
+            data = np.ascontiguousarray(data[::-1])
+        return tl.core.tensor(TensorHandle(data, x.handle.dtype), x.type)
+else:
+    @triton.jit
+    def _sort(x, descending: tl.constexpr = False):
+        return tl.sort(x, descending=descending)
+MAX_KEEP = 4096  # the widest salient set the chunked top-k serves (a sort of 4 * MAX_KEEP keys per program)
+MAX_SORT = 8192  # the widest row sort_rows sorts in one program
+
+
+@triton.jit
+def _anchor_logits(
+    Q, K, Active, KeyValid, FreezeEnd, Logits, PartM, PartS,
+    sqb, sqh, sqd,
+    skb, skh, skn, skd,
+    svb,
+    n_kv_heads, group, lo, n_cols, n_parts, scale, head_dim,
+    HAS_VALID: tl.constexpr, HAS_FREEZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    b = (row // n_kv_heads).to(tl.int64)
+    kvh = row % n_kv_heads
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < group
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    live = tl.load(Active + row).to(tl.int32)
+    if live != 0:  # a row that shares reads no key
+        heads = kvh * group + offs_h
+        offs_d = tl.arange(0, HEAD_DIM)
+        d_ok = offs_d < head_dim
+        q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        freeze_end = 0
+        if HAS_FREEZE:
+            freeze_end = tl.load(FreezeEnd + row)
+        out_rows = row.to(tl.int64) * group + offs_h
+        for t in range(TILES):
+            offs_n = (part * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_cols
+            pos = lo + offs_n
+            k = tl.load(K + b * skb + kvh * skh + pos[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, k).to(Q.dtype.element_ty).to(tl.float32) * scale
+            ok = n_ok
+            if HAS_VALID:
+                ok = ok & (tl.load(KeyValid + b * svb + pos, mask=n_ok, other=0) != 0)
+            if HAS_FREEZE:
+                ok = ok & (pos >= freeze_end)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            tl.store(Logits + out_rows[:, None] * n_cols + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            m_i = m_new
+    slot = (row.to(tl.int64) * group + offs_h) * n_parts + part
+    tl.store(PartM + slot, m_i, mask=h_ok)
+    tl.store(PartS + slot, s_i, mask=h_ok)
+
+
+@triton.jit
+def _topk_chunk(
+    Logits, Lse, Active, KeyValid, Start, SinkEnd, ExclEnd, KRows, In, Out, Ranked,
+    svb,
+    n_kv_heads, group, lo, n_cols, window_start, sinks, n_in, in_stride, out_stride, width,
+    LEVEL0: tl.constexpr, FINAL: tl.constexpr, HAS_VALID: tl.constexpr,
+    CHUNK: tl.constexpr, KEEP: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = tl.arange(0, CHUNK)
+    live = tl.load(Active + row).to(tl.int32)
+    if live != 0:
+        if LEVEL0:
+            b = (row // n_kv_heads).to(tl.int64)
+            offs_h = tl.arange(0, BLOCK_H)
+            h_ok = offs_h < group
+            j = c * CHUNK + offs
+            j_ok = j < n_cols
+            pos = lo + j
+            lse = tl.load(Lse + row.to(tl.int64) * group + offs_h, mask=h_ok, other=float("-inf"))
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            rows_h = row.to(tl.int64) * group + offs_h
+            logit = tl.load(Logits + rows_h[:, None] * n_cols + j[None, :], mask=h_ok[:, None] & j_ok[None, :], other=float("-inf"))
+            score = tl.sum(tl.exp(logit - lse[:, None]), 0) / group
+            cand = j_ok
+            if HAS_VALID:
+                cand = cand & (tl.load(KeyValid + b * svb + pos, mask=j_ok, other=0) != 0)
+            rank = pos - tl.load(Start + b)
+            sink_end = tl.load(SinkEnd + row)
+            excl_end = tl.load(ExclEnd + row)
+            cand = cand & ~((rank >= 0) & (rank < sinks)) & (pos < window_start) & ~((pos >= sink_end) & (pos < excl_end))
+            bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # a score >= 0: its bits order as it does
+            key = tl.where(cand, (bits << 32) | (0x7FFFFFFF - pos.to(tl.int64)), -1)
+        else:
+            at = c * CHUNK + offs
+            key = tl.load(In + row.to(tl.int64) * in_stride + at, mask=at < n_in, other=-1)
+        key = _sort(key, descending=True)
+        if FINAL:
+            k_row = tl.load(KRows + row)
+            got = tl.where((key >= 0) & (offs < k_row), 0x7FFFFFFF - (key & 0x7FFFFFFF), -1)
+            tl.store(Ranked + row.to(tl.int64) * width + offs, got, mask=offs < width)
+        else:
+            tl.store(Out + row.to(tl.int64) * out_stride + c * KEEP + offs, key, mask=offs < KEEP)
+    else:
+        if FINAL:
+            tl.store(Ranked + row.to(tl.int64) * width + offs, tl.full([CHUNK], -1, tl.int64), mask=offs < width)
+
+
+def topk_plan(n_cols: int, width: int) -> tuple[int, int, list[int]] | None:
+    """(KEEP, CHUNK, programs per level) for the chunked top-k of `width` of n_cols scores, or None when
+    width is wider than MAX_KEEP (the caller takes the PyTorch path and says so)."""
+    width = min(width, n_cols)
+    if width > MAX_KEEP:
+        return None
+    keep = triton.next_power_of_2(max(width, 1))
+    chunk = max(4 * keep, 2048)
+    levels = [triton.cdiv(max(n_cols, 1), chunk)]
+    while levels[-1] > 1:
+        levels.append(triton.cdiv(levels[-1] * keep, chunk))
+    return keep, chunk, levels
+
+
+def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze_end, sink_end, excl_end,
+                window_start: int, sinks: int, k_rows, width: int):
+    """q (B, Hkv, g, d), k (B, Hkv, T, d), active (R,) bool (R = B * Hkv), key_valid (B, T) bool or None,
+    start (B,), freeze_end (R,) or None (nothing masked before softmax), sink_end / excl_end / k_rows (R,) ->
+    (ranked (R, min(width, T - lo)) positions best first (lo included, -1 past k_row and for non-candidates),
+    logits (R, g, T - lo) float32, lse (R, g)). Inactive rows: ranked all -1, logits and lse undefined."""
+    b, hkv, g, d = q.shape
+    rows = b * hkv
+    n_cols = k.shape[2] - lo
+    plan = topk_plan(n_cols, width)
+    if plan is None:
+        raise ValueError(f"width {width} is wider than the chunked top-k serves ({MAX_KEEP})")
+    keep, chunk, levels = plan
+    out_width = min(width, n_cols)
+    dev = q.device
+    flags = active.to(device=dev, dtype=torch.int8).contiguous()
+    q3 = q.reshape(b, hkv * g, d)
+    block_n, tiles = 64, 16
+    n_parts = triton.cdiv(max(n_cols, 1), block_n * tiles)
+    logits = torch.empty(rows, g, max(n_cols, 0), dtype=torch.float32, device=dev)
+    part_m = torch.empty(rows, g, n_parts, dtype=torch.float32, device=dev)
+    part_s = torch.empty_like(part_m)
+    has_valid = key_valid is not None
+    valid = key_valid.to(torch.int8).contiguous() if has_valid else flags
+    svb = valid.stride(0) if has_valid else 0
+    fe = freeze_end.contiguous() if freeze_end is not None else flags
+    block_h = max(16, triton.next_power_of_2(g))
+    _anchor_logits[(rows, n_parts)](
+        q3, k, flags, valid, fe, logits, part_m, part_s, *q3.stride(), *k.stride(), svb,
+        hkv, g, lo, n_cols, n_parts, scale, d,
+        HAS_VALID=has_valid, HAS_FREEZE=freeze_end is not None,
+        BLOCK_H=block_h, BLOCK_N=block_n, TILES=tiles, HEAD_DIM=triton.next_power_of_2(max(d, 16)), num_warps=4,
+    )
+    lse = torch.logsumexp(part_m + torch.log(part_s), dim=-1)  # (R, g); -inf for a row with no valid key
+    ranked = torch.empty(rows, out_width, dtype=torch.long, device=dev)
+    start_l, sink_l, excl_l, k_l = (x.to(device=dev, dtype=torch.long).contiguous() for x in (start, sink_end, excl_end, k_rows))
+    # no dot product here: the group's heads need no padding to 16 (a CHUNK x 16 float32 tile would spill)
+    common = dict(HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)), num_warps=8)
+    bufs = [torch.empty(rows, n * keep, dtype=torch.long, device=dev) for n in levels[:-1]]
+    src, n_in = ranked, 0  # level 0 reads the logits
+    for level, programs in enumerate(levels):
+        final = level == len(levels) - 1
+        dst = ranked if final else bufs[level]
+        _topk_chunk[(rows, programs)](
+            logits, lse, flags, valid, start_l, sink_l, excl_l, k_l, src, dst, ranked, svb,
+            hkv, g, lo, n_cols, window_start, sinks, n_in, src.stride(0), dst.stride(0), out_width,
+            LEVEL0=level == 0, FINAL=final, **common,
+        )
+        src, n_in = dst, programs * keep
+    return ranked, logits, lse
+
+
+@triton.jit
+def _sort_rows(X, Out, n_cols, out_cols, sx, so, DEDUPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cols
+    if DEDUPE:
+        x = tl.load(X + row * sx + offs, mask=ok, other=BIG)
+        x = tl.where(x >= 0, x, -1)
+        s = _sort(x)  # ascending: equal positions side by side, the pads past the row last
+        tl.store(X + row * sx + offs, s, mask=ok)  # X is a private copy: the neighbours are read back through it
+        tl.debug_barrier()
+        prev = tl.load(X + row * sx + offs - 1, mask=ok & (offs > 0), other=-1)
+        x = tl.where((s == prev) | (s < 0) | (s == BIG), -1, s)
+    else:
+        x = tl.load(X + row * sx + offs, mask=ok, other=-1)
+    x = _sort(x, descending=True)
+    tl.store(Out + row * so + offs, x, mask=offs < out_cols)
+
+
+def sort_rows(idx: torch.Tensor, width: int, *, dedupe: bool = False) -> torch.Tensor:
+    """(R, K) int64 positions (-1 pads) -> (R, width): each row sorted descending, cut or padded with -1
+    (prhs.compact); with dedupe, repeated positions become -1 first (compact(dedupe(idx), width))."""
+    rows, n_cols = idx.shape
+    block = triton.next_power_of_2(max(n_cols, width, 2))
+    if block > MAX_SORT:
+        raise ValueError(f"rows of {max(n_cols, width)} entries are wider than sort_rows serves ({MAX_SORT})")
+    x = idx.to(torch.long).contiguous().clone() if dedupe else idx.to(torch.long).contiguous()
+    out = torch.empty(rows, width, dtype=torch.long, device=idx.device)
+    if rows == 0 or width == 0:
+        return out
+    _sort_rows[(rows,)](x, out, n_cols, width, x.stride(0), out.stride(0), DEDUPE=dedupe, BLOCK=block,
+                        num_warps=8 if block >= 2048 else 4)
+    return out
