@@ -12,6 +12,12 @@ others go on. Each run is `stem compare METHODS --model M --seq-len N --budget B
 --task ruler --batch-size K`, block 128 unless `--set` says otherwise, with the run's own
 extra `--set`s (e.g. block_size=32 for SmolLM2 at 4K, whose 32 blocks of 128 Stem keeps whole).
 
+`--summarize FOLDER...` instead reads the result stores of runs that were stopped before the
+end (each result is stored as it is scored) and writes the same compare JSON/MD/PNG over the
+samples every method finished: a (task, sample) enters only when all methods have it, so every
+delta stays paired and every task average is over the same prompts; the JSON names the tasks
+kept and their n.
+
 A run spec is MODEL:LENGTH:BUDGET:LIMIT[:SET[,SET...]]. At the end the verdict rows of every
 finished run (average over tasks, n, 95% interval, paired delta vs dense and its interval,
 verdict) are printed, and every run's compare JSON/PNG/MD is copied to --collect (if given).
@@ -58,9 +64,70 @@ def verdict_rows(folder: Path) -> list[dict]:
     return [r for r in table if r.get("average") is not None]
 
 
+def complete_records(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """The records of (task, length, sample) that every method in the store has, and n per kept task."""
+    methods = {r["method"] for r in records}
+    have: dict[tuple, set] = {}
+    for r in records:
+        have.setdefault((r["task"], r["seq_len"], str(r["sample"])), set()).add(r["method"])
+    full = {k for k, m in have.items() if m == methods}
+    kept = [r for r in records if (r["task"], r["seq_len"], str(r["sample"])) in full]
+    counts: dict[str, int] = {}
+    for task, _, _ in full:
+        counts[task] = counts.get(task, 0) + 1
+    return kept, dict(sorted(counts.items()))
+
+
+def summarize_partial(folder: Path, collect: Path | None, margin: float) -> list[dict]:
+    """compare rows (and JSON/MD/PNG beside the store, and in `collect`) over the complete samples of a stopped run."""
+    from stem_cli.registry import ORDER
+    from stem_cli.report.plots import plot_compare
+    from stem_cli.report.tables import compare_rows, render
+    from stem_cli.runs.runner import averages, summarize
+
+    store = next(folder.glob("results-*.jsonl"))
+    records = [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+    kept, counts = complete_records(records)
+    rank = {m: i for i, m in enumerate(ORDER)}
+    kept.sort(key=lambda r: rank.get(r["method"], len(rank)))
+    rows = summarize(kept)
+    flat = compare_rows(rows, averages(rows, kept, margin=margin))
+    model = records[0]["model"] if records else "?"
+    summary = {"source": str(store), "records": len(records), "complete_records": len(kept), "tasks_kept": counts,
+               "note": "a stopped run: only (task, sample)s that every method finished", "rows": rows, "table": flat}
+    base = folder / f"partial-{folder.name}"
+    base.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
+    base.with_suffix(".md").write_text(f"{len(kept)} of {len(records)} results (complete samples only); tasks: {counts}\n\n"
+                                       + render(flat, "markdown"))
+    methods = ", ".join(dict.fromkeys(r["method"] for r in kept))
+    plot_compare(flat, base.with_suffix(".png"), f"{Path(model).name} {folder.name}: {methods} (complete samples of a stopped run)")
+    if collect:
+        collect.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".md", ".png"):
+            shutil.copy(base.with_suffix(suffix), collect / base.with_suffix(suffix).name)
+    return flat
+
+
+def print_rows(name: str, table: list[dict]) -> None:
+    for r in table:
+        if r.get("average") is None:
+            continue
+        ci = f"[{100 * r['ci_low']:.1f},{100 * r['ci_high']:.1f}]" if r.get("ci_low") is not None else "-"
+        d = f"{100 * r['delta_vs_dense']:+.1f}" if r.get("delta_vs_dense") is not None else "-"
+        dci = f"[{100 * r['delta_ci_low']:+.1f},{100 * r['delta_ci_high']:+.1f}]" if r.get("delta_ci_low") is not None else "-"
+        bud = f"{100 * r['bud']:.0f}%" if r.get("bud") is not None else "-"
+        print(f"{name:<34} {r['method']:<14} {bud:>5} {r.get('n', '-'):>4} {100 * r['average']:6.1f} {ci:>13} {d:>6} {dci:>15}  "
+              f"{r.get('verdict') or ''}")
+
+
+HEADER = f"\n{'run':<34} {'method':<14} {'BUD':>5} {'n':>4} {'avg':>6} {'95% CI':>13} {'Δ':>6} {'Δ 95% CI':>15}  verdict"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="MODEL:LENGTH:BUDGET:LIMIT[:SET,...] (repeat)")
+    parser.add_argument("--run", action="append", default=[], help="MODEL:LENGTH:BUDGET:LIMIT[:SET,...] (repeat)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="FOLDER", help="stopped runs' folders: summarise them")
+    parser.add_argument("--margin", type=float, default=2.0)
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--task", default="ruler")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -68,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="sweep")
     parser.add_argument("--collect", default=None, help="folder to copy every run's compare JSON/PNG/MD into")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(HEADER)
+        for folder in map(Path, args.summarize):
+            print_rows(folder.name, summarize_partial(folder, Path(args.collect) if args.collect else None, args.margin))
+        return 0
+    if not args.run:
+        parser.error("give --run specs (or --summarize FOLDER...)")
     runs = [parse_run(s) for s in args.run]
     Path(args.output).mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -86,14 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         run["rc"], run["seconds"] = rc, time.time() - started
         failed += rc != 0
         print(f"{run['name']}: exit {rc} after {run['seconds']:.0f} s", flush=True)
-    print(f"\n{'run':<34} {'method':<14} {'BUD':>5} {'avg':>6} {'95% CI':>13} {'Δ':>6} {'Δ 95% CI':>15}  verdict")
+    print(HEADER)
     for run in runs:
-        for r in verdict_rows(Path(args.output) / run["name"]):
-            ci = f"[{100 * r['ci_low']:.1f},{100 * r['ci_high']:.1f}]" if r.get("ci_low") is not None else "-"
-            d = f"{100 * r['delta_vs_dense']:+.1f}" if r.get("delta_vs_dense") is not None else "-"
-            dci = f"[{100 * r['delta_ci_low']:+.1f},{100 * r['delta_ci_high']:+.1f}]" if r.get("delta_ci_low") is not None else "-"
-            bud = f"{100 * r['bud']:.0f}%" if r.get("bud") is not None else "-"
-            print(f"{run['name']:<34} {r['method']:<14} {bud:>5} {100 * r['average']:6.1f} {ci:>13} {d:>6} {dci:>15}  {r.get('verdict') or ''}")
+        print_rows(run["name"], verdict_rows(Path(args.output) / run["name"]))
         if args.collect:
             Path(args.collect).mkdir(parents=True, exist_ok=True)
             for f in (Path(args.output) / run["name"]).glob("compare-*"):
