@@ -89,6 +89,7 @@ def stack_caches(prefilled: list[Prefilled]):
     keys and is padded on the left the same way; its token count (`cumulative_length`) becomes T,
     the shared slot count, so the window is measured in slots, which within a row are positions.
     Position ids are each row's own (length_b + step), passed with every decode step.
+    The first prompt's cache object becomes the batch cache: the prompts' caches are used up.
     """
     batch_cache = prefilled[0].cache
     total = max(p.length for p in prefilled)
