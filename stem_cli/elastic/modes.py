@@ -229,7 +229,7 @@ def _pool_positions(n: int, key_valid: torch.Tensor | None, batch: int, pool: in
     for b in range(batch):
         pos = key_valid[b].cpu().nonzero().flatten()
         if pos.numel() == 0:
-            pos = torch.arange(n)
+            pos = torch.arange(n, device="cpu")
         out.append((pos[:pool], pos[-pool:]))
     return out
 
@@ -289,7 +289,7 @@ class ElasticStats:
     def record(self, layer: int, modes: torch.Tensor, group: int) -> None:
         modes = modes.cpu()
         per_mode = torch.bincount(modes.flatten(), minlength=len(MODES)) * group
-        self.heads[layer] = self.heads.get(layer, torch.zeros(len(MODES), dtype=torch.long)) + per_mode
+        self.heads[layer] = self.heads.get(layer, torch.zeros(len(MODES), dtype=torch.long, device="cpu")) + per_mode
         self.last_modes[layer] = [[MODES[m] for m in row] for row in modes.tolist()]
         self.calls += 1
 
@@ -336,7 +336,7 @@ def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | Non
         router.check_model(layer + 1 if layer >= router.num_layers else None, hkv, k.shape[-1], where=where)
         pre_rope = keys.take(layer) if keys is not None else None
         if not router.routes(layer):
-            return torch.zeros(batch, hkv, dtype=torch.long)
+            return torch.zeros(batch, hkv, dtype=torch.long, device="cpu")
         feats = pooled_keys(pre_rope, k, key_valid)
         with torch.no_grad():
             return router.to(feats.device).modes(layer, feats).cpu()  # one small device sync per layer
@@ -350,4 +350,4 @@ def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | Non
             raise ConfigError(f"{where} has {head_map.num_layers} layers but the model has at least {layer + 1}")
         return head_map.mode_ids()[layer].expand(batch, hkv)
     mode = DENSE if layer in config.default_dense_layers else MODES.index(config.default_mode)
-    return torch.full((batch, hkv), mode, dtype=torch.long)
+    return torch.full((batch, hkv), mode, dtype=torch.long, device="cpu")  # modes are read on the host

@@ -118,10 +118,10 @@ def tpd_budget(num_blocks: int, k_start: int, mu: float, tpd: bool = True) -> to
     """Blocks to keep per query-block row: (P,) int64 (before clamping to the causal count)."""
     p = num_blocks
     if not tpd:
-        return torch.full((p,), max(1, math.floor(k_start * (1 + mu) / 2)), dtype=torch.long)
-    budget = torch.full((p,), k_start, dtype=torch.long)
+        return torch.full((p,), max(1, math.floor(k_start * (1 + mu) / 2)), dtype=torch.long, device="cpu")
+    budget = torch.full((p,), k_start, dtype=torch.long, device="cpu")  # host: budgets are data-independent
     if p > k_start:
-        decay = torch.linspace(k_start, mu * k_start, p - k_start, dtype=torch.float64).floor().long()
+        decay = torch.linspace(k_start, mu * k_start, p - k_start, dtype=torch.float64, device="cpu").floor().long()
         budget[k_start:] = decay.clamp(1, k_start)
     return budget
 
@@ -143,7 +143,7 @@ def row_budgets(
     rows = []
     for fb, length in zip(first_block.tolist(), lengths.tolist()):
         own = num_blocks - fb
-        budget = torch.zeros(num_blocks, dtype=torch.long)
+        budget = torch.zeros(num_blocks, dtype=torch.long, device="cpu")
         if own > 0:
             budget[fb:] = tpd_budget(own, k_start_for(own, int(length), schedule, k_scale, k_start), mu, tpd)
         rows.append(budget)

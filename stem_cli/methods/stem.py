@@ -62,7 +62,7 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
     batch, _, p, _ = logits.shape
     valid = None if key_valid is None else key_valid.cpu()
     first = first_valid_block(valid, batch, config.block_size, "cpu")
-    lengths = torch.full((batch,), seq_len) if valid is None else valid.sum(-1)
+    lengths = torch.full((batch,), seq_len, device="cpu") if valid is None else valid.sum(-1)
     knobs = (config.schedule, config.mu, config.tpd, config.k_scale, config.k_start)
     budget = _budgets(p, tuple(lengths.tolist()), tuple(first.tolist()), knobs)  # cached: the same tensor per shape
     most = int(budget.max()) + config.sink_blocks + config.window_blocks + 1  # >= any row's count

@@ -42,7 +42,7 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
             output: str | Path = "runs", cache: bool = True, seed: int = 0, data_dir: str | Path | None = None,
             max_new_tokens: int | None = None, config: str | Path | None = None, overrides: Iterable[str] = (),
             device: str = "auto", dtype: str = "auto", random_weights: bool = False, console=None,
-            command: str | None = None, margin: float | None = None, batch_size: int = 1) -> Comparison:
+            command: str | None = None, margin: float | None = None, batch_size: int = 1, device_map: str | None = None, tp: int = 1) -> Comparison:
     """Accuracy (and, with `profile`, pre-fill time) of each method against dense; writes OUTPUT/compare-MODEL-TIME
     .json/.md/.csv/.png and returns their rows.
 
@@ -61,11 +61,17 @@ def compare(model: str | None = None, methods: str | Iterable[str] = "dense,stem
     run = run_tasks(model=model, tasks=tasks, methods=names, lengths=lengths, limit=limit, budget=budget, output=output, resume=True,
                     reuse_any=cache, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device, dtype=dtype,
                     random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=None, kind="compare",
-                    console=console, command=command, margin=margin, recompute=not cache, batch_size=batch_size)
+                    console=console, command=command, margin=margin, recompute=not cache, batch_size=batch_size, device_map=device_map, tp=tp)
+    if not run.primary:  # a rank other than 0: rank 0 writes and reports the whole comparison
+        return Comparison(run, [], names, budget, None, {})
     summary = run.summary
     on_gpu = next(run.loaded.model.parameters()).is_cuda
     timings = None
-    if profile if profile is not None else on_gpu:
+    timed = profile if profile is not None else on_gpu
+    if timed and tp > 1:
+        console.print("[yellow]notice:[/] pre-fill timing under --tp is not supported yet (rank 0 would run a forward alone); not profiling")
+        timed = False
+    if timed:
         timings = time_jobs(run, repeat, reuse=cache, console=console)
         summary["profile"] = timings
     flat = compare_rows(run.rows, run.averages, timings)

@@ -8,6 +8,7 @@ adds the summary JSON beside the results file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -47,6 +48,7 @@ class EvalRun:
     jobs: list
     store: Any  # store.ResultStore
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)  # what was written: "results", "summary", ...
+    primary: bool = True  # False on ranks other than 0 of a multi-process run: no rows, nothing written or printed
 
 
 def default_console():
@@ -80,14 +82,36 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
               budget: float | None, output: str | Path, resume: bool, reuse_any: bool, seed: int, data_dir: str | Path | None,
               config, overrides: Iterable[str], device: str, dtype: str, random_weights: bool, max_new_tokens: int | None,
               chat_template: bool | None, kind: str, include_path: str | Path | None = None, console=None,
-              command: str | None = None, margin: float | None = None, recompute: bool = False, batch_size: int = 1) -> EvalRun:
+              command: str | None = None, margin: float | None = None, recompute: bool = False, batch_size: int = 1,
+              device_map: str | None = None, tp: int = 1) -> EvalRun:
     """Load, plan, solve budgets, run with progress, summarise. `reuse_any`: take any stored result (compare's cache);
     else stored results of this run are an error unless `resume`. `recompute`: compute every result and solve every knob
-    again even when stored (compare's --no-cache)."""
+    again even when stored (compare's --no-cache). Under a launcher (torchrun, accelerate) each process is a rank:
+    samples split across ranks, or with `tp` > 1 the heads (stem_cli/runs/distributed.py); rank 0 returns the run."""
+    from stem_cli.runs import distributed
+
+    world = distributed.world_from_env(tp=tp)
+    try:
+        return _run_tasks(world, model=model, tasks=tasks, methods=methods, lengths=lengths, limit=limit, budget=budget,
+                          output=output, resume=resume, reuse_any=reuse_any, seed=seed, data_dir=data_dir, config=config,
+                          overrides=overrides, device=device, dtype=dtype, random_weights=random_weights,
+                          max_new_tokens=max_new_tokens, chat_template=chat_template, kind=kind, include_path=include_path,
+                          console=console, command=command, margin=margin, recompute=recompute, batch_size=batch_size,
+                          device_map=device_map)
+    except UsageError:
+        if world.primary:
+            raise
+        raise distributed.FollowerExit(2) from None  # every rank checks the same input; rank 0 says what is wrong
+
+
+def _run_tasks(world, *, model, tasks, methods, lengths, limit, budget, output, resume, reuse_any, seed, data_dir, config,
+               overrides, device, dtype, random_weights, max_new_tokens, chat_template, kind, include_path, console, command,
+               margin, recompute, batch_size, device_map) -> EvalRun:
+    from rich.console import Console
     from rich.markup import escape
 
     from stem_cli.models import check_model_name, load_model, resolve_device
-    from stem_cli.runs import plan
+    from stem_cli.runs import distributed, plan
     from stem_cli.runs.knobs import Knobs
     from stem_cli.environment import environment, provenance, slug
     from stem_cli.runs.runner import EvalSettings, Runner, averages, summarize
@@ -95,6 +119,8 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     from stem_cli.runs.task_names import check_lm_eval_tasks, resolve_tasks
 
     console = console or default_console()
+    if not world.primary:  # other ranks print nothing but their progress lines
+        console = Console(stderr=True, quiet=True)
     names, configs = plan.methods_and_configs(methods, config, overrides)
     plan.check_budget(budget)
     output = plan.output_folder(output)
@@ -103,21 +129,33 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     if include_path is not None and not include_path.is_dir():
         raise UsageError(f"--include-path {str(include_path)!r} is not a folder of lm-eval task YAML files")
     dev = resolve_device(device)
+    if device_map is not None and world.parallel:
+        raise UsageError(f"--device-map {device_map} places one model over all GPUs; with {world.size} processes each would do so: "
+                         "use one process, or --tp, or data parallelism without --device-map")
+    dev = distributed.start(world, dev)  # joins the process group: a tensor-parallel load needs it
     model = model or (EVAL_GPU_MODEL if dev.type == "cuda" else EVAL_CPU_MODEL)
     lengths = plan.parse_lengths(lengths)
     refs = resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks), data_dir)
     check_model_name(model, random_weights)  # every name checked before anything loads: a typo costs no model load
     check_lm_eval_tasks(refs, include_path, console)
-    loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=console)
+    loaded = load_model(model, dtype=dtype, device=str(dev), random_weights=random_weights, console=console, device_map=device_map,
+                        tp=world.tp)
     plan.check_context(loaded.model, lengths)
     model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     plan.check_batch_size(batch_size, names, refs, console)
     settings = EvalSettings(loaded.source, model_dtype, seed, limit, chat_template, data_dir, max_new_tokens, include_path, batch_size)
-    store = ResultStore(output / f"results-{slug(model)}.jsonl")
+    store_path = output / f"results-{slug(model)}.jsonl"
+    if world.primary:  # results of an earlier multi-process run, whatever its process count, join the store first
+        folded = distributed.fold_shards(ResultStore(store_path))
+        if folded:
+            console.print(f"[dim]{folded} result(s) from the rank shards of an earlier run folded into {escape(str(store_path))}[/]")
+    distributed.gather(world, None)  # every rank reads the store after the fold
+    store = ResultStore(store_path, append_to=distributed.shard_path(store_path, world) if world.parallel else None)
     runner = Runner(loaded, store, settings, reuse=not recompute)
     knobs = Knobs(output / f"budgets-{slug(model)}.jsonl", runner.identity["weights"], model_dtype, reuse=not recompute)
-    try:
-        jobs = plan.jobs(loaded.model, runner, names, configs, lengths, refs, budget, console, knobs)
+    try:  # budgets are solved once, on rank 0, and the jobs given to every rank
+        jobs = distributed.from_primary(world, lambda: plan.jobs(loaded.model, runner, names, configs, lengths, refs, budget, console,
+                                                                 knobs))
     except KeyboardInterrupt:
         if budget is not None:  # each knob was stored as it was solved
             console.print(f"[yellow]interrupted while solving budgets:[/] {knobs.solved} newly solved knob(s) are saved in "
@@ -133,12 +171,48 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
     console.print(f"[dim]{escape(loaded.source)} ({model_dtype}) on {dev}; {len(refs)} task(s) x {len(lengths)} length(s) x "
                   f"{len(names)} method(s), up to {limit} sample(s) each; results -> {escape(str(store.path))}[/]")
     console.print(f"[dim]{plan.plan_line(jobs, refs, limit)}[/]")
+    planned, per_rank = plan.planned_generations(jobs, refs, limit), None
+    if world.data_parallel:
+        runner.mine, per_rank = distributed.assign(runner, jobs, refs, world)
+        planned = per_rank[world.rank]
+        console.print(f"[dim]{world.size} processes: new results per rank {', '.join(map(str, per_rank.values()))} (split by prompt "
+                      f"length); each rank writes {escape(str(distributed.shard_path(store_path, world).name).replace('rank0', 'rankR'))}[/]")
+        notice = distributed.lm_eval_notice(refs, world)
+        if notice:
+            console.print(f"[yellow]{escape(notice)}[/]")
+    elif world.parallel:
+        console.print(f"[dim]tensor parallel over {world.size} processes: each runs every sample on its shard of the heads[/]")
     try:
         with progress_bars(console) as progress:
-            runner.progress = plan.Estimate(progress, runner, plan.planned_generations(jobs, refs, limit), len(names), console)
-            records = runner.run(jobs, refs)
+            shown = distributed.rank_progress(world, runner, progress) if world.parallel else progress
+            runner.progress = plan.Estimate(shown, runner, planned, len(names), console)
+            total = distributed.TotalBar(progress, [distributed.shard_path(store_path, distributed.World(r, world.size))
+                                                    for r in range(world.size)], sum(per_rank.values())) \
+                if per_rank is not None and world.primary else contextlib.nullcontext()
+            with total:
+                records = runner.run(jobs, refs)
+                counts = distributed.gather(world, {"computed": runner.computed, "older": runner.older})  # waits for every rank
     except KeyboardInterrupt:
-        raise Interrupted(runner.computed, store.path) from None
+        raise Interrupted(runner.computed, store.append_to) from None
+    except distributed.FollowerExit:
+        raise
+    except Exception as e:
+        if world.parallel:
+            raise distributed.RankFailed(world, runner.computed, store.append_to, e) from e
+        raise
+    if world.parallel:
+        if not world.primary:
+            return EvalRun(loaded, model, [], {}, {}, datetime.datetime.now(datetime.timezone.utc), jobs, store, primary=False)
+        store = ResultStore(store_path)
+        distributed.fold_shards(store)
+        runner.store, runner.mine, runner.reuse = store, (lambda ref, seq_len, sample: True), True
+        runner.progress, runner.computed, runner.reused = (lambda what, done, total: None), 0, 0
+        records = runner.run(jobs, refs)  # every result of the run, read back from the merged store in one process's order
+        if runner.computed:
+            raise RuntimeError(f"{runner.computed} result(s) were missing from the merged store {store_path} (a bug)")
+        runner.computed = sum(c["computed"] for c in counts)
+        runner.reused -= runner.computed
+        runner.older = sum(c["older"] for c in counts)
     rows = summarize(records)
     plan.full_budget_notice(rows, console)
     avg = averages(rows, records, margin=margin)
@@ -168,6 +242,8 @@ def run_tasks(*, model: str | None, tasks: str | Iterable[str], methods: str | I
         "computed": runner.computed,
         "reused": runner.reused,
         "older_recomputed": runner.older,
+        "processes": world.size,
+        "tensor_parallel": world.tp,
         "budgets_file": str(knobs.path) if budget is not None else None,
         "knobs_solved": knobs.solved,
         "knobs_reused": knobs.reused,
@@ -182,7 +258,8 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
              seed: int = 0, data_dir: str | Path | None = None, include_path: str | Path | None = None,
              max_new_tokens: int | None = None, chat_template: bool | None = None, config: str | Path | None = None,
              overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto", random_weights: bool = False,
-             console=None, command: str | None = None, margin: float | None = None, batch_size: int = 1) -> EvalRun:
+             console=None, command: str | None = None, margin: float | None = None, batch_size: int = 1, device_map: str | None = None,
+             tp: int = 1) -> EvalRun:
     """Accuracy of each method on each task and length; results appended to OUTPUT/results-MODEL.jsonl as they are
     scored, the summary written to OUTPUT/eval-MODEL-TIME.json (`run.paths["summary"]`), the table beside it as .md
     and .csv (`run.paths["md"]`, `run.paths["csv"]`: compare's per-(method, length) rows).
@@ -195,7 +272,9 @@ def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), 
                     resume=resume, reuse_any=False, seed=seed, data_dir=data_dir, config=config, overrides=overrides, device=device,
                     dtype=dtype, random_weights=random_weights, max_new_tokens=max_new_tokens, chat_template=chat_template,
                     kind="eval", include_path=include_path, console=console, command=command, margin=margin,
-                    batch_size=batch_size)
+                    batch_size=batch_size, device_map=device_map, tp=tp)
+    if not run.primary:  # a rank other than 0: rank 0 writes and reports the whole run
+        return run
     path = Path(output) / f"eval-{slug(run.model)}-{run.stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(run.summary, indent=2, default=str))
     run.paths["summary"] = path

@@ -62,6 +62,9 @@ class Runner:
         self.settings = settings
         self.reuse = reuse
         self.progress = progress or (lambda what, done, total: None)
+        # Which (task, length, sample) this process runs; sample None: an lm-eval task. All, except on a rank of a
+        # data-parallel run (stem_cli/runs/distributed.py assigns each rank its share).
+        self.mine: Callable[[TaskRef, int, Any], bool] = lambda ref, seq_len, sample: True
         self._samples: dict[tuple[str, int], list] = {}
         self.identity = keys.weights_identity(loaded)  # {"weights", "how"}: the weights by content, never by path
         self._tasks: dict[str, dict] = {}
@@ -149,9 +152,12 @@ class Runner:
             at_length = [j for j in jobs if j.seq_len == seq_len]
             for ref in refs:
                 if ref.kind == "lm-eval":
-                    results += self._run_lm_eval(at_length, ref)
+                    if self.mine(ref, seq_len, None):
+                        results += self._run_lm_eval(at_length, ref)
                     continue
-                samples = self.samples(ref, seq_len)
+                samples = [s for s in self.samples(ref, seq_len) if self.mine(ref, seq_len, s)]
+                if not samples:  # all of them another rank's
+                    continue
                 total, done = len(samples) * len(at_length), 0
                 what = f"{ref.name} @ {_length(seq_len)}"
                 self.progress(what, 0, total)

@@ -39,10 +39,14 @@ def _legacy(record: dict) -> tuple:
 
 
 class ResultStore:
-    """Append-only JSONL of results, indexed by key. Each line is flushed and fsynced when added."""
+    """Append-only JSONL of results, indexed by key. Each line is flushed and fsynced when added.
 
-    def __init__(self, path: Path):
+    `append_to`: where added records are written, when not this file: a rank's shard in a
+    multi-process run (stem_cli/runs/distributed.py), which rank 0 folds into this file."""
+
+    def __init__(self, path: Path, append_to: Path | None = None):
         self.path = Path(path)
+        self.append_to = Path(append_to) if append_to is not None else self.path
         self.records: dict[str, dict] = {}
         self._versions: dict[str, set[str]] = {}  # key without the generator version -> generator versions stored
         self._legacy: set[tuple] = set()  # records from before key_parts
@@ -88,9 +92,9 @@ class ResultStore:
         return self.records.get(key)
 
     def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.append_to.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, default=str) + "\n"
-        with open(self.path, "a") as f:
+        with open(self.append_to, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
