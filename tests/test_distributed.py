@@ -154,3 +154,97 @@ def test_every_method_keeps_its_tensors_on_the_inputs_device():
             out = attend(q, k, v, index, scale=scale)
         assert out.device == q.device and index.counts.device == q.device, name
         torch.testing.assert_close(out, expected, msg=name)
+
+
+# ------------------------------------------------------------------ two gloo ranks end to end (torchrun)
+
+
+def _torchrun(args: list[str], processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "stem_cli", *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def _records(path: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in (json.loads(line) for line in path.read_text().splitlines())}
+
+
+def _same_results(a: dict[str, dict], b: dict[str, dict]) -> None:
+    assert set(a) == set(b)
+    for key in a:  # sample by sample: what was predicted, its score and BUD (timings differ)
+        assert (a[key]["prediction"], a[key]["score"], a[key]["bud"]) == (b[key]["prediction"], b[key]["score"], b[key]["bud"]), key
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the same run in one process (in this one)."""
+    out = tmp_path_factory.mktemp("one")
+    run = stem_cli.evaluate("tiny-llama", TASKS, "dense,stem", "600", limit=3, overrides=SMALL, max_new_tokens=3, device="cpu",
+                            output=out)
+    return run, _records(out / RESULTS)
+
+
+def test_two_ranks_merge_into_the_results_of_one_process_and_resume_with_one_recomputes_nothing(tmp_path, one_process):
+    run, reference = one_process
+    done = _torchrun([*EVAL, "--output", str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_results(_records(tmp_path / RESULTS), reference)
+    assert distributed.shard_paths(tmp_path / RESULTS) == []  # folded
+    assert "rank 1 of 2:" in done.stderr and "all ranks" in done.stderr  # rank 1's lines, rank 0's total
+    assert done.stdout.count("stem eval: tiny-llama") == 1 and "12 computed, 0 reused" in done.stdout  # one table, from rank 0
+    (summary,) = tmp_path.glob("eval-tiny-llama-*.json")
+    summary = json.loads(summary.read_text())
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "prefill_tokens_per_s"} for r in rows]
+    assert summary["processes"] == 2 and untimed(summary["rows"]) == untimed(run.summary["rows"])  # the tables of one process
+
+    again = stem_cli.evaluate("tiny-llama", TASKS, "dense,stem", "600", limit=3, overrides=SMALL, max_new_tokens=3, device="cpu",
+                              output=tmp_path, resume=True)  # another process count
+    assert (again.summary["computed"], again.summary["reused"]) == (0, 12)
+
+
+def test_a_rank_that_dies_is_named_its_results_kept_and_a_resume_loses_nothing(tmp_path, one_process):
+    _, reference = one_process
+    failed = _torchrun([*EVAL, "--output", str(tmp_path)], env={distributed.FAIL_HOOK: "1:2"})
+    assert failed.returncode != 0
+    assert "rank 1 of 2 failed after 2 new result(s)" in " ".join(failed.stderr.split())
+    kept = {}
+    for shard in distributed.shard_paths(tmp_path / RESULTS):
+        kept.update(_records(shard))
+    assert len(kept) >= 2  # rank 1's two at least (rank 0's as far as it got before the launcher stopped it)
+
+    resumed = stem_cli.evaluate("tiny-llama", TASKS, "dense,stem", "600", limit=3, overrides=SMALL, max_new_tokens=3, device="cpu",
+                                output=tmp_path, resume=True)  # one process: the shards of two are folded in first
+    merged = _records(tmp_path / RESULTS)
+    _same_results(merged, reference)
+    assert {k: merged[k]["prediction"] for k in kept} == {k: r["prediction"] for k, r in kept.items()}
+    # what the dead run kept is not computed again
+    assert (resumed.summary["computed"], resumed.summary["reused"]) == (12 - len(kept), len(kept))
+
+
+def test_tensor_parallel_on_two_gloo_ranks_gives_one_process_selections_outputs_and_bud(tmp_path):
+    """transformers' tp_plan="auto" on the CPU: each rank's attention sees half the heads; the logits, every layer's
+    kept blocks (both shards together) and BUD (summed over shards) are those of one process."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "tests.tp_worker", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from tests.tp_worker import METHODS as TP_METHODS, run_methods
+
+    reference = run_methods(_tiny_model_loaded(), torch.device("cpu"))
+    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in TP_METHODS:
+        full = reference[name]
+        assert all(s[name]["heads"] == 2 for s in shards), "each rank's attention should see 2 of the 4 query heads"
+        torch.testing.assert_close(shards[0][name]["logits"], full["logits"], rtol=1e-4, atol=1e-4, msg=name)
+        for layer, mask in full["masks"].items():
+            h = mask.shape[1] // 2
+            for r, s in enumerate(shards):
+                assert torch.equal(s[name]["masks"][layer], mask[:, r * h:(r + 1) * h]), (name, layer, r)
+        assert shards[0][name]["bud"] == shards[1][name]["bud"] == pytest.approx(full["bud"], rel=1e-12), name
+        assert name == "dense" or full["bud"] < 1
+
+
+def _tiny_model_loaded():
+    from stem_cli.models import load_model
+
+    return load_model("tiny-llama", device="cpu").model
