@@ -1,5 +1,5 @@
-"""Run as a torchrun worker (`python -m torch.distributed.run --nproc-per-node 2 -m tests.tp_worker OUT`): tiny-llama
-tensor parallel (transformers' tp_plan="auto", gloo), each method's logits, kept blocks per layer and BUD saved per rank
+"""Run as a torchrun worker (`python -m torch.distributed.run --nproc-per-node 2 -m tests.tp_worker OUT [cpu|cuda]`):
+tiny-llama tensor parallel (transformers' tp_plan="auto"; gloo on the CPU, nccl on GPUs), each method's logits, kept blocks per layer and BUD saved per rank
 to OUT/rank{r}.pt; tests/test_distributed.py compares them with one process (`run_methods` without TP)."""
 
 from __future__ import annotations
@@ -44,16 +44,22 @@ def run_methods(model, device) -> dict:
     return out
 
 
-def main(folder: str) -> None:
+def main(folder: str, device: str = "cpu") -> None:
+    import os
+
     import torch.distributed as dist
 
     from stem_cli.models import load_model
 
-    dist.init_process_group("gloo")
-    loaded = load_model("tiny-llama", device="cpu", tp=dist.get_world_size())
-    torch.save(run_methods(loaded.model, torch.device("cpu")), Path(folder) / f"rank{dist.get_rank()}.pt")
+    where = torch.device("cpu")
+    if device == "cuda":
+        where = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(where)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    loaded = load_model("tiny-llama", device=device, dtype="fp32", tp=dist.get_world_size())
+    torch.save(run_methods(loaded.model, where), Path(folder) / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
