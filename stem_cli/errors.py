@@ -20,7 +20,7 @@ def click_error_line(error, args: list[str]) -> str:
     param = getattr(error, "param", None)
     kind = type(error).__name__
     if kind == "NoSuchOption":
-        near = sorted(getattr(error, "possibilities", None) or [])
+        near = _closest(error.option_name, getattr(error, "possibilities", None) or [])
         hint = f"; did you mean {' or '.join(near)}?" if near else ""
         return f"{where} has no option {error.option_name}{hint} (`{where} --help` lists its options)"
     if kind == "BadParameter" and param is not None and getattr(param, "opts", None):
@@ -30,6 +30,15 @@ def click_error_line(error, args: list[str]) -> str:
         return f"{shown} is not allowed: use {_allowed(param)}"
     message = " ".join(error.format_message().split()).rstrip(".")
     return f"{where}: {message[:1].lower()}{message[1:]} (see `{where} --help`)"
+
+
+def _closest(typed: str, candidates: list[str]) -> list[str]:
+    """The parser's near options, only those about as near as the nearest (--limt: --limit, not also --tp)."""
+    from difflib import SequenceMatcher
+
+    ratio = {c: SequenceMatcher(None, typed, c).ratio() for c in candidates}
+    best = max(ratio.values(), default=0.0)
+    return sorted(c for c, r in ratio.items() if r >= best - 0.1)
 
 
 def _given(args: list[str], opts: list[str]) -> str | None:
