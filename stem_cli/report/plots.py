@@ -212,7 +212,7 @@ def plot_fidelity_positions(rows: list[dict], path: str | Path, title: str) -> P
                 if row[key][-1] is not None:
                     ax.plot([1.04], [row[key][-1]], marker="*", markersize=10, color=f"C{index % 10}", linestyle="none")
         ax.axvline(1.0, color="black", linewidth=0.6, alpha=0.5)
-        ax.set_xlabel("query position (fraction of the prompt); ★ = the last 64 rows, where the question is")
+        ax.set_xlabel("query position (fraction of the prompt); ★ = last 64 rows (the question)")
         ax.set_ylabel(label)
         ax.set_xlim(0, 1.08)
         ax.grid(alpha=0.3)
