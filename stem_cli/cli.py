@@ -522,6 +522,48 @@ def train_router_cmd(
     console.print(f"[green]saved[/] {escape(f'{done.path} (+ .json, .png)   use it: stem compare dense elastic --set elastic.router={done.path}')}", highlight=False)
 
 
+@app.command("elastic-omega")
+@guarded
+def elastic_omega_cmd(
+    router: Annotated[Path, typer.Option("--router", help="Router file from `stem train-router`.")],
+    model: ModelName = "smollm2-135m",
+    head_map: Annotated[Optional[Path], typer.Option("--head-map", help="Calibrated head map (`stem calibrate`) whose fixed Omega is shown beside.")] = None,
+    task: Annotated[List[str], typer.Option("--task", help="RULER tasks (ruler, niah, ruler/vt, ...), comma-separated or repeated.")] = ["ruler"],
+    seq_len: Annotated[str, typer.Option("--seq-len", help="Prompt lengths (comma-separated).")] = "2k",
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Held-out prompts per task and length.")] = 2,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sample seed of the held-out prompts. Default: the router's training seed + 1000.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSON file to write.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    random_weights: RandomWeightsTesting = False,
+):
+    """Adaptivity of Elastic Attention's router: Omega it chooses per task family on held-out prompts.
+
+    Families: retrieval (niah_*), multi-hop (vt), aggregation (cwe, fwe), next to the calibrated map's fixed Omega.
+
+    [b]Example:[/b] stem elastic-omega --router r.pt --head-map map.json --task ruler --seq-len 2k --limit 2
+    """
+    from stem_cli.runs import elastic_omega
+
+    done = elastic_omega(model, router=router, head_map=head_map, tasks=task, seq_len=seq_len, limit=limit, seed=seed, output=output,
+                         device=device, dtype=dtype, random_weights=random_weights, console=err)
+    from rich.table import Table
+
+    table = Table(title=f"Omega (heads not dense) chosen by {router.name} on held-out prompts (seed {done.record['seed']})")
+    for col in ("family", "task", "length", "n", "Omega", "min..max", "dense / stem / streaming", "map Omega"):
+        table.add_column(col, justify="left" if col in ("family", "task") else "right")
+    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    for r in done.rows:
+        m = r["modes"]
+        table.add_row(r["family"], r["task"], str(r["seq_len"]), str(r["n"]), pct(r["omega"]), f"{pct(r['omega_min'])}..{pct(r['omega_max'])}",
+                      f"{m['dense']:.0%} / {m['stem']:.0%} / {m['streaming']:.0%}", pct(r["map_omega"]))
+    for f in done.families:
+        table.add_row(f"[bold]{f['family']}[/]", ", ".join(f["tasks"]), "all", str(f["n"]), f"[bold]{pct(f['omega'])}[/]", "", "", pct(f["map_omega"]))
+    console.print(table)
+    if done.path is not None:
+        console.print(escape(f"wrote {done.path}"))
+
+
 def main():
     app()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def _train(tiny, prompts, **kw):
     settings = TrainSettings(**{"steps": 6, "target_sparsity": 0.5, "lengths": (512,), "samples": 2, "tasks": ("needle",),
                                 **kw.pop("settings", {})})
     return train_router(tiny.model, tiny.tokenizer, model_name="tiny-llama", config=ElasticConfig(**SMALL), settings=settings,
-                        weights="sha256:tiny", prompts=prompts, **kw)
+                        weights=kw.pop("weights", "sha256:tiny"), prompts=prompts, **kw)
 
 
 def _omega_by_hand(router, model, ids) -> float:
@@ -173,3 +174,52 @@ def test_budget_probe_routes_on_pre_rope_keys(tiny, prompts, tmp_path):
     with torch.no_grad():
         tiny.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     assert runtime.recorder.bud == pytest.approx(probed[0], abs=1e-9)
+
+
+def test_compare_calibrated_map_and_router_at_matched_budget(tiny, prompts, tmp_path):
+    """`stem compare dense elastic elastic-router` with a map and a router, each solved to the same BUD."""
+    from stem_cli.elastic.headmap import HeadMap, save_head_map
+
+    from stem_cli.runs.keys import weights_identity
+
+    router, _ = _train(tiny, prompts, settings={"steps": 1}, weights=weights_identity(tiny)["weights"])
+    with torch.no_grad():  # a router that picks stem for most heads, so the budget is reachable
+        for layer in router.layers.values():
+            layer.mode[-1].bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    path = router.save(tmp_path / "r.pt")
+    head_map = save_head_map(HeadMap("tiny-llama", 4, 2, [["dense", "dense"], ["stem", "dense"], ["stem", "streaming"], ["stem", "stem"]],
+                                     target_sparsity=0.5), tmp_path / "map.json")
+    small = [f"{k}={v}" for k, v in SMALL.items() if k != "default_dense_layers"]
+    common = dict(tasks=["ruler/niah_single_1"], lengths="600", limit=1, max_new_tokens=2, device="cpu", output=tmp_path / "runs")
+    with pytest.raises(stem_cli.errors.UsageError, match="elastic-router needs its router"):
+        stem_cli.compare("tiny-llama", ["elastic-router"], overrides=small, **common)
+    result = stem_cli.compare("tiny-llama", ["elastic", "elastic-router"], budget=0.7,
+                              overrides=[*small, f"elastic.head_map={head_map}", f"elastic-router.router={path}"], **common)
+    rows = {r["method"]: r for r in result.rows}
+    assert set(rows) == {"dense", "elastic", "elastic-router"}
+    for name in ("elastic", "elastic-router"):
+        assert rows[name]["bud"] == pytest.approx(0.7, abs=0.05)  # matched BUD (the probe routes like the run)
+        assert rows[name]["omega"] is not None
+    assert rows["elastic"]["omega"] == pytest.approx(5 / 8)  # the map: 3 of 8 KV heads dense
+    # A router retrained in place is another router: its results are keyed by the file's content.
+    from stem_cli.runs.keys import config_files
+
+    before = config_files(ElasticConfig(**SMALL, router=str(path)))
+    _train(tiny, prompts, settings={"steps": 2, "seed": 5})[0].save(path)
+    assert config_files(ElasticConfig(**SMALL, router=str(path))) != before
+
+
+def test_bench_smoke_run_writes_router_curve_and_timings(tmp_path):
+    """tests/bench/router.py end to end on the CPU (tiny sizes): router file + JSON + PNG + the bench JSON."""
+    from tests.bench import router as bench
+
+    assert bench.main(["--model", "tiny-llama", "--device", "cpu", "--smoke", "--repeat", "1", "--warmup", "0",
+                       "--output", str(tmp_path)]) == 0
+    out = tmp_path / "elastic"
+    (record,) = [json.loads(p.read_text()) for p in out.glob("router-bench-*.json")]
+    assert record["checks"]["router_modes_match_the_run"] is True
+    assert [r["seq_len"] for r in record["overhead"]] == [512, 1024]
+    assert all(r["router_ms"] > 0 and r["prefill_dense_ms"] > 0 for r in record["overhead"])
+    router = Path(record["training"]["router"])
+    assert router.is_file() and router.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(router.with_suffix(".json").read_text())["training"]["steps"] == 4

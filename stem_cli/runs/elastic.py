@@ -145,3 +145,101 @@ def router_record(router) -> dict:
     return {"format": FORMAT, "version": VERSION, "model": router.model_info, "code": provenance(),
             "num_layers": router.num_layers, "num_kv_heads": router.num_kv_heads, "head_dim": router.head_dim,
             "dense_layers": list(router.dense_layers), "target_sparsity": router.target_sparsity, "training": router.training_info}
+
+
+# ------------------------------------------------------------------ adaptivity: Omega per task family
+
+FAMILIES = {"vt": "multi-hop", "cwe": "aggregation", "fwe": "aggregation"}  # niah_*: retrieval
+HELD_OUT_SEED = 1000  # added to the router's training seed: held-out prompts are never training prompts
+
+
+def family(task: str) -> str:
+    return "retrieval" if task.startswith("niah") else FAMILIES.get(task, task)
+
+
+@dataclasses.dataclass
+class OmegaByTask:
+    rows: list  # per task: task, family, n, omega (mean), omega_min, omega_max, modes (mean fractions), map_omega
+    families: list  # per family: family, tasks, n, omega, map_omega
+    record: dict  # all of it, JSON-able (written to `path` when given)
+    path: Path | None
+
+
+def elastic_omega(model: str = "smollm2-135m", *, router: str | Path, head_map: str | Path | None = None,
+                  tasks: str | Iterable[str] = "ruler", seq_len="2k", limit: int = 2, seed: int | None = None,
+                  output: str | Path | None = None, device: str = "auto", dtype: str = "auto", random_weights: bool = False,
+                  console=None) -> OmegaByTask:
+    """Omega (fraction of heads not dense) the router chooses on held-out RULER prompts, per task and family, next to
+    the calibrated head map's fixed Omega. Held-out: sample seed = the router's training seed + HELD_OUT_SEED
+    (default). One pre-fill forward per prompt (no generation); the modes depend on the router and the input only."""
+    import json
+
+    import torch
+
+    import stem_cli
+    from stem_cli.elastic.router import load_router
+    from stem_cli.models import check_model_name, load_model
+    from stem_cli.runs import plan
+    from stem_cli.runs.keys import weights_identity
+    from stem_cli.runs.task_names import resolve_tasks
+    from stem_cli.tasks import ruler
+
+    console = console or default_console()
+    lengths = plan.parse_lengths(seq_len)
+    refs = [r for r in resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks)) if r.name.removeprefix("ruler/") in ruler.TASKS]
+    if not refs:
+        raise UsageError(f"--task {tasks!r}: the router's Omega is measured on built-in RULER tasks (ruler, niah, ruler/vt, ...)")
+    names = [r.name.removeprefix("ruler/") for r in refs]
+    check_model_name(model, random_weights)
+    trained = load_router(router)
+    seed = int((trained.training_info or {}).get("seed", 0)) + HELD_OUT_SEED if seed is None else seed
+    loaded = load_model(model, dtype=dtype, device=device, random_weights=random_weights, console=console)
+    plan.check_context(loaded.model, lengths)
+    trained.check_weights(weights_identity(loaded)["weights"], where=f"router {str(router)!r}")
+    elastic = dict((trained.training_info or {}).get("elastic_config") or {})
+    elastic = {k: tuple(v) if isinstance(v, list) else v for k, v in elastic.items()}
+    device_of = next(loaded.model.parameters()).device
+
+    def omega_of(runtime, ids) -> tuple[float, dict]:
+        runtime.recorder.reset()
+        with torch.no_grad():
+            loaded.model(input_ids=torch.tensor([ids], device=device_of), use_cache=False, logits_to_keep=1)
+        stats = runtime.recorder.elastic
+        return stats.omega, stats.mode_fractions()
+
+    samples = {(t, n): ruler.build_samples(t, loaded.tokenizer, n, seed=seed, limit=limit) for n in lengths for t in names}
+    map_omega = None
+    if head_map is not None:
+        runtime = stem_cli.apply(loaded.model, "elastic", head_map=str(head_map), **elastic)
+        map_omega = omega_of(runtime, samples[(names[0], lengths[0])][0].input_ids)[0]  # fixed: the same on every input
+    runtime = stem_cli.apply(loaded.model, "elastic", router=str(router), **elastic)
+    rows = []
+    with console.status("routing held-out prompts") as status:
+        for (task, n), built in samples.items():
+            seen = []
+            for i, sample in enumerate(built):
+                status.update(f"routing {task} @ {n}: prompt {i + 1}/{len(built)}")
+                seen.append(omega_of(runtime, sample.input_ids))
+            omegas = [o for o, _ in seen]
+            modes = {m: sum(f[m] for _, f in seen) / len(seen) for m in seen[0][1]}
+            rows.append({"task": task, "family": family(task), "seq_len": n, "n": len(omegas), "omega": sum(omegas) / len(omegas),
+                         "omega_min": min(omegas), "omega_max": max(omegas), "modes": modes, "map_omega": map_omega})
+    stem_cli.apply(loaded.model, "dense")  # the router's key hooks off the model again
+    families = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == fam]
+        n = sum(r["n"] for r in mine)
+        families.append({"family": fam, "tasks": sorted({r["task"] for r in mine}), "n": n,
+                         "omega": sum(r["omega"] * r["n"] for r in mine) / n, "map_omega": map_omega})
+    from stem_cli.environment import environment, provenance
+
+    record = {"model": model, "router": str(router), "router_target": trained.target_sparsity, "head_map": str(head_map) if head_map else None,
+              "seed": seed, "held_out": f"RULER samples of seed {seed} (training used seed {(trained.training_info or {}).get('seed')})",
+              "lengths": lengths, "limit": limit, "rows": rows, "families": families, "code": provenance(),
+              "environment": environment(device_of, None), "note": "qa: no built-in QA task (LongBench's needs its data files)"}
+    path = None
+    if output is not None:
+        path = Path(output).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, default=str))
+    return OmegaByTask(rows, families, record, path)
