@@ -127,6 +127,13 @@ def train_router(model: str = "smollm2-135m", *, steps: int = 300, target_sparsi
                                 resume=resume, console=console)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        if checkpoint.is_file():
+            import torch
+
+            done = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+            console.print(f"[yellow]interrupted:[/] {checkpoint} holds {done} of {steps} steps; the same command with --resume continues")
+        raise
     path = router.save(output)
     record = router_record(router)
     output.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))

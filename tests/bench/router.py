@@ -112,7 +112,7 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
 
     captured, hooks = {}, []
     for m in attention_modules(model):
-        if router.routes(m.layer_idx):
+        if router.routes(m.layer_idx) and getattr(m, "sliding_window", None) is None:  # as elastic's prepare: full-attention layers
             hooks.append(key_source(m).register_forward_hook(lambda _m, _i, out, l=m.layer_idx: captured.__setitem__(l, out.detach())))
     stem_cli.apply(model, "dense")
     with torch.no_grad():
@@ -187,16 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     # Plan the steps: one timed step of a throwaway run (per length: the longest prompts cost the most).
     from stem_cli.elastic.train import training_prompts
 
-    prompts = training_prompts(tokenizer, lengths, settings["samples"], 0, tasks or TrainSettings().tasks)
-    probe = [max(prompts, key=lambda p: p.input_ids.shape[1])]
     timer = Events(device)
-    train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 1}), prompts=probe)
-    tic = time.perf_counter()
-    train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 2}), prompts=probe)
-    per_step = (time.perf_counter() - tic) / 2
+    dropped = []
+    while True:
+        prompts = training_prompts(tokenizer, lengths, settings["samples"], 0, tasks or TrainSettings().tasks)
+        probe = [max(prompts, key=lambda p: p.input_ids.shape[1])]
+        try:
+            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 1}), prompts=probe)
+            tic = time.perf_counter()
+            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 2}), prompts=probe)
+            per_step = (time.perf_counter() - tic) / 2
+            break
+        except torch.cuda.OutOfMemoryError:
+            # Training runs every mode as masked SDPA (all causal pairs, with gradients): the longest length may not fit.
+            torch.cuda.empty_cache()
+            if len(lengths) == 1:
+                raise
+            dropped.append(lengths.pop())
+            settings["lengths"] = lengths
+            print(f"notice: router training at {format_length(dropped[-1])} ran out of GPU memory; training at "
+                  f"{', '.join(map(format_length, lengths))} only", flush=True)
     planned = steps
     steps = max(2, min(steps, int(args.train_seconds / max(per_step, 1e-6)))) if not args.smoke else steps
-    record["training"] = {"steps_planned": planned, "steps": steps, "longest_step_s": per_step, "train_seconds_budget": args.train_seconds}
+    record["training"] = {"lengths": lengths, "lengths_dropped_for_memory": dropped, "steps_planned": planned, "steps": steps, "longest_step_s": per_step, "train_seconds_budget": args.train_seconds}
     print(f"router training: {steps} steps (asked {planned}; longest step {per_step:.2f} s)", flush=True)
 
     name = f"router-{slug(Path(args.model).stem if args.model.endswith('.gguf') else args.model)}-{'-'.join(format_length(n) for n in lengths)}-{where}"
