@@ -502,16 +502,20 @@ def calibrate_cmd(
 @guarded
 def train_router_cmd(
     model: ModelName = "smollm2-135m",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps (one prompt each).")] = 200,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps (one prompt each).")] = 300,
     target_sparsity: Annotated[float, typer.Option("--target-sparsity", min=0.0, max=1.0, help="Fraction of heads not dense (Omega) the router aims at.")] = 0.7,
-    seq_len: Annotated[str, typer.Option("--seq-len", help="Length of the training prompts, answer included.")] = "2k",
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Distinct training prompts (cycled).")] = 16,
+    seq_len: Annotated[str, typer.Option("--seq-len", help="Lengths of the training prompts, answer included (comma-separated: 4k,8k).")] = "2k",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Distinct prompts per length and task (cycled).")] = 8,
+    tasks: Annotated[str, typer.Option("--tasks", help="auto (RULER niah_single_2, niah_multikey_1, vt, cwe, fwe), RULER task names, or needle.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the prompts, the router's initialisation and the Gumbel noise.")] = 0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-3,
-    sparsity_weight: Annotated[float, typer.Option("--sparsity-weight", min=0.0, help="lambda of lambda * (sparsity - target)^2.")] = 10.0,
-    tau: Annotated[float, typer.Option("--tau", min=1e-3, help="Gumbel-softmax temperature.")] = 1.0,
-    prompts: Annotated[str, typer.Option("--prompts", help="auto, needle, or ruler:niah_TASK (as calibrate).")] = "auto",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Router file to write. Default: routers/MODEL.pt.")] = None,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-2,
+    sparsity_weight: Annotated[float, typer.Option("--sparsity-weight", min=0.0, help="rho of the augmented Lagrangian lambda (s - target) + rho/2 (s - target)^2; lambda += rho (s - target) each step.")] = 10.0,
+    tau: Annotated[float, typer.Option("--tau", min=1e-3, help="Gumbel-softmax temperature at the first step.")] = 1.0,
+    tau_end: Annotated[float, typer.Option("--tau-end", min=1e-3, help="Temperature at the last step (geometric schedule).")] = 0.3,
+    noise_fraction: Annotated[float, typer.Option("--noise-fraction", min=0.01, max=1.0, help="Gumbel noise falls linearly to 0 over this fraction of the steps; the rest train the noise-free routing.")] = 0.6,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Router file to write (and OUTPUT.json, OUTPUT.png beside it). Default: routers/MODEL.pt.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write the checkpoint (OUTPUT.ckpt) every this many steps.")] = 25,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt (same settings): the same router as an uninterrupted run.")] = False,
     config: ElasticConfig = None,
     set_: Annotated[List[str], typer.Option("--set", help="Elastic parameter NAME=VALUE (block_size, default_dense_layers = layers never routed, ...).")] = [],
     device: Device = "auto",
@@ -520,18 +524,19 @@ def train_router_cmd(
 ):
     """Train the Elastic Attention router (backbone frozen): per input, each KV head's mode from its pooled pre-RoPE keys.
 
-    Loss = answer cross-entropy on synthetic retrieval prompts under the straight-through Gumbel-softmax mixture
-    of the three modes + lambda (sparsity - target)^2. Layers in default_dense_layers stay dense.
-    Use the router with [b]--method elastic --set elastic.router=FILE[/b].
+    Loss = answer cross-entropy on synthetic RULER prompts under the straight-through Gumbel-softmax choice of the
+    three modes + an augmented Lagrangian that drives Omega to the target. Layers in default_dense_layers stay dense.
+    Use the router with [b]--method elastic --set elastic.router=FILE[/b]; [b]stem elastic-omega[/b] shows its Omega per task.
 
-    [b]Example:[/b] stem train-router --model smollm2-135m --steps 200 --target-sparsity 0.7 --output smollm2-router.pt
+    [b]Example:[/b] stem train-router --model smollm2-135m --seq-len 1k,2k --steps 300 --target-sparsity 0.7 --set block_size=32 -o r.pt
     """
     from stem_cli.runs import train_router
 
-    done = train_router(model, steps=steps, target_sparsity=target_sparsity, seq_len=seq_len, samples=samples, seed=seed, lr=lr,
-                        sparsity_weight=sparsity_weight, tau=tau, prompts=prompts, output=output, config=config, overrides=set_,
-                        device=device, dtype=dtype, random_weights=random_weights, console=err)
-    router, history, info = done.router, done.history, done.router.training_info
+    done = train_router(model, steps=steps, target_sparsity=target_sparsity, seq_len=seq_len, samples=samples, tasks=tasks, seed=seed,
+                        lr=lr, sparsity_weight=sparsity_weight, tau=tau, tau_end=tau_end, noise_fraction=noise_fraction, output=output,
+                        checkpoint_every=checkpoint_every, resume=resume, config=config, overrides=set_, device=device, dtype=dtype,
+                        random_weights=random_weights, console=err)
+    router, info = done.router, done.router.training_info
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -542,11 +547,52 @@ def train_router_cmd(
         f"dense layers {list(router.dense_layers)}"
     )
     console.print(
-        f"last {min(10, len(history))} steps: loss {fmt(info['final_loss'], '.3f')}, answer CE {fmt(info['final_lm'], '.3f')}, "
-        f"sparsity {fmt(info['final_sparsity'], '.1%')}; argmax (inference) on {min(4, samples)} prompts: answer CE "
-        f"{fmt(info['eval_lm'], '.3f')}, Omega {fmt(info['eval_sparsity'], '.1%')} (target {target_sparsity:.0%}); {info['seconds']:.0f} s"
+        f"last {info['final_steps']} steps: loss {fmt(info['final_loss'], '.3f')}, answer CE {fmt(info['final_lm'], '.3f')}, "
+        f"Omega {fmt(info['final_omega'], '.1%')} (target {target_sparsity:.0%}); {info['seconds']:.0f} s on {info['device']}"
     )
-    console.print(f"[green]saved[/] {escape(f'{done.path}   use it: stem generate --model {model} --method elastic --set elastic.router={done.path}')}", highlight=False)
+    console.print(f"[green]saved[/] {escape(f'{done.path} (+ .json, .png)   use it: stem compare dense elastic --set elastic.router={done.path}')}", highlight=False)
+
+
+@app.command("elastic-omega")
+@guarded
+def elastic_omega_cmd(
+    router: Annotated[Path, typer.Option("--router", help="Router file from `stem train-router`.")],
+    model: ModelName = "smollm2-135m",
+    head_map: Annotated[Optional[Path], typer.Option("--head-map", help="Calibrated head map (`stem calibrate`) whose fixed Omega is shown beside.")] = None,
+    task: Annotated[List[str], typer.Option("--task", help="RULER tasks (ruler, niah, ruler/vt, ...), comma-separated or repeated.")] = ["ruler"],
+    seq_len: Annotated[str, typer.Option("--seq-len", help="Prompt lengths (comma-separated).")] = "2k",
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Held-out prompts per task and length.")] = 2,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sample seed of the held-out prompts. Default: the router's training seed + 1000.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSON file to write.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    random_weights: RandomWeightsTesting = False,
+):
+    """Adaptivity of Elastic Attention's router: Omega it chooses per task family on held-out prompts.
+
+    Families: retrieval (niah_*), multi-hop (vt), aggregation (cwe, fwe), next to the calibrated map's fixed Omega.
+
+    [b]Example:[/b] stem elastic-omega --router r.pt --head-map map.json --task ruler --seq-len 2k --limit 2
+    """
+    from stem_cli.runs import elastic_omega
+
+    done = elastic_omega(model, router=router, head_map=head_map, tasks=task, seq_len=seq_len, limit=limit, seed=seed, output=output,
+                         device=device, dtype=dtype, random_weights=random_weights, console=err)
+    from rich.table import Table
+
+    table = Table(title=f"Omega (heads not dense) chosen by {router.name} on held-out prompts (seed {done.record['seed']})")
+    for col in ("family", "task", "length", "n", "Omega", "min..max", "dense / stem / streaming", "map Omega"):
+        table.add_column(col, justify="left" if col in ("family", "task") else "right")
+    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    for r in done.rows:
+        m = r["modes"]
+        table.add_row(r["family"], r["task"], str(r["seq_len"]), str(r["n"]), pct(r["omega"]), f"{pct(r['omega_min'])}..{pct(r['omega_max'])}",
+                      f"{m['dense']:.0%} / {m['stem']:.0%} / {m['streaming']:.0%}", pct(r["map_omega"]))
+    for f in done.families:
+        table.add_row(f"[bold]{f['family']}[/]", ", ".join(f["tasks"]), "all", str(f["n"]), f"[bold]{pct(f['omega'])}[/]", "", "", pct(f["map_omega"]))
+    console.print(table)
+    if done.path is not None:
+        console.print(escape(f"wrote {done.path}"))
 
 
 def main():

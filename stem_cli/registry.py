@@ -48,9 +48,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     # The paper's ablation step "+TPD": exactly sam under the ablation table's name, so rows can carry that label.
     "stem-tpd": ("stem", {"beta": 0.0},
                  "ablation name '+TPD': TPD budgets with the score-only metric (beta = 0); identical to sam"),
+    # elastic under a second name, so a calibrated map (elastic.head_map=) and a trained router
+    # (elastic-router.router=, required) are compared side by side in one run.
+    "elastic-router": ("elastic", {},
+                       "Elastic Attention with a trained router (needs --set elastic-router.router=FILE from `stem train-router`): "
+                       "each KV head's mode chosen per input; reports Omega"),
 }
 
-ORDER = ("dense", "stem", "uniform", "uniform-score", "sam", "streaming", "stem-tpd", "xattention", "flexprefill", "minference", "elastic")
+ORDER = ("dense", "stem", "uniform", "uniform-score", "sam", "streaming", "stem-tpd", "xattention", "flexprefill", "minference",
+         "elastic", "elastic-router")
 
 DECODE_MODULES: dict[str, str] = {
     "prhs": "stem_cli.decode.prhs",

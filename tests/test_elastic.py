@@ -492,7 +492,7 @@ def test_cli_calibrate_train_and_generate(tmp_path):
     hm = load_head_map(head_map)
     assert hm.sparsity == pytest.approx(0.5) and "Omega" in plain(result.output)
     router = tmp_path / "router.pt"
-    result = run_cli("train-router", "--model", "tiny-llama", "--steps", "1", "--seq-len", "512", "--samples", "1",
+    result = run_cli("train-router", "--model", "tiny-llama", "--steps", "1", "--seq-len", "512", "--samples", "1", "--tasks", "needle",
                      "--set", "block_size=16", "--output", str(router))
     assert result.exit_code == 0, result.output
     assert load_router(router).num_layers == 4

@@ -205,10 +205,11 @@ def prepare(model, config) -> "ElasticState":
     num_layers, hkv, head_dim = model_counts(modules)
     router = None
     if config.router:
-        from stem_cli.elastic.router import load_router
+        from stem_cli.elastic.router import architecture, load_router
 
         router = load_router(config.router)
-        router.check_model(num_layers, hkv, head_dim, where=f"router {config.router!r}")
+        arch = architecture(model) if hasattr(getattr(model, "config", None), "hidden_size") else None
+        router.check_model(num_layers, hkv, head_dim, where=f"router {config.router!r}", arch=arch)
     if config.head_map:
         from stem_cli.elastic.headmap import load_head_map
 
@@ -334,7 +335,9 @@ def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | Non
         router = load_router(config.router)
         where = f"router {config.router!r}"
         router.check_model(layer + 1 if layer >= router.num_layers else None, hkv, k.shape[-1], where=where)
-        pre_rope = keys.take(layer) if keys is not None else None
+        # Peek, not take: a selector may run several times in one layer call (the budget solver's knob
+        # grid); the hook on the attention layer drops the keys when the layer's forward ends.
+        pre_rope = keys.keys.get(layer) if keys is not None else None
         if not router.routes(layer):
             return torch.zeros(batch, hkv, dtype=torch.long, device="cpu")
         feats = pooled_keys(pre_rope, k, key_valid)

@@ -14,7 +14,10 @@ with hidden width H = 2d. Parameters per layer: (2d H + H) + (H^2 + H) + Hkv H
 "about 0.27M per layer" of the published router. At pre-fill the mode is the argmax.
 
 Saved with torch.save as plain dicts of tensors and numbers, so torch.load(weights_only=True)
-reads it: no code is unpickled.
+reads it: no code is unpickled. The file records the model it was trained for (name, weights
+identity when known, architecture: type, layers, heads, head dim, hidden size, vocabulary),
+the training settings and curve, and the code version that wrote it; `check_model` refuses
+a model of another architecture (ConfigError), `check_weights` one with other weights.
 """
 
 from __future__ import annotations
@@ -30,8 +33,19 @@ from stem_cli.config import ConfigError
 from stem_cli.elastic.config import MODES
 
 FORMAT = "stem-elastic-router"
-VERSION = 1
+VERSION = 2  # 2: model = {name, weights, architecture}, code version, training curve; version 1 files still load
+READABLE = (1, 2)
 POOL_TOKENS = 100  # first and last tokens pooled into the router's input
+
+
+def architecture(model) -> dict[str, Any]:
+    """What a router depends on in a model besides its weights (the router's inputs and outputs are shaped by it)."""
+    cfg = getattr(model, "config", model)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"model_type": getattr(cfg, "model_type", None), "num_layers": cfg.num_hidden_layers,
+            "num_query_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads, "head_dim": head_dim,
+            "hidden_size": cfg.hidden_size, "vocab_size": getattr(cfg, "vocab_size", None)}
 
 
 class LayerRouter(nn.Module):
@@ -61,7 +75,7 @@ class ElasticRouter(nn.Module):
         *,
         hidden: int | None = None,
         dense_layers=(),
-        model: str = "",
+        model: str | dict = "",
         target_sparsity: float | None = None,
         training: dict[str, Any] | None = None,
     ):
@@ -69,7 +83,9 @@ class ElasticRouter(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.hidden = hidden or 2 * head_dim
         self.dense_layers = tuple(sorted(int(x) for x in dense_layers if 0 <= int(x) < num_layers))
-        self.model_name = model
+        model = model if isinstance(model, dict) else {"name": model}
+        self.model_info = {"name": str(model.get("name") or ""), "weights": model.get("weights"), "architecture": model.get("architecture")}
+        self.model_name = self.model_info["name"]
         self.target_sparsity = target_sparsity
         self.training_info = dict(training or {})
         self.layers = nn.ModuleDict(
@@ -104,15 +120,32 @@ class ElasticRouter(nn.Module):
         mods = [self.layers[str(layer)]] if layer is not None else list(self.layers.values())
         return sum(p.numel() for m in mods for p in m.parameters())
 
-    def check_model(self, num_layers: int | None, num_kv_heads: int | None, head_dim: int | None, where: str = "router") -> None:
+    def check_model(self, num_layers: int | None, num_kv_heads: int | None, head_dim: int | None, where: str = "router",
+                    arch: dict | None = None) -> None:
+        """ConfigError unless the model has this router's layers, KV heads and head dim (and, given `arch`
+        and recorded in the file, the same architecture: type, heads, hidden size, vocabulary)."""
         problems = []
         for name, mine, theirs in (("layers", self.num_layers, num_layers), ("KV heads per layer", self.num_kv_heads, num_kv_heads),
                                    ("head dim", self.head_dim, head_dim)):
             if theirs is not None and theirs != mine:
                 problems.append(f"{mine} {name} but the model has {theirs}")
+        recorded = self.model_info.get("architecture") or {}
+        for name, theirs in (arch or {}).items():
+            mine = recorded.get(name)
+            if mine is not None and theirs is not None and mine != theirs and name not in ("num_layers", "num_kv_heads", "head_dim"):
+                problems.append(f"{name} {mine!r} but the model has {theirs!r}")
         if problems:
             raise ConfigError(
                 f"{where} (trained on {self.model_name!r}) does not fit this model: it has {' and '.join(problems)}; "
+                "train one for this model with `stem train-router --model ...`"
+            )
+
+    def check_weights(self, weights: str | None, where: str = "router") -> None:
+        """ConfigError when the file records the weights it was trained on and `weights` (an identity) differs."""
+        mine = self.model_info.get("weights")
+        if mine and weights and mine != weights:
+            raise ConfigError(
+                f"{where} was trained on {self.model_name!r} with weights {mine} but this model's weights are {weights}; "
                 "train one for this model with `stem train-router --model ...`"
             )
 
@@ -123,7 +156,8 @@ class ElasticRouter(nn.Module):
             {
                 "format": FORMAT,
                 "version": VERSION,
-                "model": self.model_name,
+                "model": self.model_info,
+                "code": _code_version(),
                 "num_layers": self.num_layers,
                 "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim,
@@ -136,6 +170,12 @@ class ElasticRouter(nn.Module):
             path,
         )
         return path
+
+
+def _code_version() -> dict:
+    from stem_cli.environment import provenance
+
+    return provenance()
 
 
 _cache: dict[tuple, ElasticRouter] = {}
@@ -156,15 +196,16 @@ def load_router(path: str | Path) -> ElasticRouter:
         raise ConfigError(f"router file {str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"router file {str(path)!r} is not a stem router (format {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise ConfigError(f"router file {str(path)!r}: version {data.get('version')!r} is not supported (this stem reads {VERSION})")
+    if data.get("version") not in READABLE:
+        raise ConfigError(f"router file {str(path)!r}: version {data.get('version')!r} is not supported (this stem reads {READABLE})")
     try:
         router = ElasticRouter(
             int(data["num_layers"]), int(data["num_kv_heads"]), int(data["head_dim"]), hidden=int(data["hidden"]),
-            dense_layers=data.get("dense_layers", ()), model=str(data.get("model", "")),
+            dense_layers=data.get("dense_layers", ()), model=data.get("model", ""),
             target_sparsity=data.get("target_sparsity"), training=data.get("training"),
         )
         router.load_state_dict(data["state_dict"])
+        router.code_version = data.get("code")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"router file {str(path)!r} is damaged: {str(e).splitlines()[0]}") from None
     router.eval().requires_grad_(False)

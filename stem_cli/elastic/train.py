@@ -1,42 +1,112 @@
 """`stem train-router`: train the Elastic Attention router with the backbone frozen.
 
-Each step runs one synthetic retrieval prompt (stem_cli.elastic.calibrate.calibration_prompts:
-a needle in prose, the answer appended) through the model with a mixed-mode attention in
-every governed layer: each KV head's output is the straight-through Gumbel-softmax mixture
+Each step runs one synthetic prompt (RULER tasks of several families, the answer appended;
+`training_prompts`) through the model with a mixed-mode attention in every governed layer:
+each KV head's output is the straight-through Gumbel-softmax mixture
 
-    y = onehot(argmax(z)) - stopgrad(softmax(z)) + softmax(z),   z = (logits + Gumbel noise) / tau
+    y = onehot(argmax(z)) - stopgrad(softmax(z)) + softmax(z),   z = (logits + a g) / tau,  g ~ Gumbel
     O_h = y_dense O_dense + y_stem O_stem + y_streaming O_streaming
 
 so the forward computes exactly one mode per head (as at inference) while the gradient
-reaches all three logits. The Gumbel noise is scaled down linearly from 1 to 0 over the
-steps, so training ends on the noise-free argmax routing that inference runs (with full
-noise, the sampled sparsity and the argmax sparsity differ a lot). Loss = cross-entropy of the answer tokens
-+ sparsity_weight * (sparsity - target)^2, sparsity = mean over governed layers of the
-fraction of KV heads not dense (forced-dense layers count 0; every KV head has the same
-number of query heads, so this is Omega). Only the router's parameters train (AdamW).
+reaches all three logits. Schedules over the steps t = 0 .. T-1:
+
+    noise a(t)   = max(0, 1 - t / (noise_fraction T))       1 -> 0: the last (1 - noise_fraction) of the
+                                                             steps run the noise-free argmax inference runs
+    tau(t)       = tau_start (tau_end / tau_start)^(t / (T-1))   geometric
+
+The sparsity s of a forward = mean over governed layers of the fraction of KV heads whose
+sampled mode is not dense (forced-dense layers count 0; every KV head has the same number
+of query heads, so once a = 0 this is exactly the Omega inference reports). The loss is an
+augmented Lagrangian of the constraint s = target (method of multipliers):
+
+    L = CE(answer) + lambda (s - target) + (rho / 2) (s - target)^2,    lambda <- lambda + rho (s - target)
+
+after every step. The old loss, CE + w (s - target)^2 alone, settles where its pull
+2 w (s - target) balances the answer CE's preference for dense heads, i.e. short of the
+target by a gap that depends on the model and never closes; the multiplier lambda grows
+while s misses, so the constraint is met whatever the CE wants. Only the router trains
+(AdamW); lambda is state of the run (in checkpoints).
+
+Resumable and deterministic: the router is initialised from `seed` (its own RNG), the
+Gumbel noise comes from a generator seeded by `seed`, prompt t is prompts[t % len]; a
+checkpoint (router, optimizer, lambda, noise generator, step, curve) is written atomically
+every `checkpoint_every` steps, and resuming from it continues the same sequence: on the
+CPU an interrupted-then-resumed run ends with the same router, bit for bit.
 
 The three outputs are differentiable in q, k, v: dense and the two sparse modes run as
 SDPA with token masks built from their block indices (executor.masked_sdpa; selection
 itself is discrete and runs without gradient). That computes every causal pair, so
-training uses modest lengths (2K-4K); inference runs the block-sparse executor.
+training uses modest lengths; inference runs the block-sparse executor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stem_cli.elastic.calibrate import CalibrationPrompt, _progress, calibration_prompts
-from stem_cli.elastic.config import ElasticConfig
+from stem_cli.config import ConfigError
+from stem_cli.elastic.calibrate import _progress, calibration_prompts
+from stem_cli.elastic.config import DENSE, ElasticConfig
 from stem_cli.elastic.modes import PreRopeKeys, _stem_select, hook_pre_rope_keys, pooled_keys, streaming_index
-from stem_cli.elastic.router import ElasticRouter
+from stem_cli.elastic.router import ElasticRouter, architecture
 from stem_cli.executor import dense_attention, masked_sdpa
 from stem_cli.hook import attention_modules, handling
+
+CHECKPOINT_FORMAT = "stem-elastic-router-checkpoint"
+# RULER tasks the router trains on by default: retrieval (single and multi-key needles),
+# multi-hop tracing, aggregation (common and frequent words): inputs that want different heads dense.
+TRAINING_TASKS = ("niah_single_2", "niah_multikey_1", "vt", "cwe", "fwe")
+ANSWER_MARGIN = 64  # tokens left free for the appended answer (cwe's ten words)
+
+
+# ------------------------------------------------------------------ prompts
+
+
+@dataclass(frozen=True)
+class TrainingPrompt:
+    input_ids: torch.LongTensor  # (1, N): prompt + answer tokens
+    answer_start: int  # first answer token; positions answer_start-1 .. N-2 predict the answer
+    task: str
+
+
+def training_prompts(tokenizer, lengths, samples: int, seed: int, tasks=TRAINING_TASKS) -> list[TrainingPrompt]:
+    """`samples` prompts per (length, task), interleaved (task fastest, then length, then sample index),
+    each at most its length with the answer appended. tasks: RULER task names, or ('needle',) for the
+    built-in needle (any tokenizer, tiny models)."""
+    lengths = [int(n) for n in lengths]
+    if tuple(tasks) == ("needle",):
+        per_length = {n: calibration_prompts(tokenizer, n, samples, seed, "needle") for n in lengths}
+        return [TrainingPrompt(per_length[n][i].input_ids, per_length[n][i].answer_start, "needle")
+                for i in range(samples) for n in lengths]
+    from stem_cli.tasks import ruler
+
+    unknown = [t for t in tasks if t not in ruler.TASKS]
+    if unknown:
+        raise ValueError(f"router training task(s) {', '.join(map(repr, unknown))} unknown: use RULER tasks ({', '.join(ruler.TASKS)}) or 'needle'")
+    out = []
+    for i in range(samples):
+        for n in lengths:
+            for task in tasks:
+                sample = ruler.build_sample(task, tokenizer, n - ANSWER_MARGIN, seed=seed, index=i)
+                out.append(answered(tokenizer, sample.input_ids, sample.references, task))
+    return out
+
+
+def answered(tokenizer, ids, references, task: str) -> TrainingPrompt:
+    """The prompt with its references appended as the answer (", "-joined, as RULER's answers read)."""
+    answer_ids = tokenizer(" " + ", ".join(references), add_special_tokens=False)["input_ids"]
+    return TrainingPrompt(torch.tensor([list(ids) + list(answer_ids)], dtype=torch.long), len(ids), task)
+
+
+# ------------------------------------------------------------------ the mixed-mode attention (a stem_cli.hook handler)
 
 
 def relaxed_one_hot(logits: torch.Tensor, *, tau: float, hard: bool, generator: torch.Generator | None,
@@ -63,7 +133,8 @@ class MixedAttention:
     hard: bool = True
     generator: torch.Generator | None = None
     noise_scale: float = 1.0  # annealed by train_router
-    sparsity: list = field(default_factory=list)  # per governed layer, this forward
+    sparsity: list = field(default_factory=list)  # per governed layer, this forward: sampled fraction not dense
+    argmax_sparsity: list = field(default_factory=list)  # per governed layer: fraction not dense under noise-free argmax
     keys: PreRopeKeys = field(default_factory=PreRopeKeys)  # pre-RoPE keys, hooked by training_attention
 
     def attend(self, call) -> torch.Tensor | None:
@@ -76,10 +147,11 @@ class MixedAttention:
         dense = dense_attention(query, key, value, scale=scale, key_valid=key_valid)
         if not self.router.routes(layer):
             self.sparsity.append(torch.zeros((), device=query.device))
+            self.argmax_sparsity.append(0.0)
             return dense
         feats = pooled_keys(self.keys.take(layer), key, key_valid)
-        y = relaxed_one_hot(self.router.logits(layer, feats), tau=self.tau, hard=self.hard, generator=self.generator,
-                            noise_scale=self.noise_scale)  # (B, Hkv, 3)
+        logits = self.router.logits(layer, feats)
+        y = relaxed_one_hot(logits, tau=self.tau, hard=self.hard, generator=self.generator, noise_scale=self.noise_scale)  # (B, Hkv, 3)
         cfg = self.config
         with torch.no_grad():
             stem_index = _stem_select(query.detach(), key.detach(), value.detach(), cfg, scale, key_valid)
@@ -90,20 +162,24 @@ class MixedAttention:
                 masked_sdpa(query, key, value, stream_index, scale=scale, key_valid=key_valid))
         w = y.repeat_interleave(hq // hkv, dim=1).to(query.dtype)[..., None, None]  # (B, Hq, 3, 1, 1)
         out = sum(w[:, :, m] * o for m, o in enumerate(outs))
-        self.sparsity.append((1 - y[..., 0]).mean())
+        self.sparsity.append((1 - y[..., DENSE]).mean())
+        self.argmax_sparsity.append(float((logits.detach().argmax(-1) != DENSE).float().mean()))
         return out
 
 
-def router_loss(model, mixed: MixedAttention, prompt: CalibrationPrompt, *, target_sparsity: float, sparsity_weight: float):
-    """(loss, answer cross-entropy, sparsity) of one prompt; call inside training_attention(model, mixed)."""
+def router_loss(model, mixed: MixedAttention, prompt, *, target_sparsity: float, sparsity_weight: float, multiplier: float = 0.0):
+    """(loss, answer cross-entropy, sparsity) of one prompt; call inside training_attention(model, mixed).
+
+    loss = CE + multiplier (s - target) + (sparsity_weight / 2) (s - target)^2 (module docstring)."""
     device = next(model.parameters()).device
     ids = prompt.input_ids.to(device)
     answer = ids.shape[1] - prompt.answer_start
-    mixed.sparsity = []
+    mixed.sparsity, mixed.argmax_sparsity = [], []
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=answer + 1).logits[:, :answer].float()
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt.answer_start:].reshape(-1))
     sparsity = torch.stack(mixed.sparsity).mean()
-    return lm + sparsity_weight * (sparsity - target_sparsity) ** 2, lm, sparsity
+    gap = sparsity - target_sparsity
+    return lm + multiplier * gap + 0.5 * sparsity_weight * gap ** 2, lm, sparsity
 
 
 @contextlib.contextmanager
@@ -118,77 +194,175 @@ def training_attention(model, mixed: MixedAttention):
         mixed.keys.remove_hooks(handles)
 
 
-def new_router(model, *, model_name: str, config: ElasticConfig, target_sparsity: float, dense_layers=None, seed: int = 0) -> ElasticRouter:
+# ------------------------------------------------------------------ settings, router, checkpoints
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What decides a trained router (with the model and the elastic config): a checkpoint resumes only with equal settings."""
+
+    steps: int = 300
+    target_sparsity: float = 0.7
+    lengths: tuple = (2048,)
+    samples: int = 8  # per (length, task); cycled
+    tasks: tuple = TRAINING_TASKS
+    seed: int = 0
+    lr: float = 1e-2
+    sparsity_weight: float = 10.0  # rho
+    tau_start: float = 1.0
+    tau_end: float = 0.3
+    noise_fraction: float = 0.6
+    dense_layers: tuple | None = None  # None: the elastic config's default_dense_layers
+
+    def __post_init__(self):
+        object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.dense_layers is not None:
+            object.__setattr__(self, "dense_layers", tuple(sorted(int(x) for x in self.dense_layers)))
+        if not 0 <= self.target_sparsity <= 1:
+            raise ValueError(f"target_sparsity must lie in [0, 1], got {self.target_sparsity}")
+        if self.steps < 1 or self.samples < 1 or not self.lengths:
+            raise ValueError(f"steps={self.steps}, samples={self.samples} and lengths={self.lengths} must be >= 1 / non-empty")
+        if not (0 < self.tau_end and 0 < self.tau_start) or not 0 < self.noise_fraction <= 1:
+            raise ValueError(f"tau_start={self.tau_start}, tau_end={self.tau_end} must be > 0 and noise_fraction={self.noise_fraction} in (0, 1]")
+
+    def noise(self, step: int) -> float:
+        return max(0.0, 1.0 - step / (self.noise_fraction * self.steps))
+
+    def tau(self, step: int) -> float:
+        return self.tau_start * (self.tau_end / self.tau_start) ** (step / max(1, self.steps - 1))
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def new_router(model, *, model_name: str, config: ElasticConfig, target_sparsity: float, dense_layers=None, seed: int = 0,
+               weights: str | None = None) -> ElasticRouter:
+    """A fresh router for `model`, initialised from `seed` alone (its own RNG: the global one is left as it was)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    torch.manual_seed(seed)
-    router = ElasticRouter(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, model=model_name, target_sparsity=target_sparsity,
-        dense_layers=config.default_dense_layers if dense_layers is None else dense_layers,
-    )
-    router.init_prior(target_sparsity)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        router = ElasticRouter(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, target_sparsity=target_sparsity,
+            model={"name": model_name, "weights": weights, "architecture": architecture(model)},
+            dense_layers=config.default_dense_layers if dense_layers is None else dense_layers,
+        )
+    router.init_prior(target_sparsity * router.num_layers / max(1, len(router.layers)))  # the routed layers carry the target
     return router.to(next(model.parameters()).device)
 
 
-def train_router(
-    model,
-    tokenizer,
-    *,
-    model_name: str,
-    config: ElasticConfig,
-    steps: int = 200,
-    target_sparsity: float = 0.7,
-    seq_len: int = 2048,
-    samples: int = 16,
-    seed: int = 0,
-    lr: float = 1e-3,
-    sparsity_weight: float = 10.0,
-    tau: float = 1.0,
-    dense_layers=None,
-    source: str | None = None,
-    console=None,
-) -> tuple[ElasticRouter, list[dict]]:
-    """Train a router for `model` (frozen) on `samples` seeded prompts, one per step, cycling."""
-    if not 0 <= target_sparsity <= 1:
-        raise ValueError(f"target_sparsity must lie in [0, 1], got {target_sparsity}")
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _identity(settings: TrainSettings, model_name: str, config: ElasticConfig, weights: str | None) -> dict:
+    return {"settings": settings.as_dict(), "model": model_name, "weights": weights, "elastic_config": config_fields(config)}
+
+
+def config_fields(config: ElasticConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k not in ("head_map", "router")}
+
+
+def load_checkpoint(path: Path, identity: dict) -> dict:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{str(path)!r} is not a router training checkpoint")
+    if data["identity"] != identity:
+        theirs, mine = data["identity"], identity
+        diff = sorted({k for k in (*theirs.get("settings", {}), *mine["settings"]) if theirs.get("settings", {}).get(k) != mine["settings"].get(k)}
+                      | {k for k in ("model", "weights", "elastic_config") if theirs.get(k) != mine[k]})
+        raise ConfigError(f"checkpoint {str(path)!r} belongs to another training run (differs in {', '.join(diff)}): "
+                          "resume with the same settings, or leave out --resume to start afresh")
+    return data
+
+
+# ------------------------------------------------------------------ training
+
+
+def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, settings: TrainSettings = TrainSettings(),
+                 weights: str | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 25,
+                 resume: bool = False, console=None, prompts: list | None = None) -> tuple[ElasticRouter, list[dict]]:
+    """Train a router for `model` (frozen): one prompt per step, cycling; returns (router, curve).
+
+    `checkpoint`: file written every `checkpoint_every` steps and at the end; with `resume` a
+    run continues from it (ConfigError when it belongs to other settings). `prompts`: the
+    training prompts (default: training_prompts of the settings)."""
+    s = settings
     t0 = time.perf_counter()
-    prompts = calibration_prompts(tokenizer, seq_len, samples, seed, source)
-    router = new_router(model, model_name=model_name, config=config, target_sparsity=target_sparsity, dense_layers=dense_layers, seed=seed)
+    prompts = prompts if prompts is not None else training_prompts(tokenizer, s.lengths, s.samples, s.seed, s.tasks)
+    router = new_router(model, model_name=model_name, config=config, target_sparsity=s.target_sparsity,
+                        dense_layers=s.dense_layers, seed=s.seed, weights=weights)
     router.train().requires_grad_(True)
     model.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(router.parameters(), lr=lr)
-    mixed = MixedAttention(router, config, tau=tau, hard=True, generator=torch.Generator().manual_seed(seed))
-    history = []
+    opt = torch.optim.AdamW(router.parameters(), lr=s.lr)
+    generator = torch.Generator().manual_seed(s.seed)
+    mixed = MixedAttention(router, config, tau=s.tau_start, hard=True, generator=generator)
+    history: list[dict] = []
+    multiplier, start, seconds_before = 0.0, 0, 0.0
+    checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else None
+    identity = _identity(s, model_name, config, weights)
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {str(checkpoint)!r} (a run writes one every {checkpoint_every} steps)")
+        state = load_checkpoint(checkpoint, identity)
+        router.load_state_dict(state["router"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        multiplier, start, history = float(state["multiplier"]), int(state["step"]), list(state["history"])
+        seconds_before = float(state.get("seconds", 0.0))
+        if console is not None:
+            console.print(f"[dim]resuming from {checkpoint} at step {start} of {s.steps}[/]")
+
+    def save_checkpoint(step: int) -> None:
+        if checkpoint is None:
+            return
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save({"format": CHECKPOINT_FORMAT, "identity": identity, "step": step, "multiplier": multiplier,
+                      "router": {k: v.detach().cpu() for k, v in router.state_dict().items()}, "optimizer": opt.state_dict(),
+                      "generator": generator.get_state(), "history": history,
+                      "seconds": seconds_before + time.perf_counter() - t0}, checkpoint)
+
     progress = _progress(console, "steps")
     with progress or contextlib.nullcontext(), training_attention(model, mixed):
-        task = progress.add_task(f"training the router of {model_name}", total=steps) if progress else None
-        for step in range(steps):
-            mixed.noise_scale = 1.0 - step / steps  # ends near the noise-free argmax that inference runs
-            loss, lm, sparsity = router_loss(model, mixed, prompts[step % len(prompts)], target_sparsity=target_sparsity,
-                                             sparsity_weight=sparsity_weight)
+        task = progress.add_task(f"training the router of {model_name}", total=s.steps, completed=start) if progress else None
+        for step in range(start, s.steps):
+            tic = time.perf_counter()
+            mixed.noise_scale, mixed.tau = s.noise(step), s.tau(step)
+            prompt = prompts[step % len(prompts)]
+            loss, lm, sparsity = router_loss(model, mixed, prompt, target_sparsity=s.target_sparsity,
+                                             sparsity_weight=s.sparsity_weight, multiplier=multiplier)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"step": step, "loss": loss.item(), "lm": lm.item(), "sparsity": sparsity.item()})
+            gap = float(sparsity.detach()) - s.target_sparsity
+            history.append({"step": step, "loss": loss.item(), "lm": lm.item(), "sparsity": float(sparsity.detach()),
+                            "omega": sum(mixed.argmax_sparsity) / len(mixed.argmax_sparsity), "multiplier": multiplier,
+                            "tau": mixed.tau, "noise": mixed.noise_scale, "task": prompt.task,
+                            "tokens": int(prompt.input_ids.shape[1]), "seconds": round(time.perf_counter() - tic, 4)})
+            multiplier += s.sparsity_weight * gap  # dual ascent on the constraint s = target
+            if (step + 1) % checkpoint_every == 0 or step + 1 == s.steps:
+                save_checkpoint(step + 1)
             if progress:
                 h = history[-1]
-                progress.update(task, advance=1, description=f"router {model_name}: loss {h['loss']:.3f} lm {h['lm']:.3f} sparsity {h['sparsity']:.2f}")
-        # Noise-free argmax (what inference does) on the first prompts.
-        router.eval()
-        mixed.generator = None
-        with torch.no_grad():
-            evals = [router_loss(model, mixed, p, target_sparsity=target_sparsity, sparsity_weight=sparsity_weight) for p in prompts[:4]]
-    router.requires_grad_(False)
-    last = history[-min(len(history), 10):] if history else []
+                progress.update(task, advance=1, description=f"router {model_name}: loss {h['loss']:.3f} CE {h['lm']:.3f} "
+                                f"Omega {h['omega']:.2f} (target {s.target_sparsity:.2f})")
+    router.eval().requires_grad_(False)
+    tail = history[-max(1, min(len(history), max(10, s.steps // 10))):]
+    router.target_sparsity = s.target_sparsity
     router.training_info = {
-        "steps": steps, "seq_len": seq_len, "samples": samples, "seed": seed, "lr": lr, "sparsity_weight": sparsity_weight,
-        "tau": tau, "source": prompts[0].source if prompts else source, "dense_layers": list(router.dense_layers),
-        "parameters": router.num_parameters(),
-        "final_loss": _mean(h["loss"] for h in last), "final_lm": _mean(h["lm"] for h in last),
-        "final_sparsity": _mean(h["sparsity"] for h in last),
-        "eval_lm": _mean(float(e[1]) for e in evals), "eval_sparsity": _mean(float(e[2]) for e in evals),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "elastic_config": {f: getattr(config, f) for f in ("block_size", "streaming_sink_tokens", "streaming_window_tokens", "mu", "beta", "k_scale")},
+        **s.as_dict(), "dense_layers": list(router.dense_layers), "parameters": router.num_parameters(),
+        "prompts": len(prompts), "prompt_tokens": sorted({int(p.input_ids.shape[1]) for p in prompts}),
+        "final_loss": _mean(h["loss"] for h in tail), "final_lm": _mean(h["lm"] for h in tail),
+        "final_omega": _mean(h["omega"] for h in tail), "final_steps": len(tail),
+        "seconds": round(seconds_before + time.perf_counter() - t0, 2), "resumed_at": start if resume else None,
+        "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "elastic_config": config_fields(config), "curve": history,
     }
     return router, history
 

@@ -224,3 +224,39 @@ def plot_fidelity_positions(rows: list[dict], path: str | Path, title: str) -> P
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: float) -> Path:
+    """Router training: loss and answer cross-entropy per step (left); Omega per step against its target (right)."""
+    if not curve:
+        raise ValueError("plot_router_curve: no training steps to plot")
+    path = Path(path)
+    steps = [h["step"] for h in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
+    left.plot(steps, [h["loss"] for h in curve], color="C0", linewidth=0.8, label="loss (CE + multiplier term + penalty)")
+    left.plot(steps, [h["lm"] for h in curve], color="C1", linewidth=0.8, alpha=0.8, label="answer cross-entropy")
+    left.set_xlabel("step")
+    left.set_ylabel("nats")
+    left.set_title("loss")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.plot(steps, [100 * h["omega"] for h in curve], color="C2", linewidth=1, label="Omega (argmax routing)")
+    right.plot(steps, [100 * h["sparsity"] for h in curve], color="C2", linewidth=0.6, alpha=0.4, linestyle=":",
+               label="sampled sparsity (with Gumbel noise)")
+    right.axhline(100 * target, color="black", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    right.axhspan(100 * (target - 0.05), 100 * (target + 0.05), color="black", alpha=0.07, label="target +-5 points")
+    noise_end = next((h["step"] for h in curve if h.get("noise", 1) == 0), None)
+    if noise_end is not None:
+        right.axvline(noise_end, color="#a0a0a0", linewidth=1, linestyle="-.", label="Gumbel noise off")
+    right.set_xlabel("step")
+    right.set_ylabel("heads not dense (%)")
+    right.set_ylim(0, 100)
+    right.set_title("model sparsity Omega")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

@@ -34,6 +34,7 @@ _LAZY = {
     "Answers": "stem_cli.runs.answer",
     "calibrate": "stem_cli.runs.elastic",
     "train_router": "stem_cli.runs.elastic",
+    "elastic_omega": "stem_cli.runs.elastic",
     "UsageError": "stem_cli.errors",
 }
 

@@ -56,6 +56,10 @@ def bud_curve(model, method: str, config, values: list[float], probes: torch.Ten
     pairs_cache: dict[tuple, torch.Tensor] = {}
 
     split = m.estimate is not None and m.choose is not None
+    # A method with run state (elastic with a router: its pre-RoPE key hooks) is probed as a run would
+    # run it, so the router routes on the keys it was trained on; the knob does not touch that state.
+    state = m.prepare(model, config) if m.prepare is not None else None
+    extra = {} if state is None else {"state": state}
 
     def probe(layer, q, k, v, scale, key_valid):
         batch, hq, n, _ = q.shape
@@ -77,7 +81,7 @@ def bud_curve(model, method: str, config, values: list[float], probes: torch.Ten
                     estimated = m.estimate(q, k, v, layer=layer, config=cfg, scale=scale, key_valid=key_valid)
                 index = m.choose(estimated, seq_len=n, config=cfg, key_valid=key_valid)
             else:
-                index = m.select(q, k, v, layer=layer, config=cfg, scale=scale, key_valid=key_valid)
+                index = m.select(q, k, v, layer=layer, config=cfg, scale=scale, key_valid=key_valid, **extra)
             if index.block_size != block:
                 pairs = block_pair_counts(key_valid, batch, n, index.block_size, device=q.device)
             done[i] += float(computed_pairs(index, pairs, hq))
@@ -92,6 +96,8 @@ def bud_curve(model, method: str, config, values: list[float], probes: torch.Ten
                 on_probe(i)
     finally:
         runtime.probe = None
+        if state is not None and hasattr(state, "keys"):  # elastic's key hooks, installed by its prepare above
+            state.keys.remove_hooks()
     if not total[0]:
         raise ConfigError(f"method {method!r}: the model has no layer this method governs at {probes[0].shape[1]} tokens")
     return [d / total[0] for d in done]

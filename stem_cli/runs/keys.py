@@ -57,6 +57,17 @@ def versionless(parts: dict[str, Any]) -> str:
     return key_of({k: v for k, v in parts.items() if k != "generator"})
 
 
+def config_files(config) -> dict[str, str]:
+    """sha256 of the files a method's config names (elastic's head_map, router): a result made with a file
+    retrained in place is not reused. Empty for every config that names none (their keys stay as they were)."""
+    out = {}
+    for name in ("head_map", "router"):
+        where = getattr(config, name, "")
+        if where and Path(where).expanduser().is_file():
+            out[name] = file_sha256(Path(where).expanduser())
+    return out
+
+
 def ids_digest(ids) -> str:
     """A short hash of token ids (a list, or a tensor's rows)."""
     if hasattr(ids, "tolist"):

@@ -37,7 +37,8 @@ class Knobs:
     def key_parts(self, method: str, config, seq_len: int, target: float, probes: list) -> dict[str, Any]:
         return {"weights": self.weights, "dtype": self.dtype, "method": method, "config": config_dict(config), "seq_len": seq_len,
                 "target": target, "probes": keys.ids_digest([p.tolist() for p in probes]),
-                "solver": {"version": solver.SOLVER_VERSION, "grid": solver.GRID, "tolerance": solver.TOLERANCE}}
+                "solver": {"version": solver.SOLVER_VERSION, "grid": solver.GRID, "tolerance": solver.TOLERANCE},
+                **({"files": files} if (files := keys.config_files(config)) else {})}
 
     def solve(self, model, method: str, config, seq_len: int, target: float, probes: list,
               progress: solver.Progress | None = None) -> tuple[Any, dict, bool]:

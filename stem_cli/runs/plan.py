@@ -18,7 +18,10 @@ def methods_and_configs(methods: str | Iterable[str], config: str | Path | None 
     from stem_cli.registry import build_configs, parse_method_list
 
     names = parse_method_list([methods] if isinstance(methods, str) else list(methods))
-    return names, build_configs(names, str(config) if config else None, list(overrides))
+    configs = build_configs(names, str(config) if config else None, list(overrides))
+    if "elastic-router" in configs and not configs["elastic-router"].router:
+        raise UsageError("elastic-router needs its router: --set elastic-router.router=FILE (from `stem train-router`)")
+    return names, configs
 
 
 def parse_lengths(lengths: str | int | Iterable[int | str]) -> list[int]:
@@ -96,6 +99,7 @@ def jobs(model, runner, names: list[str], configs: dict, lengths: list[int], ref
     from stem_cli.units import format_length
 
     knobs = knobs if knobs is not None else Knobs(None, runner.identity["weights"], runner.settings.dtype)
+    check_routers(configs, runner.identity["weights"])
     out = []
     with solving_display(console) as progress_for:
         for n in lengths:
@@ -112,6 +116,15 @@ def jobs(model, runner, names: list[str], configs: dict, lengths: list[int], ref
                               f"on {len(probe)} probe prompt(s){' (solved before, reused)' if stored else ''}[/]")
                 out.append(Job(name, config, n, knob=info))
     return out
+
+
+def check_routers(configs: dict, weights: str) -> None:
+    """A router trained on other weights (same architecture: apply-time checks pass) is refused before any work."""
+    for name, config in configs.items():
+        if getattr(config, "router", ""):
+            from stem_cli.elastic.router import load_router
+
+            load_router(config.router).check_weights(weights, where=f"{name}: router {config.router!r}")
 
 
 def probe_prompts(runner, refs: list, n: int, model, most: int = 3) -> list:

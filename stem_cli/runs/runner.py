@@ -112,6 +112,8 @@ class Runner:
         """Everything that makes this result (see stem_cli/runs/keys.py); `sample` None: lm-eval's aggregate."""
         parts = {"weights": self.identity["weights"], "dtype": self.settings.dtype, "method": job.method,
                  "config": config_dict(job.config), "task": ref.name, "seq_len": job.seq_len, **self.task_components(ref)}
+        if files := keys.config_files(job.config):  # a head map / router by content, not only by path
+            parts["files"] = files
         if sample is None:
             return {**parts, "sample": "aggregate"}
         parts.update(sample=sample.id, prompt=keys.ids_digest(sample.input_ids))

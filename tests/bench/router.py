@@ -1,0 +1,273 @@
+"""Elastic Attention's router on the GPU, in one run: train it, measure its Omega per task, time its overhead.
+
+    python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # on a CUDA GPU, < 6 minutes
+    python -m tests.bench.router --model tiny-llama --device cpu --smoke           # seconds, no GPU (tests)
+
+A benchmark, not part of the package (it imports stem_cli, never the other way round).
+
+1. Training (stem_cli/elastic/train.py, backbone frozen, bf16): SmolLM2-135M on the default
+   RULER mix at --lengths (4K and 8K), block size 32, target Omega --target. The steps are
+   --steps, or fewer when a timed first step says they would not fit in --train-seconds
+   (said so in the JSON: "steps_planned", "steps"). Router file, its JSON and the curve PNG
+   go to OUTPUT/elastic/router-<model>-<lengths>-<gpu>.{pt,json,png}.
+2. Adaptivity: Omega the router chooses on held-out RULER prompts (seed + 1000) per task and
+   family (retrieval niah_*, multi-hop vt, aggregation cwe/fwe), beside a head map calibrated
+   at the router's own final Omega (matched Omega; stem_cli.runs.elastic.elastic_omega).
+3. Overhead per pre-fill at --time-lengths: CUDA events around (a) the router alone: per
+   routed layer, pooling the layer's real pre-RoPE keys (first / last 100 tokens) + the two
+   MLPs + argmax + the copy of the modes to the host (the one sync per layer a run pays),
+   summed over layers; (b) the whole pre-fill (one forward, logits of the last token) with
+   dense attention and with elastic + this router. Median of --repeat after --warmup.
+   The published router costs about 0.2 ms, constant in length: (a) should not grow with N.
+
+Correctness first: the router's modes from this script's pooling equal the modes the
+method records in a real pre-fill (exit code 1 when they differ).
+
+JSON (GPU, versions, command, every number): OUTPUT/elastic/router-bench-<date>-<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import stem_cli
+from stem_cli.elastic.config import ElasticConfig
+from stem_cli.elastic.modes import pooled_keys
+from stem_cli.elastic.train import TrainSettings, train_router
+from stem_cli.environment import environment, slug, software
+from stem_cli.hook import attention_modules
+from stem_cli.models import load_model
+from stem_cli.report.plots import plot_router_curve
+from stem_cli.runs.elastic import elastic_omega, router_record
+from stem_cli.runs.keys import weights_identity
+from stem_cli.units import format_length
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.router", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="alias or .gguf / folder path (default smollm2-135m)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--lengths", default="4k,8k", help="training prompt lengths")
+    p.add_argument("--time-lengths", default="4k,8k,16k,32k", help="pre-fill lengths timed")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--train-seconds", type=float, default=210.0, help="training wall-time budget (steps cut to fit)")
+    p.add_argument("--target", type=float, default=0.7, help="target Omega")
+    p.add_argument("--samples", type=int, default=8, help="training prompts per length and task")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--omega-limit", type=int, default=2, help="held-out prompts per task for the Omega table")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--output", default="profiles")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (the tests run this)")
+    return p
+
+
+def _lengths(text: str) -> list[int]:
+    from stem_cli.runs.plan import parse_lengths
+
+    return parse_lengths(text)
+
+
+class Events:
+    """Elapsed milliseconds of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            return start.elapsed_time(stop)
+        tic = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - tic)
+
+
+def median_ms(timer: Events, fn, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        timer(fn)
+    return statistics.median(timer(fn) for _ in range(repeat))
+
+
+def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, timer: Events, warmup: int, repeat: int) -> dict:
+    """Router alone vs whole pre-fills (dense; elastic with the router) at n tokens, on one random-token prompt."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(n)
+    ids = torch.randint(100, model.config.vocab_size - 100, (1, n), generator=gen).to(device)
+    # The real pre-RoPE keys (k_proj / k_norm outputs) of every routed layer, from one dense forward.
+    from stem_cli.elastic.modes import key_source
+
+    captured, hooks = {}, []
+    for m in attention_modules(model):
+        if router.routes(m.layer_idx) and getattr(m, "sliding_window", None) is None:  # as elastic's prepare: full-attention layers
+            hooks.append(key_source(m).register_forward_hook(lambda _m, _i, out, l=m.layer_idx: captured.__setitem__(l, out.detach())))
+    stem_cli.apply(model, "dense")
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    for h in hooks:
+        h.remove()
+    hkv, d = router.num_kv_heads, router.head_dim
+    post = {l: k.view(1, n, hkv, d).transpose(1, 2) for l, k in captured.items()}  # stands in for the post-RoPE k (shape only)
+
+    def route_all():
+        out = {}
+        with torch.no_grad():
+            for layer, pre in captured.items():
+                out[layer] = router.modes(layer, pooled_keys(pre, post[layer], None)).cpu()
+        return out
+
+    def prefill():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    router_ms = median_ms(timer, route_all, warmup, repeat)
+    stem_cli.apply(model, "dense")
+    dense_ms = median_ms(timer, prefill, warmup, repeat)
+    runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
+    elastic_ms = median_ms(timer, prefill, warmup, repeat)
+    runtime.recorder.reset()
+    prefill()
+    recorded = runtime.recorder.elastic.last_modes
+    mine = {l: [[["dense", "stem", "streaming"][m] for m in row] for row in v.tolist()] for l, v in route_all().items()}
+    agree = all(recorded.get(l) == mine[l] for l in mine)
+    omega = runtime.recorder.elastic.omega
+    bud = runtime.recorder.bud
+    stem_cli.apply(model, "dense")
+    return {"seq_len": n, "router_ms": router_ms, "router_ms_per_layer": router_ms / max(1, len(captured)), "routed_layers": len(captured),
+            "prefill_dense_ms": dense_ms, "prefill_elastic_router_ms": elastic_ms, "router_fraction_of_elastic_prefill": router_ms / elastic_ms,
+            "omega": omega, "bud": bud, "modes_match_the_run": agree}
+
+
+def _fields(config: ElasticConfig) -> dict:
+    from stem_cli.elastic.train import config_fields
+
+    return config_fields(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --smoke", file=sys.stderr)
+        return 2
+    lengths, time_lengths = _lengths(args.lengths), _lengths(args.time_lengths)
+    steps, omega_limit = args.steps, args.omega_limit
+    config = ElasticConfig(block_size=args.block_size)
+    if args.smoke:
+        lengths, time_lengths, steps, omega_limit = [512], [512, 1024], min(steps, 4), 1
+        config = ElasticConfig(block_size=16, k_start=3, sink_blocks=1, window_blocks=1, streaming_sink_tokens=16,
+                               streaming_window_tokens=32, default_dense_layers=(0,))
+    out_dir = Path(args.output) / "elastic"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model, dtype=args.dtype, device=str(device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    env = environment(device, None)
+    where = slug(env.get("gpu", {}).get("name", "cpu") if isinstance(env.get("gpu"), dict) else str(env.get("gpu", "cpu")))
+    record = {"bench": "router", "command": list(sys.argv), "argv": list(argv) if argv is not None else list(sys.argv[1:]),
+              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": env, "versions": software(),
+              "model": args.model, "weights": weights_identity(loaded), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "elastic_config": _fields(config)}
+    tasks = ("needle",) if args.smoke else None
+    settings = dict(target_sparsity=args.target, lengths=lengths, samples=1 if args.smoke else args.samples, seed=0,
+                    **({"tasks": tasks} if tasks else {}))
+    # Plan the steps: one timed step of a throwaway run (per length: the longest prompts cost the most).
+    from stem_cli.elastic.train import training_prompts
+
+    timer = Events(device)
+    dropped = []
+    while True:
+        prompts = training_prompts(tokenizer, lengths, settings["samples"], 0, tasks or TrainSettings().tasks)
+        probe = [max(prompts, key=lambda p: p.input_ids.shape[1])]
+        try:
+            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 1}), prompts=probe)
+            tic = time.perf_counter()
+            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 2}), prompts=probe)
+            per_step = (time.perf_counter() - tic) / 2
+            break
+        except torch.cuda.OutOfMemoryError:
+            # Training runs every mode as masked SDPA (all causal pairs, with gradients): the longest length may not fit.
+            torch.cuda.empty_cache()
+            if len(lengths) == 1:
+                raise
+            dropped.append(lengths.pop())
+            settings["lengths"] = lengths
+            print(f"notice: router training at {format_length(dropped[-1])} ran out of GPU memory; training at "
+                  f"{', '.join(map(format_length, lengths))} only", flush=True)
+    planned = steps
+    steps = max(2, min(steps, int(args.train_seconds / max(per_step, 1e-6)))) if not args.smoke else steps
+    record["training"] = {"lengths": lengths, "lengths_dropped_for_memory": dropped, "steps_planned": planned, "steps": steps, "longest_step_s": per_step, "train_seconds_budget": args.train_seconds}
+    print(f"router training: {steps} steps (asked {planned}; longest step {per_step:.2f} s)", flush=True)
+
+    name = f"router-{slug(Path(args.model).stem if args.model.endswith('.gguf') else args.model)}-{'-'.join(format_length(n) for n in lengths)}-{where}"
+    path = out_dir / f"{name}.pt"
+    router, curve = train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": steps}),
+                                 weights=record["weights"]["weights"], prompts=prompts, checkpoint=out_dir / f"{name}.ckpt",
+                                 checkpoint_every=max(1, steps // 4))
+    router.save(path)
+    (out_dir / f"{name}.ckpt").unlink(missing_ok=True)  # the run finished: the router file holds everything
+    info = router.training_info
+    path.with_suffix(".json").write_text(json.dumps(router_record(router), indent=1, default=str))
+    plot_router_curve(curve, path.with_suffix(".png"), f"router of {args.model} at {', '.join(map(format_length, lengths))}: {steps} steps, "
+                      f"target {args.target:.0%}, final Omega {info['final_omega']:.1%} ({where}, {info['seconds']:.0f} s)", args.target)
+    record["training"].update({"router": str(path), "seconds": info["seconds"], "final_omega": info["final_omega"],
+                               "final_lm": info["final_lm"], "omega_within_0.05": abs(info["final_omega"] - args.target) <= 0.05})
+    print(f"trained in {info['seconds']:.0f} s: final Omega {info['final_omega']:.3f} (target {args.target})", flush=True)
+
+    # Adaptivity: Omega per task family on held-out prompts, beside a map calibrated at the router's Omega.
+    from stem_cli.elastic.calibrate import calibrate
+    from stem_cli.elastic.headmap import save_head_map
+
+    cal_len = lengths[0]
+    head_map = calibrate(model, tokenizer, model_name=args.model, config=config, target_sparsity=round(info["final_omega"], 3),
+                         seq_len=cal_len, samples=1 if args.smoke else 4, source="needle" if args.smoke else None)
+    map_path = save_head_map(head_map, out_dir / f"head-map-{name.removeprefix('router-')}.json")
+    omega_tasks = ["ruler/niah_single_1"] if args.smoke else ["ruler"]
+    if args.smoke:
+        record["adaptivity"] = {"skipped": "smoke run: the byte tokenizer cannot fit RULER prompts this short"}
+    else:
+        table = elastic_omega(args.model, router=path, head_map=map_path, tasks=omega_tasks, seq_len=",".join(map(str, lengths)),
+                              limit=omega_limit, device=str(device), dtype=args.dtype, output=out_dir / f"omega-{name.removeprefix('router-')}.json")
+        record["adaptivity"] = {"head_map": str(map_path), "rows": table.rows, "families": table.families, "json": str(table.path)}
+        for f in table.families:
+            print(f"Omega {f['family']:<12} {f['omega']:.3f} (map {f['map_omega']:.3f}) over {f['n']} prompts", flush=True)
+
+    # Overhead per pre-fill.
+    rows, ok = [], True
+    for n in time_lengths:
+        try:
+            row = time_overhead(model, router, path, config, n, timer, args.warmup, args.repeat)
+        except torch.cuda.OutOfMemoryError as e:
+            row = {"seq_len": n, "status": f"OOM: {str(e).splitlines()[0][:200]}"}
+            torch.cuda.empty_cache()
+        rows.append(row)
+        ok &= row.get("modes_match_the_run", True)
+        if "router_ms" in row:
+            print(f"{format_length(n):>5}: router {row['router_ms']:.3f} ms ({row['routed_layers']} layers), pre-fill dense "
+                  f"{row['prefill_dense_ms']:.1f} ms, elastic+router {row['prefill_elastic_router_ms']:.1f} ms "
+                  f"(router {row['router_fraction_of_elastic_prefill']:.2%}), Omega {row['omega']:.2f}, BUD {row['bud']:.2f}", flush=True)
+    record["overhead"] = rows
+    record["checks"] = {"router_modes_match_the_run": ok}
+    record["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    bench = out_dir / f"router-bench-{stamp}-{where}.json"
+    bench.write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {bench}, {path} (+ .json, .png), {map_path}; {record['elapsed_s']:.0f} s", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Elastic Attention's router (issue 15): training reaches its Omega target, resumes bit for bit,
+records its model and refuses another, routes deterministically, and is probed as it runs.
+
+CPU only, tiny random models, the built-in needle prompts."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stem_cli
+from stem_cli.cli import app
+from stem_cli.config import ConfigError
+from stem_cli.elastic import modes as modes_module
+from stem_cli.elastic import train as train_module
+from stem_cli.elastic.config import DENSE, ElasticConfig
+from stem_cli.elastic.router import FORMAT, VERSION, architecture, load_router
+from stem_cli.elastic.train import TrainSettings, train_router, training_prompts
+from stem_cli.models import load_model
+
+SMALL = dict(block_size=16, k_start=3, sink_blocks=1, window_blocks=1, streaming_sink_tokens=16, streaming_window_tokens=32,
+             default_dense_layers=(0,))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama", device="cpu")  # 4 layers, 4 query / 2 KV heads, head dim 16, byte tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    return training_prompts(tiny.tokenizer, (512,), 2, 0, ("needle",))
+
+
+def _train(tiny, prompts, **kw):
+    settings = TrainSettings(**{"steps": 6, "target_sparsity": 0.5, "lengths": (512,), "samples": 2, "tasks": ("needle",),
+                                **kw.pop("settings", {})})
+    return train_router(tiny.model, tiny.tokenizer, model_name="tiny-llama", config=ElasticConfig(**SMALL), settings=settings,
+                        weights=kw.pop("weights", "sha256:tiny"), prompts=prompts, **kw)
+
+
+def _omega_by_hand(router, model, ids) -> float:
+    """Omega of the router's argmax routing, recomputed from each layer's k_proj output (pre-RoPE keys)."""
+    captured = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o))
+             for l, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    not_dense = []
+    for layer in range(router.num_layers):
+        if not router.routes(layer):
+            not_dense += [0.0] * router.num_kv_heads
+            continue
+        keys = captured[layer].reshape(1, ids.shape[1], router.num_kv_heads, router.head_dim).double()
+        feats = torch.cat([keys[0, :100].mean(0), keys[0, -100:].mean(0)], -1)[None].float()
+        not_dense += (router.logits(layer, feats)[0].argmax(-1) != DENSE).float().tolist()
+    return sum(not_dense) / len(not_dense)
+
+
+def test_training_reaches_a_toy_omega_target(tiny, prompts):
+    """The multiplier drives argmax Omega (what inference runs) to the target once the Gumbel noise is off."""
+    router, curve = _train(tiny, prompts, settings={"steps": 24, "target_sparsity": 0.5, "noise_fraction": 0.5})
+    last = curve[-6:]
+    assert all(h["noise"] == 0 for h in last)
+    assert all(abs(h["omega"] - 0.5) <= 0.05 for h in last), [h["omega"] for h in curve]
+    # The curve's Omega is the routing inference runs: recompute it from the model's own keys.
+    for p in prompts:
+        assert _omega_by_hand(router, tiny.model, p.input_ids) == pytest.approx(0.5, abs=0.05)
+
+
+def test_resumed_run_gives_the_same_router_bit_for_bit(tiny, prompts, tmp_path, monkeypatch):
+    whole, whole_curve = _train(tiny, prompts)
+    calls = {"n": 0}
+    real = train_module.router_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # step index 4: the checkpoint holds 4 finished steps
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    ckpt = tmp_path / "r.ckpt"
+    monkeypatch.setattr(train_module, "router_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, prompts, checkpoint=ckpt, checkpoint_every=2)
+    monkeypatch.setattr(train_module, "router_loss", real)
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    resumed, resumed_curve = _train(tiny, prompts, checkpoint=ckpt, checkpoint_every=2, resume=True)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+    drop = lambda curve: [{k: v for k, v in h.items() if k != "seconds"} for h in curve]  # noqa: E731
+    assert drop(whole_curve) == drop(resumed_curve)
+    assert resumed.training_info["resumed_at"] == 4
+    # Another seed is another run: resuming its checkpoint with other settings is refused.
+    with pytest.raises(ConfigError, match="differs in seed"):
+        _train(tiny, prompts, settings={"seed": 1}, checkpoint=ckpt, resume=True)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        _train(tiny, prompts, checkpoint=tmp_path / "none.ckpt", resume=True)
+
+
+def test_same_seed_same_router_other_seed_another(tiny, prompts):
+    a, _ = _train(tiny, prompts, settings={"steps": 2})
+    b, _ = _train(tiny, prompts, settings={"steps": 2})
+    c, _ = _train(tiny, prompts, settings={"steps": 2, "seed": 3})
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not all(torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict())
+
+
+def test_router_file_schema_and_wrong_model(tiny, prompts, tmp_path):
+    router, curve = _train(tiny, prompts, settings={"steps": 3})
+    path = router.save(tmp_path / "r.pt")
+    data = torch.load(path, weights_only=True)
+    assert data["format"] == FORMAT and data["version"] == VERSION == 2
+    assert data["model"] == {"name": "tiny-llama", "weights": "sha256:tiny", "architecture": architecture(tiny.model)}
+    assert data["code"]["stem_version"] == stem_cli.__version__
+    info = data["training"]
+    assert info["lengths"] == [512] and info["target_sparsity"] == 0.5 and info["steps"] == 3
+    assert [h["step"] for h in info["curve"]] == [0, 1, 2] and all({"loss", "omega", "lm"} <= set(h) for h in info["curve"])
+    back = load_router(path)
+    assert back.model_info["weights"] == "sha256:tiny"
+    back.check_weights("sha256:tiny")
+    with pytest.raises(ConfigError, match="weights sha256:tiny but this model's weights are sha256:other"):
+        back.check_weights("sha256:other")
+    # Another model: a clear error at apply time, exit code 2 from the CLI.
+    qwen = load_model("tiny-qwen3", device="cpu")
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        stem_cli.apply(qwen.model, "elastic", router=str(path), **SMALL)
+    result = CliRunner().invoke(app, ["generate", "--model", "tiny-qwen3", "--needle", "600", "--method", "elastic",
+                                      "--set", f"router={path}", "--set", "block_size=16", "--max-new-tokens", "1"],
+                                env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "does not fit this model" in result.output
+
+
+def test_routing_is_deterministic_and_is_the_router_argmax(tiny, prompts, tmp_path):
+    router, _ = _train(tiny, prompts, settings={"steps": 3})
+    path = router.save(tmp_path / "r.pt")
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 250, (1, 300), generator=gen)
+    runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **SMALL)
+    seen = []
+    for _ in range(2):
+        runtime.recorder.reset()
+        with torch.no_grad():
+            tiny.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        seen.append((runtime.recorder.elastic.omega, json.dumps(runtime.recorder.elastic.last_modes, sort_keys=True)))
+    assert seen[0] == seen[1]
+    assert seen[0][0] == pytest.approx(_omega_by_hand(load_router(path), tiny.model, ids))
+
+
+def test_budget_probe_routes_on_pre_rope_keys(tiny, prompts, tmp_path):
+    """The equal-budget solver probes elastic with its router prepared: no post-RoPE fallback, and the
+    BUD it measures at a knob value is the BUD a real run at that value records."""
+    from stem_cli.runs.budget import bud_curve
+
+    router, _ = _train(tiny, prompts, settings={"steps": 2})
+    path = router.save(tmp_path / "r.pt")
+    config = ElasticConfig(**SMALL, router=str(path))
+    ids = torch.randint(3, 250, (1, 320), generator=torch.Generator().manual_seed(11))
+    modes_module._noticed.discard("elastic:post-rope")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probed = bud_curve(tiny.model, "elastic", config, [0.5, 2.0], [ids])
+    runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **{**SMALL, "k_scale": 0.5})
+    with torch.no_grad():
+        tiny.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    assert runtime.recorder.bud == pytest.approx(probed[0], abs=1e-9)
+
+
+def test_compare_calibrated_map_and_router_at_matched_budget(tiny, prompts, tmp_path):
+    """`stem compare dense elastic elastic-router` with a map and a router, each solved to the same BUD."""
+    from stem_cli.elastic.headmap import HeadMap, save_head_map
+
+    from stem_cli.runs.keys import weights_identity
+
+    router, _ = _train(tiny, prompts, settings={"steps": 1}, weights=weights_identity(tiny)["weights"])
+    with torch.no_grad():  # a router that picks stem for most heads, so the budget is reachable
+        for layer in router.layers.values():
+            layer.mode[-1].bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    path = router.save(tmp_path / "r.pt")
+    head_map = save_head_map(HeadMap("tiny-llama", 4, 2, [["dense", "dense"], ["stem", "dense"], ["stem", "streaming"], ["stem", "stem"]],
+                                     target_sparsity=0.5), tmp_path / "map.json")
+    small = [f"{k}={v}" for k, v in SMALL.items() if k != "default_dense_layers"]
+    common = dict(tasks=["ruler/niah_single_1"], lengths="600", limit=1, max_new_tokens=2, device="cpu", output=tmp_path / "runs")
+    with pytest.raises(stem_cli.errors.UsageError, match="elastic-router needs its router"):
+        stem_cli.compare("tiny-llama", ["elastic-router"], overrides=small, **common)
+    result = stem_cli.compare("tiny-llama", ["elastic", "elastic-router"], budget=0.7,
+                              overrides=[*small, f"elastic.head_map={head_map}", f"elastic-router.router={path}"], **common)
+    rows = {r["method"]: r for r in result.rows}
+    assert set(rows) == {"dense", "elastic", "elastic-router"}
+    for name in ("elastic", "elastic-router"):
+        assert rows[name]["bud"] == pytest.approx(0.7, abs=0.05)  # matched BUD (the probe routes like the run)
+        assert rows[name]["omega"] is not None
+    assert rows["elastic"]["omega"] == pytest.approx(5 / 8)  # the map: 3 of 8 KV heads dense
+    # A router retrained in place is another router: its results are keyed by the file's content.
+    from stem_cli.runs.keys import config_files
+
+    before = config_files(ElasticConfig(**SMALL, router=str(path)))
+    _train(tiny, prompts, settings={"steps": 2, "seed": 5})[0].save(path)
+    assert config_files(ElasticConfig(**SMALL, router=str(path))) != before
+
+
+def test_bench_smoke_run_writes_router_curve_and_timings(tmp_path):
+    """tests/bench/router.py end to end on the CPU (tiny sizes): router file + JSON + PNG + the bench JSON."""
+    from tests.bench import router as bench
+
+    assert bench.main(["--model", "tiny-llama", "--device", "cpu", "--smoke", "--repeat", "1", "--warmup", "0",
+                       "--output", str(tmp_path)]) == 0
+    out = tmp_path / "elastic"
+    (record,) = [json.loads(p.read_text()) for p in out.glob("router-bench-*.json")]
+    assert record["checks"]["router_modes_match_the_run"] is True
+    assert [r["seq_len"] for r in record["overhead"]] == [512, 1024]
+    assert all(r["router_ms"] > 0 and r["prefill_dense_ms"] > 0 for r in record["overhead"])
+    router = Path(record["training"]["router"])
+    assert router.is_file() and router.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(router.with_suffix(".json").read_text())["training"]["steps"] == 4
