@@ -256,7 +256,7 @@ class Runner:
         done = 0
         size = self.settings.batch_size
         for start in range(0, len(samples), size):
-            chunk = list(enumerate(samples))[start:start + size]
+            chunk = [(i, samples[i]) for i in range(start, min(start + size, len(samples)))]
             for j, job in enumerate(jobs):
                 if split_spec(job.method)[1] is not None:
                     for i, sample in chunk:
