@@ -651,6 +651,21 @@ def stream_both(params, *, padded, steps=12, layers=6, t0=260, seed=0, drift=0.9
     return list(zip(recorded["device"], recorded["reference"])), outs, runtimes
 
 
+def steps_agree(pairs, *, rtol: float, atol: float) -> int:
+    """Assert each (device, reference) step pair agrees: index sets, counters, known deltas (within rtol/atol).
+    Returns the number of steps where some rows shared and others re-anchored."""
+    mixed = 0
+    for i, (dev, want) in enumerate(pairs):
+        assert as_sets(dev.indices) == as_sets(want.indices), i
+        no_duplicates(dev.indices)
+        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
+            assert int(getattr(dev, name)) == int(getattr(want, name)), (i, name)
+        assert torch.equal(dev.known, want.known), i
+        torch.testing.assert_close(dev.delta[dev.known].double(), want.delta[want.known].double(), rtol=rtol, atol=atol)
+        mixed += 0 < int(dev.anchors) < dev.decisions
+    return mixed
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -668,15 +683,7 @@ def test_device_side_prhs_equals_the_host_synchronising_reference(params, padded
     """Step by step on a random stream whose rows re-anchor at different steps: the same anchors, the same
     cosine re-anchors and fallbacks, the same index sets, the same known deltas, the same outputs and state."""
     pairs, outs, runtimes = stream_both(params, padded=padded)
-    mixed = 0
-    for i, (dev, want) in enumerate(pairs):
-        assert as_sets(dev.indices) == as_sets(want.indices), i
-        no_duplicates(dev.indices)
-        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
-            assert int(getattr(dev, name)) == int(getattr(want, name)), (i, name)
-        assert torch.equal(dev.known, want.known), i
-        torch.testing.assert_close(dev.delta[dev.known].double(), want.delta[want.known].double(), rtol=1e-6, atol=1e-7)
-        mixed += 0 < int(dev.anchors) < dev.decisions
+    mixed = steps_agree(pairs, rtol=1e-6, atol=1e-7)
     cfg = PrhsConfig(**params)
     if cfg.uses("time") and cfg.max_delta == 0:  # (with max_delta, 64 of ~260 random keys fall back nearly always)
         assert mixed > 0  # the stream exercised steps where some rows share and others re-anchor
@@ -733,16 +740,8 @@ def test_triton_selection_equals_the_host_synchronising_reference(monkeypatch, p
     monkeypatch.setattr(prhs_select, "anchor_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     pairs, outs, runtimes = stream_both(params, padded=padded, steps=6, layers=4, dtype=torch.float32)
     assert len(calls) == len(pairs)  # every sparse layer-step took the Triton path
-    mixed = 0
-    for i, (dev, want) in enumerate(pairs):
-        assert as_sets(dev.indices) == as_sets(want.indices), i
-        no_duplicates(dev.indices)
-        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
-            assert int(getattr(dev, name)) == int(getattr(want, name)), (i, name)
-        assert torch.equal(dev.known, want.known), i
-        # 1 - kept mass against the directly summed dropped mass: float32 rounding of the kept sum
-        torch.testing.assert_close(dev.delta[dev.known].double(), want.delta[want.known].double(), rtol=1e-5, atol=2e-6)
-        mixed += 0 < int(dev.anchors) < dev.decisions
+    # 1 - kept mass against the directly summed dropped mass: float32 rounding of the kept sum
+    mixed = steps_agree(pairs, rtol=1e-5, atol=2e-6)
     if PrhsConfig(**params).uses("time"):
         assert mixed > 0
     for got, want in outs:

@@ -26,6 +26,15 @@ def _failed(row: dict) -> str | None:
     return str(status).split(":")[0]  # "error: CUDA ..." -> "error", short enough for a bar
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write the PNG (making its folder) and close the figure: one process can draw many plots."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
 def _ordered(values) -> list:
     return list(dict.fromkeys(values))  # first-seen order, duplicates dropped
 
@@ -121,11 +130,7 @@ def plot_profile(rows: list[dict], path: str | Path, title: str) -> Path:
     fig.canvas.draw()
     name_depth = max(label.get_window_extent().height for label in left.get_xticklabels(minor=True)) * 72 / fig.dpi
     left.tick_params(axis="x", which="major", length=0, pad=name_depth + 8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)  # profiles can draw many plots in one process
-    return path
+    return _save(fig, path)
 
 
 def plot_compare(flat: list[dict], path: str | Path, title: str) -> Path:
@@ -178,11 +183,7 @@ def plot_compare(flat: list[dict], path: str | Path, title: str) -> Path:
         speed.set_title("speed-up vs dense")
         speed.grid(alpha=0.3)
         speed.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_fidelity_positions(rows: list[dict], path: str | Path, title: str) -> Path:
@@ -219,11 +220,7 @@ def plot_fidelity_positions(rows: list[dict], path: str | Path, title: str) -> P
         ax.legend(fontsize=8)
     axes[0].set_title("output error by query position (mean over layers and heads)")
     axes[1].set_title("dropped mass by query position")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: float) -> Path:
@@ -255,8 +252,4 @@ def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: f
     right.set_title("model sparsity Omega")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
