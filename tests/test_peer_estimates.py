@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from stem_cli.config import ConfigError
-from stem_cli.methods import blocks, xattention
+from stem_cli.methods import blocks, flexprefill, minference, xattention
 from stem_cli.methods.estimate_path import estimate_path
+from stem_cli.methods.flexprefill import FlexPrefillConfig
+from stem_cli.methods.minference import MInferenceConfig
 from stem_cli.methods.xattention import XAttentionConfig
 
 pytest.importorskip("triton")
-from stem_cli.kernels import coverage_select, xattn_mass  # noqa: E402
+from stem_cli.kernels import coverage_select, last_rows, xattn_mass  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpreted = pytest.mark.skipif(DEVICE == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -128,6 +130,66 @@ def test_coverage_kernel_equals_the_stable_sort_rule(ties):
             assert torch.equal(got.to_mask().cpu(), torch_keep)
 
 
+# ------------------------------------------------------------------ minference and flexprefill: the last rows
+
+
+# batch, hq, hkv, n, d, rows, left padding of sequence 1
+ROW_CASES = [
+    (2, 4, 1, 157, 16, 64, 40),  # GQA 4, odd length, padding
+    (2, 2, 2, 99, 32, 32, 0),  # GQA 1
+    (1, 4, 4, 21, 16, 64, 0),  # fewer tokens than rows
+]
+
+
+def row_inputs(case, gen):
+    batch, hq, hkv, n, d, rows, pad = case
+    return inputs((batch, hq, hkv, n, d, 16, 8, pad), gen)
+
+
+@interpreted
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_last_rows_kernel_equals_the_torch_definition(case):
+    q, k, _, valid = row_inputs(case, seeded())
+    rows = min(case[5], case[3])
+    want_c, want_d = blocks.last_rows_sums(q.double(), k.double(), rows, 0.3, valid)
+    got_c, got_d = last_rows.last_rows_sums(on(q), on(k), rows, 0.3, on(valid))
+    torch.testing.assert_close(got_c.cpu().double(), want_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_d.cpu().double(), want_d, rtol=1e-5, atol=1e-6)
+    # Every row with a valid key holds mass 1, in the columns and in the diagonals alike.
+    assert torch.allclose(got_c.sum(-1).cpu(), got_d.sum(-1).cpu(), atol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("budget_scale", [0.05, 0.2])
+@pytest.mark.parametrize("case", ROW_CASES[:2])
+def test_minference_selector_triton_equals_torch(case, budget_scale):
+    q, k, v, valid = row_inputs(case, seeded())
+    base = MInferenceConfig(block_size=16, last_q=case[5], vertical_size=100, slash_size=200, sink_columns=4,
+                            local_diagonals=8, budget_scale=budget_scale, dense_layers=())
+    want = minference.select(q, k, v, layer=3, config=dataclasses.replace(base, estimate_impl="torch"), scale=0.3,
+                             key_valid=valid)
+    got = minference.select(on(q), on(k), on(v), layer=3, config=dataclasses.replace(base, estimate_impl="triton"),
+                            scale=0.3, key_valid=on(valid))
+    same_index(got, want)
+
+
+@interpreted
+@pytest.mark.parametrize("granularity", ["block", "token"])
+@pytest.mark.parametrize("case", ROW_CASES[:2])
+def test_flexprefill_selector_triton_equals_torch(case, granularity):
+    q, k, v, valid = row_inputs(case, seeded())
+    # tau 0.3 splits the cases: the GQA-4 heads come out query-aware (divergence ~0.1), the GQA-1 ones vertical-slash (~0.3).
+    base = FlexPrefillConfig(block_size=32, gamma=0.8, tau=0.3, min_budget=32, granularity=granularity, dense_layers=())
+    torch_cfg, kernel_cfg = (dataclasses.replace(base, estimate_impl=impl) for impl in ("torch", "triton"))
+    want_est = flexprefill.estimate(q, k, v, layer=3, config=torch_cfg, scale=0.3, key_valid=valid)
+    got_est = flexprefill.estimate(on(q), on(k), on(v), layer=3, config=kernel_cfg, scale=0.3, key_valid=on(valid))
+    for name in ("divergence", "columns", "diagonals", "blocks"):
+        torch.testing.assert_close(got_est[name].cpu(), want_est[name], rtol=1e-5, atol=1e-6, msg=name)
+    want = flexprefill.choose(want_est, seq_len=q.shape[2], config=torch_cfg, key_valid=valid)
+    got = flexprefill.choose(got_est, seq_len=q.shape[2], config=kernel_cfg, key_valid=on(valid))
+    same_index(got, want)
+
+
 def test_estimate_impl_is_checked_and_said(monkeypatch):
     with pytest.raises(ConfigError, match="estimate_impl='fast' is not allowed"):
         XAttentionConfig(estimate_impl="fast")
@@ -138,3 +200,12 @@ def test_estimate_impl_is_checked_and_said(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ConfigError, match="cannot run xattention at block_size / stride = 256"):
         xattention.mass_path(XAttentionConfig(block_size=256, stride=1, estimate_impl="triton"), torch.device("cpu"))
+    for config in (MInferenceConfig(last_q=256, estimate_impl="triton"), FlexPrefillConfig(block_size=256, estimate_impl="triton")):
+        with pytest.raises(ConfigError, match="256 last rows"):
+            est = minference.estimate if isinstance(config, MInferenceConfig) else flexprefill.estimate
+            q = torch.randn(1, 1, 300, 16)
+            est(q, q, q, layer=3, config=config, scale=0.3, key_valid=None)
+    with pytest.raises(ConfigError, match="estimate_impl='fast' is not allowed"):
+        FlexPrefillConfig(estimate_impl="fast")
+    with pytest.raises(ConfigError, match="estimate_impl='fast' is not allowed"):
+        MInferenceConfig(estimate_impl="fast")

@@ -33,3 +33,32 @@ def estimate_path(config, device: torch.device, method: str = "stem") -> str:
                     f"{method}: triton is not installed; the estimate runs as torch ops on the GPU (slower)")
         return "torch"
     return "triton"
+
+
+def kernel_path(config, device, method: str, covers) -> str:
+    """estimate_path, narrowed to a kernel that covers only some shapes: `covers()` (called only on the
+    Triton path, so the CPU never imports the kernel) gives (covered, why not). 'triton' asked for an
+    uncovered shape is a ConfigError; 'auto' then runs torch and says so once."""
+    path = estimate_path(config, device, method)
+    if path != "triton":
+        return path
+    covered, why = covers()
+    if covered:
+        return path
+    if config.estimate_impl == "triton":
+        raise ConfigError(f"estimate_impl='triton' cannot run {method} at {why}: use 'torch' (or 'auto')")
+    from stem_cli.executor import notice_once
+
+    notice_once(f"{method}:kernel-uncovered", f"{method}: {why}; the estimate runs as torch ops (slower)")
+    return "torch"
+
+
+def last_rows_path(config, device, method: str, rows: int) -> str:
+    """The code path of blocks.last_rows_sums (kernels/last_rows.py takes up to its MAX_ROWS rows)."""
+
+    def covers():
+        from stem_cli.kernels import last_rows
+
+        return last_rows.supported(rows), f"{rows} last rows (the kernel takes <= {last_rows.MAX_ROWS})"
+
+    return kernel_path(config, device, method, covers)

@@ -62,7 +62,7 @@ from stem_cli.methods.blocks import (
     valid_keys,
     work_dtype,
 )
-from stem_cli.methods.estimate_path import estimate_path
+from stem_cli.methods.estimate_path import estimate_path, kernel_path
 from stem_cli.methods.knob import Knob
 
 
@@ -163,20 +163,18 @@ def estimate(q, k, v, *, layer: int, config: XAttentionConfig, scale: float, key
 
 
 def mass_path(config: XAttentionConfig, device) -> str:
-    """estimate_path, and 'torch' (said once) where the tile kernel does not cover the grid under 'auto'."""
-    path = estimate_path(config, device, "xattention")
-    if path == "triton" and config.estimate == "tiles":
+    """estimate_path, and torch (said once) under 'auto' where the tile kernel does not cover the grid."""
+    if config.estimate != "tiles":
+        return estimate_path(config, device, "xattention")
+
+    def covers():
         from stem_cli.kernels import xattn_mass
 
-        if not xattn_mass.supported(config.block_size, config.stride):
-            limit = f"block_size / stride = {config.block_size // config.stride} tiles per block (the kernel takes <= {xattn_mass.MAX_TILES})"
-            if config.estimate_impl == "triton":
-                raise ConfigError(f"estimate_impl='triton' cannot run xattention at {limit}: use a larger stride or 'torch'")
-            from stem_cli.executor import notice_once
+        tiles = config.block_size // config.stride
+        return (xattn_mass.supported(config.block_size, config.stride),
+                f"block_size / stride = {tiles} tiles per block (the kernel takes <= {xattn_mass.MAX_TILES})")
 
-            notice_once("xattention:tiles-torch", f"xattention: {limit}; the estimate runs as torch ops (slower)")
-            return "torch"
-    return path
+    return kernel_path(config, device, "xattention", covers)
 
 
 def tile_valid(key_valid, batch: int, n: int, block_size: int, stride: int, device) -> torch.Tensor:
