@@ -106,7 +106,8 @@ def _last_rows(
             tl.debug_barrier()
             col = t[:, None] + BLOCK_N - 1 - e[None, :]  # sheared: column e is one diagonal
             inside = (col >= 0) & (col < BLOCK_N)
-            diag = tl.sum(tl.load(slot + t[:, None] * BLOCK_N + col, mask=inside, other=0.0), 0)
+            # .cg: read through L2, never an L1 line left from the previous chunk's reads of the slot.
+            diag = tl.sum(tl.load(slot + t[:, None] * BLOCK_N + col, mask=inside, other=0.0, cache_modifier=".cg"), 0)
             o = n - rows - c0 + e - (BLOCK_N - 1)  # cell (t, t + BLOCK_N - 1 - e) has offset r_t - c = o
             # Chunks past the end hold zeros: adding them is harmless.
             tl.atomic_add(Diagonals + b * scb + h * sch + o, diag, mask=(o >= 0) & (o < n) & (e < BLOCK_R + BLOCK_N - 1))
@@ -145,6 +146,8 @@ def last_rows_sums(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, ke
                 PRECISION=precision if q.dtype == torch.float32 else "ieee")
     common = (*q.stride(), *k.stride(), valid.stride(0) if has_valid else 0, valid.stride(1) if has_valid else 0)
     tail = (*columns.stride()[:2], n, rows, hq, hq // hkv, scale)
+    if not INTERPRET:
+        meta["num_warps"] = 8 if block_r > 64 else 4  # the sheared (R x R + BLOCK_N) read in registers
     _last_rows[grid](q, k, valid, m_part, l_part, columns, diagonals, scratch, *common, *m_part.stride()[:3], *tail,
                      **meta, PASS=0)
     m = m_part.amax(0)
