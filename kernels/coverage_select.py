@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from stem_cli.index import BlockIndex
+from stem_cli.kernels.tpd_select import prune_rows, row_configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -80,18 +81,8 @@ def _coverage_select(
     tl.store(rows + jj * sik, tl.full([ROWS, BLOCK_P], -1, tl.int32), mask=pad)
 
 
-def _configs():
-    return [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8)]
-
-
-def _prune(configs, named_args, **kwargs):
-    """At most 8192 entries in flight per program (a (ROWS, BLOCK_P) int64 tile lives in registers)."""
-    kept = [c for c in configs if c.kwargs["ROWS"] * kwargs["BLOCK_P"] <= 8192]
-    return kept or [triton.Config({"ROWS": 1}, num_warps=8)]
-
-
 # Keyed on the row length only (shapes, never the GPU's name).
-_tuned = triton.autotune(configs=_configs(), key=["BLOCK_P"], prune_configs_by={"early_config_prune": _prune})(_coverage_select)
+_tuned = triton.autotune(configs=row_configs(), key=["BLOCK_P"], prune_configs_by={"early_config_prune": prune_rows})(_coverage_select)
 
 
 def select(mass: torch.Tensor, block_valid: torch.Tensor, first_block: torch.Tensor, *, threshold: float,
