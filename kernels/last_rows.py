@@ -110,7 +110,8 @@ def _last_rows(
             diag = tl.sum(tl.load(slot + t[:, None] * BLOCK_N + col, mask=inside, other=0.0, cache_modifier=".cg"), 0)
             o = n - rows - c0 + e - (BLOCK_N - 1)  # cell (t, t + BLOCK_N - 1 - e) has offset r_t - c = o
             # Chunks past the end hold zeros: adding them is harmless.
-            tl.atomic_add(Diagonals + b * scb + h * sch + o, diag, mask=(o >= 0) & (o < n) & (e < BLOCK_R + BLOCK_N - 1))
+            tl.atomic_add(Diagonals + b * scb + h * sch + o, diag, mask=(o >= 0) & (o < n) & (e < BLOCK_R + BLOCK_N - 1),
+                          sem="relaxed")
 
 
 def supported(rows: int) -> bool:

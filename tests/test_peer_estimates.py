@@ -198,7 +198,7 @@ def test_estimate_impl_is_checked_and_said(monkeypatch):
     with pytest.raises(ConfigError, match="estimate_impl='triton' needs a CUDA device"):
         estimate_path(XAttentionConfig(estimate_impl="triton"), torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(ConfigError, match="cannot run xattention at block_size / stride = 256"):
+    with pytest.raises(ConfigError, match="cannot run xattention at block_size / stride = 256 tiles per block"):
         xattention.mass_path(XAttentionConfig(block_size=256, stride=1, estimate_impl="triton"), torch.device("cpu"))
     for config in (MInferenceConfig(last_q=256, estimate_impl="triton"), FlexPrefillConfig(block_size=256, estimate_impl="triton")):
         with pytest.raises(ConfigError, match="256 last rows"):
