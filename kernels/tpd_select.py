@@ -99,18 +99,19 @@ def _tpd_select(
     tl.store(rows + jj * sik, tl.full([ROWS, BLOCK_P], -1, tl.int32), mask=pad)
 
 
-def _configs():
+def row_configs():
+    """Rows per program and warps: the search space of the row-per-program selection kernels (also coverage_select)."""
     return [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8)]
 
 
-def _prune(configs, named_args, **kwargs):
+def prune_rows(configs, named_args, **kwargs):
     """At most 8192 keys in flight per program (a (ROWS, BLOCK_P) int64 tile lives in registers)."""
     kept = [c for c in configs if c.kwargs["ROWS"] * kwargs["BLOCK_P"] <= 8192]
     return kept or [triton.Config({"ROWS": 1}, num_warps=8)]
 
 
 # Keyed on the row length and the rule only (shapes, never the GPU's name).
-_tuned = triton.autotune(configs=_configs(), key=["BLOCK_P", "INSIDE"], prune_configs_by={"early_config_prune": _prune})(_tpd_select)
+_tuned = triton.autotune(configs=row_configs(), key=["BLOCK_P", "INSIDE"], prune_configs_by={"early_config_prune": prune_rows})(_tpd_select)
 
 
 def select(

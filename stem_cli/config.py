@@ -61,6 +61,21 @@ class DenseConfig:
 ESTIMATE_IMPLS = ("auto", "triton", "torch")
 
 
+def estimate_impl_param(kernels: str):
+    """The `estimate_impl` field every method with a fused estimate shares; `kernels` names its Triton kernels."""
+    return param(
+        "auto",
+        f"the estimate's code path: 'auto' = Triton on a CUDA device ({kernels}), torch ops on the CPU; "
+        "'triton' or 'torch' to force one (the same index up to exact ties, which triton gives to the lower block id)",
+        "stem",
+    )
+
+
+def check_estimate_impl(value) -> None:
+    if value not in ESTIMATE_IMPLS:
+        raise ConfigError(f"estimate_impl={value!r} is not allowed: use {', '.join(map(repr, ESTIMATE_IMPLS))}")
+
+
 @dataclass(frozen=True)
 class StemConfig(BlockConfig):
     stride: int = param(8, "antidiagonal stride s of the block-score estimate (power of two, divides block_size)", "paper+code")
@@ -122,8 +137,7 @@ class StemConfig(BlockConfig):
             raise ConfigError(f"forced_rule={self.forced_rule!r} is not allowed: use 'code' or 'inside'")
         if not isinstance(self.tpd, bool):
             raise ConfigError(f"tpd={self.tpd!r} is not allowed: use true or false")
-        if self.estimate_impl not in ESTIMATE_IMPLS:
-            raise ConfigError(f"estimate_impl={self.estimate_impl!r} is not allowed: use {', '.join(map(repr, ESTIMATE_IMPLS))}")
+        check_estimate_impl(self.estimate_impl)
 
 
 @dataclass(frozen=True)

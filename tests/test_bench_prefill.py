@@ -24,5 +24,23 @@ def test_smoke_run_checks_times_and_writes_json_and_png(tmp_path):
                 "stem_total_torch_ms", "stem_total_triton_ms"):
         assert isinstance(row[key], float) and row[key] > 0, key
     assert row["check_select_rows_identical"] == 1.0
+    for peer in prefill.PEERS:
+        assert isinstance(row[f"{peer}_estimate_fused_ms"], float) and isinstance(row[f"{peer}_estimate_torch_ms"], float)
+        assert row[f"check_{peer}_rows_identical"] == 1.0
     assert row["cudnn_ms"].startswith("n/a") and row["attn_fp8_ms"].startswith("n/a")
     assert (tmp_path / path.with_suffix(".png").name).stat().st_size > 1000
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU smoke run needs the Triton interpreter")
+def test_peers_only_run_checks_and_times_the_fused_estimates(tmp_path):
+    code = prefill.main(["--device", "cpu", "--smoke", "--only", "peers", "--lengths", "200", "--output", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("prefill-peers-*.json")
+    report = json.loads(path.read_text())
+    assert report["complete"] and not report["failures"] and report["checks"]["peer_estimates"]["ok"]
+    assert set(report["checks"]) == {"peer_estimates"}  # Stem's kernel checks are left to the full run
+    (row,) = report["rows"]
+    for peer in prefill.PEERS:
+        assert row[f"{peer}_estimate_fused_ms"] > 0 and row[f"check_{peer}_rows_identical"] == 1.0
+        assert row[f"{peer}_over_stem_estimate"] > 0
+    assert "attn_ms" not in row and "cudnn_ms" not in row  # attention and baselines not run

@@ -279,11 +279,17 @@ def last_rows_attention(q, k, rows: int, scale: float, key_valid: torch.Tensor |
     return torch.softmax(s, dim=-1)
 
 
-def last_rows_sums(q, k, rows: int, scale: float, key_valid, max_bytes: int = 512 << 20):
+def last_rows_sums(q, k, rows: int, scale: float, key_valid, max_bytes: int = 512 << 20, impl: str = "torch"):
     """Column sums and diagonal sums of the last `rows` queries' exact attention: two
     (B, Hq, N) tensors (see last_rows_attention and diagonal_sums). KV heads go a chunk
     at a time so the (rows x N) attention of all heads (2 GiB at 128K, 32 heads, 128 rows)
-    is never alive at once."""
+    is never alive at once. impl "triton": kernels/last_rows.py (float32, the attention never stored)."""
+    if impl == "triton":
+        from stem_cli.kernels import last_rows
+
+        return last_rows.last_rows_sums(q, k, rows, scale, key_valid)
+    if impl != "torch":
+        raise ValueError(f"impl={impl!r}: use 'torch' or 'triton'")
     batch, hq, n, _ = q.shape
     hkv = k.shape[1]
     group = hq // hkv

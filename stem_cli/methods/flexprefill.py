@@ -33,7 +33,12 @@ whatever the grid) and A their exact attention (softmax, causal, valid keys only
 `select` = `choose(estimate(...))`: nothing estimated depends on gamma, so the budget solver
 estimates once per layer and chooses for every knob value.
 
-Deviations / simplifications: plain vectorised PyTorch (no Triton); no max_budget (the
+Estimate paths (estimate_impl): "triton" (auto on CUDA) computes the last block's column and
+diagonal sums with kernels/last_rows.py (the exact attention never stored; up to 128 rows, i.e.
+block_size <= 128, else torch with a notice under auto); the pooled block logits (P x P), the
+divergence and the coverage choices stay vectorised torch on both paths.
+
+Deviations / simplifications: no max_budget (the
 released default is unbounded); GQA scored per query head with K/V broadcast (the released
 code repeats K/V: same result); our default keeps layers 0 and 1 dense as Stem does.
 
@@ -47,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stem_cli.config import BlockConfig, ConfigError, param
+from stem_cli.config import BlockConfig, ConfigError, check_estimate_impl, estimate_impl_param, param
 from stem_cli.index import BlockIndex
 from stem_cli.methods.blocks import (
     NEG_INF,
@@ -65,6 +70,7 @@ from stem_cli.methods.blocks import (
     vertical_slash_blocks,
     work_dtype,
 )
+from stem_cli.methods.estimate_path import last_rows_path
 from stem_cli.methods.knob import Knob
 
 
@@ -82,6 +88,7 @@ class FlexPrefillConfig(BlockConfig):
         "'token' = token columns/diagonals converted exactly to blocks (paper text)",
         "code",
     )
+    estimate_impl: str = estimate_impl_param("kernels/last_rows.py column and diagonal sums of the last block")
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,6 +100,7 @@ class FlexPrefillConfig(BlockConfig):
             raise ConfigError(f"min_budget={self.min_budget!r} is not allowed: use a token count >= 0")
         if self.granularity not in ("block", "token"):
             raise ConfigError(f"granularity={self.granularity!r} is not allowed: use 'block' or 'token'")
+        check_estimate_impl(self.estimate_impl)
 
 
 def _block_sum(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -129,7 +137,7 @@ def sqrt_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * kl(p) + 0.5 * kl(q)).clamp_min(0).sqrt()
 
 
-def head_divergence(q, k, *, block_size: int, scale: float, key_valid: torch.Tensor | None):
+def head_divergence(q, k, *, block_size: int, scale: float, key_valid: torch.Tensor | None, impl: str = "torch"):
     """(D, a_hat, a_bar, columns, diagonals): the pattern statistic per (batch, query head),
     its two distributions (B, Hq, P), and the mean column and diagonal scores (B, Hq, N) of
     the last min(block_size, N) queries' exact attention."""
@@ -140,7 +148,7 @@ def head_divergence(q, k, *, block_size: int, scale: float, key_valid: torch.Ten
     rows = min(block_size, n)
     row_ok = valid[:, n - rows :]  # (B, R): a padded query sees no valid key
     nrows = row_ok.sum(-1).clamp_min(1).to(work)[:, None]  # (B, 1)
-    columns, diagonals = last_rows_sums(q, k, rows, scale, key_valid)
+    columns, diagonals = last_rows_sums(q, k, rows, scale, key_valid, impl=impl)
     columns, diagonals = columns / nrows[..., None], diagonals / nrows[..., None]  # means over the rows
     a_bar = _block_sum(columns, block_size)  # (B, Hq, P)
 
@@ -190,7 +198,8 @@ def estimate(q, k, v, *, layer: int, config: FlexPrefillConfig, scale: float, ke
     bs = config.block_size
     p = -(-n // bs)
     valid = valid_keys(key_valid, batch, n, q.device)
-    div, _, _, columns, diagonals = head_divergence(q, k, block_size=bs, scale=scale, key_valid=key_valid)
+    impl = last_rows_path(config, q.device, "flexprefill", min(bs, n))
+    div, _, _, columns, diagonals = head_divergence(q, k, block_size=bs, scale=scale, key_valid=key_valid, impl=impl)
     q_bar = _block_mean(q, valid, bs, key_valid is not None)  # (B, Hq, P, d)
     k_bar = _block_mean(k, valid, bs, key_valid is not None)  # (B, Hkv, P, d)
     logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)

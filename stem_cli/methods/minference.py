@@ -21,6 +21,11 @@ Definition as implemented (per batch and query head; spec section 2):
 `select` = `choose(estimate(...))`: the scores do not depend on the sizes, so the budget
 solver estimates once per layer and chooses for every knob value.
 
+Estimate paths (estimate_impl): "torch" materialises the last rows' attention a few KV heads
+at a time; "triton" (auto on CUDA) runs kernels/last_rows.py (two passes over K, the attention
+never stored; the top picks stay torch sorts of N scores per head). Same scores to float32
+rounding, so the same index on inputs without near-ties at the last pick.
+
 Deviations from the released MInference:
 - One pattern for every head: MInference assigns each head a pattern and sizes from an
   offline search per model; its generic setting (and the spec's) is vertical-and-slash with
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stem_cli.config import BlockConfig, ConfigError, param
+from stem_cli.config import BlockConfig, ConfigError, check_estimate_impl, estimate_impl_param, param
 from stem_cli.index import BlockIndex
 from stem_cli.methods.blocks import (
     NEG_INF,
@@ -49,6 +54,7 @@ from stem_cli.methods.blocks import (
     valid_keys,
     vertical_slash_blocks,
 )
+from stem_cli.methods.estimate_path import last_rows_path
 from stem_cli.methods.knob import Knob
 
 
@@ -65,6 +71,7 @@ class MInferenceConfig(BlockConfig):
     budget_scale: float = param(
         1.0, "multiplies vertical_size and slash_size (budget knob; 0 = only the always-kept columns/diagonals)", "stem"
     )
+    estimate_impl: str = estimate_impl_param("kernels/last_rows.py column and diagonal sums")
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,6 +81,7 @@ class MInferenceConfig(BlockConfig):
                 raise ConfigError(f"{name}={value!r} is not allowed: use a whole number >= {low}")
         if not isinstance(self.budget_scale, (int, float)) or isinstance(self.budget_scale, bool) or not 0 <= self.budget_scale < math.inf:
             raise ConfigError(f"budget_scale={self.budget_scale!r} is not allowed: use a finite number >= 0")
+        check_estimate_impl(self.estimate_impl)
 
 
 # ------------------------------------------------------------------ selector
@@ -86,7 +94,8 @@ def select(q, k, v, *, layer: int, config: MInferenceConfig, scale: float, key_v
 
 def estimate(q, k, v, *, layer: int, config: MInferenceConfig, scale: float, key_valid: torch.Tensor | None):
     """(vertical, slash) scores, (B, Hq, N) each; independent of the sizes (the budget solver reuses them)."""
-    return last_rows_sums(q, k, min(config.last_q, q.shape[2]), scale, key_valid)
+    rows = min(config.last_q, q.shape[2])
+    return last_rows_sums(q, k, rows, scale, key_valid, impl=last_rows_path(config, q.device, "minference", rows))
 
 
 def choose(estimated, *, seq_len: int, config: MInferenceConfig, key_valid: torch.Tensor | None) -> BlockIndex:

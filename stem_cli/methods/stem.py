@@ -18,15 +18,14 @@ q/k/v against it: the block logits agree within 1e-5, the selections at Jaccard 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
-from stem_cli.config import ConfigError, StemConfig
+from stem_cli.config import StemConfig
 from stem_cli.index import BlockIndex
 from stem_cli.methods import score
 from stem_cli.methods.blocks import first_valid_block, forced_blocks, row_budgets, select_topk
+from stem_cli.methods.estimate_path import estimate_path
 from stem_cli.methods.knob import Knob
 
 
@@ -79,27 +78,6 @@ def select_from_logits(logits: torch.Tensor, seq_len: int, config: StemConfig, k
     forced = forced_blocks(p, first.to(logits.device), config.sink_blocks, config.window_blocks)
     return select_topk(logits, budget, forced, block_size=config.block_size, seq_len=seq_len, max_count=most,
                        rule=config.forced_rule)
-
-
-def estimate_path(config: StemConfig, device: torch.device) -> str:
-    """'triton' or 'torch': which scoring and top-k run for `config` on `device` (estimate_impl
-    'auto': the kernels on CUDA, torch on the CPU, where Triton would need its interpreter)."""
-    device = torch.device(device)
-    if config.estimate_impl == "torch":
-        return "torch"
-    if config.estimate_impl == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"estimate_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1), not {device.type}: "
-                              "use 'auto' or 'torch'")
-        return "triton"
-    if device.type != "cuda":
-        return "torch"
-    if importlib.util.find_spec("triton") is None:
-        from stem_cli.executor import notice_once
-
-        notice_once("select:no-triton", "stem: triton is not installed; Stem's estimate runs as torch ops on the GPU (slower)")
-        return "torch"
-    return "triton"
 
 
 @functools.lru_cache(maxsize=64)

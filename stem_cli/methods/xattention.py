@@ -23,8 +23,15 @@ Definition as implemented (per batch and query head; spec section 2):
    one are never chosen, and all-padding query rows keep nothing; the sink is the first
    block holding a valid token (as Stem and streaming do).
 
-Deviations from the released XAttention: the estimate is chunked plain PyTorch (GEMM per
-chunk of query blocks, float32) rather than its fused Triton kernels, and it scores per
+Estimate paths (estimate_impl): "torch" is chunked plain PyTorch (GEMM per chunk of query
+blocks, float32); "triton" (auto on CUDA) runs kernels/xattn_mass.py (the tile softmax summed
+per block pair, the N x N/s scores never stored) and kernels/coverage_select.py (the
+threshold selection without a sort; exact ties go to the lower block id). Both give the same
+index up to exact ties and float rounding at the threshold. The definition costs twice the
+causal half of an (N/s x N/s x s d) GEMM per head, 1/s of dense attention's QK^T per pass:
+more than Stem's pooled (P x P) estimate by about (Bk/s)^2 / 2 in FLOPs.
+
+Deviations from the released XAttention: it scores per
 query head with K/V broadcast over the GQA group (XAttention repeats K/V per query head:
 same result). XAttention keeps every layer sparse; our default keeps layers 0 and 1 dense
 as Stem does, so budgets compare.
@@ -40,13 +47,14 @@ from dataclasses import dataclass
 
 import torch
 
-from stem_cli.config import BlockConfig, ConfigError, param
+from stem_cli.config import BlockConfig, ConfigError, check_estimate_impl, estimate_impl_param, param
 from stem_cli.index import BlockIndex
 from stem_cli.methods import score
 from stem_cli.methods.blocks import (
     NEG_INF,
     choosable,
     coverage,
+    block_valid,
     first_valid_block,
     forced_blocks,
     full_index,
@@ -54,6 +62,7 @@ from stem_cli.methods.blocks import (
     valid_keys,
     work_dtype,
 )
+from stem_cli.methods.estimate_path import estimate_path, kernel_path
 from stem_cli.methods.knob import Knob
 
 
@@ -71,6 +80,7 @@ class XAttentionConfig(BlockConfig):
         "'pooled' = softmax over pooled block logits (cheaper; flatter, keeps more at equal threshold)",
         "paper+code",
     )
+    estimate_impl: str = estimate_impl_param("kernels/xattn_mass.py tile softmax, kernels/coverage_select.py threshold")
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,6 +95,7 @@ class XAttentionConfig(BlockConfig):
             raise ConfigError(f"sink_blocks={self.sink_blocks!r} is not allowed: use a block count >= 0")
         if self.estimate not in ("tiles", "pooled"):
             raise ConfigError(f"estimate={self.estimate!r} is not allowed: use 'tiles' or 'pooled'")
+        check_estimate_impl(self.estimate_impl)
 
 
 def tile_block_mass(q, k, *, block_size: int, stride: int, scale: float, key_valid, chunk_blocks: int | None = None):
@@ -100,9 +111,7 @@ def tile_block_mass(q, k, *, block_size: int, stride: int, scale: float, key_val
     nt = npad // stride
     work = work_dtype(q)
 
-    vpad = torch.zeros(batch, npad, dtype=torch.bool, device=q.device)
-    vpad[:, :n] = True if key_valid is None else key_valid.to(q.device)
-    tile_ok = vpad.view(batch, nt, stride).any(-1)  # (B, N/s)
+    tile_ok = tile_valid(key_valid, batch, n, block_size, stride, q.device)  # (B, N/s)
     masked = key_valid is not None or n < npad  # tiles to mask beyond the causal ones
     kr = pad_to(k, npad).to(work).reshape(batch, hkv, nt, stride * d)  # K once; Q a chunk at a time
     tid = torch.arange(nt, device=q.device)
@@ -139,10 +148,41 @@ def select(q, k, v, *, layer: int, config: XAttentionConfig, scale: float, key_v
 
 def estimate(q, k, v, *, layer: int, config: XAttentionConfig, scale: float, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Block mass (B, Hq, P, P); independent of the threshold (the budget solver reuses it)."""
+    path = mass_path(config, q.device)
     if config.estimate == "tiles":
+        if path == "triton":
+            from stem_cli.kernels import xattn_mass
+
+            return xattn_mass.tile_block_mass(q, k, tile_valid(key_valid, q.shape[0], q.shape[2], config.block_size,
+                                                                         config.stride, q.device),
+                                              block_size=config.block_size, stride=config.stride, scale=scale)
         return tile_block_mass(q, k, block_size=config.block_size, stride=config.stride, scale=scale, key_valid=key_valid)
-    logits = score.block_logits(q, k, v, block_size=config.block_size, stride=config.stride, beta=0.0, scale=scale, key_valid=key_valid)
+    logits = score.block_logits(q, k, v, block_size=config.block_size, stride=config.stride, beta=0.0, scale=scale,
+                                key_valid=key_valid, impl=path)
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+def mass_path(config: XAttentionConfig, device) -> str:
+    """estimate_path, and torch (said once) under 'auto' where the tile kernel does not cover the grid."""
+    if config.estimate != "tiles":
+        return estimate_path(config, device, "xattention")
+
+    def covers():
+        from stem_cli.kernels import xattn_mass
+
+        tiles = config.block_size // config.stride
+        return (xattn_mass.supported(config.block_size, config.stride),
+                f"block_size / stride = {tiles} tiles per block (the kernel takes <= {xattn_mass.MAX_TILES})")
+
+    return kernel_path(config, device, "xattention", covers)
+
+
+def tile_valid(key_valid, batch: int, n: int, block_size: int, stride: int, device) -> torch.Tensor:
+    """(B, P Bk / s) bool: the stride tile holds a valid token (the sequence zero-padded to whole blocks)."""
+    npad = -(-n // block_size) * block_size
+    valid = torch.zeros(batch, npad, dtype=torch.bool, device=device)
+    valid[:, :n] = True if key_valid is None else key_valid.to(device)
+    return valid.view(batch, npad // stride, stride).any(-1)
 
 
 def choose(mass: torch.Tensor, *, seq_len: int, config: XAttentionConfig, key_valid: torch.Tensor | None) -> BlockIndex:
@@ -150,8 +190,13 @@ def choose(mass: torch.Tensor, *, seq_len: int, config: XAttentionConfig, key_va
     batch, _, p, _ = mass.shape
     bs = config.block_size
     valid = valid_keys(key_valid, batch, seq_len, mass.device)
-    allowed = choosable(valid, bs)  # (B, 1, P, P)
     first = first_valid_block(key_valid, batch, bs, mass.device)
+    if config.threshold < 1 and estimate_path(config, mass.device, "xattention") == "triton":
+        from stem_cli.kernels import coverage_select
+
+        return coverage_select.select(mass, block_valid(valid, bs), first, threshold=config.threshold,
+                                      sink_blocks=config.sink_blocks, block_size=bs, seq_len=seq_len)
+    allowed = choosable(valid, bs)  # (B, 1, P, P)
     forced = forced_blocks(p, first, config.sink_blocks, 1)[:, None]  # sinks + diagonal
     keep = coverage(mass, config.threshold, allowed, forced)
     return BlockIndex.from_mask(keep & allowed, bs, seq_len)

@@ -2,6 +2,7 @@
 and Flex baselines, in one GPU run (< 8 minutes on an H200 at the defaults).
 
     python -m tests.bench.prefill                          # 32K,128K,256K at 32/8/128, bf16, on the CUDA GPU
+    python -m tests.bench.prefill --only peers --lengths 32K,128K   # the peers' estimates only (< 2 minutes on an H200)
     TRITON_INTERPRET=1 python -m tests.bench.prefill --device cpu --smoke   # tiny sizes on the CPU, kernels interpreted
 
 First, at small shapes, every new kernel against its reference (a failed check makes the exit
@@ -17,8 +18,11 @@ Then per length, batch 1, random inputs (v scaled per token so value norms vary)
   estimate's share;
 - dense causal SDPA on cuDNN and FlashAttention-2, FlexAttention on the same index (the
   Triton backend; FLASH where the installed torch offers it, else the row says why not).
-Variants not built yet (GQA-shared K/V tiles, FP8 attention, fused peer estimates) appear as
-"n/a (not implemented)". JSON with the GPU, versions and command goes to
+The peers' estimates (xattention, flexprefill, minference at their defaults): each selector's whole
+estimate + choice, fused (estimate_impl=triton) against torch, their indices compared, in rows
+<peer>_estimate_fused_ms / <peer>_estimate_torch_ms beside Stem's score + select (`--only peers` runs
+just these, with a fused-vs-torch index check at a small shape first). Variants not built yet
+(GQA-shared K/V tiles, FP8 attention) appear as "n/a (not implemented)". JSON with the GPU, versions and command goes to
 profiles/prefill-<date>-<gpu>.json, a PNG of time per stage vs length beside it.
 """
 
@@ -38,7 +42,7 @@ import torch
 from stem_cli.config import ConfigError, StemConfig
 from stem_cli.environment import slug
 from stem_cli.kernels import reference as ref
-from stem_cli.methods import blocks, score
+from stem_cli.methods import blocks, flexprefill, minference, score, xattention
 from stem_cli.methods.stem import select_from_logits
 from stem_cli.units import format_length, parse_lengths
 from tests.bench import kernels as kb
@@ -50,6 +54,8 @@ SMOKE_SHAPE = "4/2/32"
 SMOKE_BLOCK = 16
 NOT_BUILT = "n/a (not implemented in this branch)"
 STAGES = ("score", "select", "attn")
+PEERS = {"xattention": xattention, "flexprefill": flexprefill, "minference": minference}
+ONLY = ("all", "peers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench timing budget per measurement (ms)")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per measurement (ms)")
     parser.add_argument("--min-reps", type=int, default=2, help="timed calls at least when one call outlasts --rep-ms")
+    parser.add_argument("--only", choices=ONLY, default="all",
+                        help="'peers': only the peers' estimates (fused vs torch) beside Stem's, no attention or baselines")
     parser.add_argument("--skip", default="", help="comma list to leave out: cudnn, fa2, flex, flash")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="profiles", help="folder for the JSON and PNG (default profiles/)")
@@ -75,6 +83,7 @@ class Options:
     device: str
     dtype: torch.dtype
     smoke: bool
+    only: str
     skip: frozenset
     seed: int
     output: Path
@@ -100,7 +109,7 @@ def parse_options(argv) -> Options:
     except (ValueError, ConfigError) as error:
         parser.error(str(error))
     on_gpu = args.device == "cuda"
-    return Options(lengths, shape, config, args.device, torch.bfloat16 if on_gpu else torch.float32, args.smoke, skip,
+    return Options(lengths, shape, config, args.device, torch.bfloat16 if on_gpu else torch.float32, args.smoke, args.only, skip,
                    args.seed, Path(args.output), kb.Timer(args.device, args.warmup_ms, args.rep_ms, args.min_reps))
 
 
@@ -150,6 +159,46 @@ def check_scoring_kernel(opts: Options) -> dict:
             "ok": bool(logits["ok"] and chosen["ok"])}
 
 
+def peer_config(peer: str, opts: Options, impl: str):
+    """The peer's default configuration (the smoke run's block size), on the estimate path `impl`."""
+    module = PEERS[peer]
+    return dataclasses.replace(module.DEFAULTS, block_size=opts.config.block_size, estimate_impl=impl)
+
+
+def rows_identical(a, b) -> float:
+    """Fraction of (head, query block) rows that keep the same blocks in both indices."""
+    return float((a.to_mask() == b.to_mask()).all(-1).float().mean())
+
+
+def check_peer_estimates(opts: Options) -> dict:
+    """Every peer's fused selector against its torch one at a small shape (batch 1, random inputs): the same index."""
+    n = 160 if opts.smoke else 4096
+    q, k, v = kb.make_inputs(opts.shape, n, opts)
+    results = {}
+    for peer, module in PEERS.items():
+        picked = [module.select(q, k, v, layer=3, config=peer_config(peer, opts, impl), scale=opts.shape.d**-0.5,
+                                key_valid=None) for impl in ("triton", "torch")]
+        results[peer] = rows_identical(*picked)
+    # Inputs without exact ties: any differing row comes from float32 rounding at a threshold or the last pick.
+    return {"n": n, "rows_identical": results, "ok": all(x >= 0.999 for x in results.values())}
+
+
+def run_peers(row: dict, q, k, v, opts: Options) -> None:
+    """Each peer's estimate + choice, fused and torch, and the share of rows where the two indices agree."""
+    scale = opts.shape.d**-0.5
+    for peer, module in PEERS.items():
+        picked = {}
+        for impl, name in (("triton", "fused"), ("torch", "torch")):
+            call = partial(module.select, q, k, v, layer=3, config=peer_config(peer, opts, impl), scale=scale, key_valid=None)
+            picked[impl] = timed(row, f"{peer}_estimate_{name}_ms", call, opts)
+            kb.free_memory()
+        if picked["triton"] is not None and picked["torch"] is not None:
+            row[f"check_{peer}_rows_identical"] = rows_identical(picked["triton"], picked["torch"])
+        row[f"{peer}_over_stem_estimate"] = kb.ratio(row.get(f"{peer}_estimate_fused_ms"), row.get("stem_estimate_triton_ms"))
+        del picked
+        kb.free_memory()
+
+
 # --------------------------------------------------------------------------- one length
 
 
@@ -187,13 +236,18 @@ def run_length(n: int, opts: Options, attend) -> dict:
         del old_index
     del new_logits
     kb.free_memory()
+    if kb.is_num(row.get("score_triton_ms")) and kb.is_num(row.get("select_triton_ms")):
+        row["stem_estimate_triton_ms"] = row["score_triton_ms"] + row["select_triton_ms"]
+    run_peers(row, q, k, v, opts)
+    if opts.only == "peers":
+        del q, k, v, index
+        kb.free_memory()
+        return row
     out = None
     if index is not None:
         kb.record_budget(row, index, n, shape, cfg, opts.device)
         out = timed(row, "attn_ms", partial(attend, q, k, v, index, scale=scale), opts)
     row["attn_gqa_shared_ms"] = row["attn_fp8_ms"] = NOT_BUILT
-    for peer in ("xattention", "flexprefill", "minference"):
-        row[f"{peer}_estimate_fused_ms"] = NOT_BUILT
 
     on_gpu = opts.device == "cuda"
     for name in ("cudnn", "fa2"):
@@ -287,7 +341,16 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def print_rows(rows: list[dict]) -> None:
+PEER_KEYS = ["n", "stem_estimate_triton_ms"] + [f"{p}_estimate_{w}_ms" for p in PEERS for w in ("fused", "torch")] + \
+    [f"{p}_over_stem_estimate" for p in PEERS] + [f"check_{p}_rows_identical" for p in PEERS]
+
+
+def print_rows(rows: list[dict], only: str = "all") -> None:
+    if only == "peers":
+        print(" | ".join(PEER_KEYS))
+        for r in rows:
+            print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in PEER_KEYS))
+        return
     keys = ["n", "score_torch_ms", "score_triton_ms", "select_torch_ms", "select_triton_ms", "attn_ms",
             "stem_total_torch_ms", "stem_total_triton_ms", "estimate_share_triton", "cudnn_ms", "fa2_ms",
             "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops"]
@@ -302,18 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     attend = kb.load_kernels(opts.device).attn if opts.device == "cuda" else ref.block_sparse_attention
     started = time.perf_counter()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = opts.output / f"prefill-{stamp}-{slug(machine['name'])}.json"
+    kind = "prefill-peers" if opts.only == "peers" else "prefill"
+    path = opts.output / f"{kind}-{stamp}-{slug(machine['name'])}.json"
     report = {
         "gpu": machine, "versions": kb.versions(), "command": list(sys.argv),
         "argv": list(argv) if argv is not None else list(sys.argv[1:]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "parameters": {"lengths": opts.lengths, "shape": opts.shape.label, "dtype": str(opts.dtype), "batch": 1,
-                       "stem_config": dataclasses.asdict(opts.config), "smoke": opts.smoke, "skip": sorted(opts.skip)},
+                       "stem_config": dataclasses.asdict(opts.config), "smoke": opts.smoke, "skip": sorted(opts.skip),
+                       "only": opts.only,
+                       "peer_configs": {p: dataclasses.asdict(peer_config(p, opts, "auto")) for p in PEERS}},
         "checks": {}, "rows": [], "failures": [], "complete": False,
     }
     print(f"{machine['name']}: checks at small shapes", flush=True)
-    for name, fn in (("selection_kernel", partial(check_selection_kernel, opts.device, opts.seed, opts.smoke)),
-                     ("scoring_kernel", partial(check_scoring_kernel, opts))):
+    checks = [("selection_kernel", partial(check_selection_kernel, opts.device, opts.seed, opts.smoke)),
+              ("scoring_kernel", partial(check_scoring_kernel, opts)), ("peer_estimates", partial(check_peer_estimates, opts))]
+    for name, fn in checks[2:] if opts.only == "peers" else checks:
         result = kb.guarded(report["checks"], name, fn, ours=True)
         if result is not None:
             report["checks"][name] = result
@@ -331,10 +398,21 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in row.items():
             if isinstance(value, str) and value.startswith("error"):
                 report["failures"].append(f"N={format_length(n)} {key}: {value}")
+        for peer in PEERS:
+            agree = row.get(f"check_{peer}_rows_identical")
+            if kb.is_num(agree) and agree < 0.999:
+                report["failures"].append(f"N={format_length(n)}: {peer} fused and torch indices differ in {1 - agree:.4f} of rows")
         if row.get("check_select_rows_tie_explained", 1.0) != 1.0:
             report["failures"].append(f"N={format_length(n)}: triton and torch selections differ beyond ties on the same "
                                       f"logits ({row['check_select_rows_tie_explained']:.4f} of rows identical or tied)")
     report["complete"] = True
+    if opts.only == "peers":
+        kb.write_json(report, path)
+        print_rows(report["rows"], opts.only)
+        for problem in report["failures"]:
+            print(f"FAILED: {problem}")
+        print(f"wrote {path}")
+        return 1 if report["failures"] else 0
     report["png"] = str(plot(report["rows"], path.with_suffix(".png"), f"Stem stages vs length, {opts.shape.label}, "
                                                                       f"{machine['name']}"))
     kb.write_json(report, path)
