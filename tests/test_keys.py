@@ -97,6 +97,8 @@ def test_each_setting_gives_a_new_key_and_nothing_else_does(tiny, tmp_path, cach
     assert key(chat, tmp_path, max_new_tokens=ruler.MAX_NEW_TOKENS["niah"]) == base  # the task's own answer length
     assert key(chat, tmp_path, limit=5) == base
     assert key(chat, tmp_path, model_id="random-weights:/somewhere/else") == base  # where the weights were found
+    for impl in ("torch", "triton"):  # how the estimate is computed, not what it keeps
+        assert key(chat, tmp_path, job=stem_job(estimate_impl=impl)) == base
     ppl = TaskRef("ppl", "measure", "ppl")
     assert key(chat, tmp_path, ref=ppl, max_new_tokens=4) == key(chat, tmp_path, ref=ppl)  # nothing is generated
     assert key(chat, tmp_path, ref=ppl, use_chat_template=False) == key(chat, tmp_path, ref=ppl)  # plain text anyway

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from stem_cli.runs import budget as solver
 from stem_cli.runs import keys
-from stem_cli.runs.store import ResultStore, config_dict
+from stem_cli.runs.store import ResultStore, config_key
 
 
 class Knobs:
@@ -35,7 +35,7 @@ class Knobs:
         return self.store.path if self.store is not None else None
 
     def key_parts(self, method: str, config, seq_len: int, target: float, probes: list) -> dict[str, Any]:
-        return {"weights": self.weights, "dtype": self.dtype, "method": method, "config": config_dict(config), "seq_len": seq_len,
+        return {"weights": self.weights, "dtype": self.dtype, "method": method, "config": config_key(config), "seq_len": seq_len,
                 "target": target, "probes": keys.ids_digest([p.tolist() for p in probes]),
                 "solver": {"version": solver.SOLVER_VERSION, "grid": solver.GRID, "tolerance": solver.TOLERANCE},
                 **({"files": files} if (files := keys.config_files(config)) else {})}

@@ -20,7 +20,7 @@ import torch
 
 import stem_cli
 from stem_cli.runs import keys
-from stem_cli.runs.store import ResultStore, config_dict
+from stem_cli.runs.store import ResultStore, config_dict, config_key
 from stem_cli.runs.task_names import TaskRef, measure_module
 from stem_cli.tasks.harness import TaskError
 
@@ -111,7 +111,7 @@ class Runner:
     def key_parts(self, job: Job, ref: TaskRef, sample=None) -> dict:
         """Everything that makes this result (see stem_cli/runs/keys.py); `sample` None: lm-eval's aggregate."""
         parts = {"weights": self.identity["weights"], "dtype": self.settings.dtype, "method": job.method,
-                 "config": config_dict(job.config), "task": ref.name, "seq_len": job.seq_len, **self.task_components(ref)}
+                 "config": config_key(job.config), "task": ref.name, "seq_len": job.seq_len, **self.task_components(ref)}
         if files := keys.config_files(job.config):  # a head map / router by content, not only by path
             parts["files"] = files
         if sample is None:

@@ -26,6 +26,17 @@ def config_dict(config) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()} if dataclasses.is_dataclass(config) else {}
 
 
+# Fields that choose how a definition is computed, not what it computes: the torch and Triton
+# estimates keep the same blocks (they may differ only where float order breaks an exact tie,
+# as two runs of one GPU reduction can). A result made with either is the same result.
+IMPLEMENTATION_ONLY = frozenset({"estimate_impl"})
+
+
+def config_key(config) -> dict[str, Any]:
+    """The config as it enters a result's key: config_dict without the implementation-only fields."""
+    return {k: v for k, v in config_dict(config).items() if k not in IMPLEMENTATION_ONLY}
+
+
 def record_key(**parts: Any) -> str:
     """What determines a result, hashed: equal keys mean the same computation (components: stem_cli/runs/keys.py)."""
     return key_of(parts)
