@@ -2,6 +2,7 @@
 and Flex baselines, in one GPU run (< 8 minutes on an H200 at the defaults).
 
     python -m tests.bench.prefill                          # 32K,128K,256K at 32/8/128, bf16, on the CUDA GPU
+    python -m tests.bench.prefill --lengths 8K,32K,128K --skip torch,fa2,flex   # FP8 vs bf16 Stem and cuDNN (< 2 min)
     TRITON_INTERPRET=1 python -m tests.bench.prefill --device cpu --smoke   # tiny sizes on the CPU, kernels interpreted
 
 First, at small shapes, every new kernel against its reference (a failed check makes the exit
@@ -15,9 +16,14 @@ Then per length, batch 1, random inputs (v scaled per token so value norms vary)
 - scoring torch vs triton, selection torch vs triton (on the same logits; the two indices are
   compared), block-sparse attention on the new index, Stem total old and new with the
   estimate's share;
+- FP8 attention (kernels/block_sparse_attn_fp8.py) on the same index: attn_fp8_ms (e4m3 Q, K, P, V,
+  what attn_dtype=fp8 runs, its quantisation included; fp8_quantize_ms alone), attn_fp8_qk_ms (e4m3
+  Q and K only, bf16 P and V), each output against the bf16 kernel's (relative error ||o8 - o|| / ||o||
+  and the worst row's), stem_total_fp8_ms and cudnn_over_stem_fp8 (the target: >= 6.5 at 128K, error <= 3%);
 - dense causal SDPA on cuDNN and FlashAttention-2, FlexAttention on the same index (the
   Triton backend; FLASH where the installed torch offers it, else the row says why not).
-Variants not built yet (GQA-shared K/V tiles, FP8 attention, fused peer estimates) appear as
+`--skip torch` leaves out the old torch estimate, `--skip fp8` the FP8 rows.
+Variants not built yet (GQA-shared K/V tiles, fused peer estimates) appear as
 "n/a (not implemented)". JSON with the GPU, versions and command goes to
 profiles/prefill-<date>-<gpu>.json, a PNG of time per stage vs length beside it.
 """
@@ -50,6 +56,7 @@ SMOKE_SHAPE = "4/2/32"
 SMOKE_BLOCK = 16
 NOT_BUILT = "n/a (not implemented in this branch)"
 STAGES = ("score", "select", "attn")
+SKIPPABLE = ("cudnn", "fa2", "flex", "flash", "torch", "fp8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench timing budget per measurement (ms)")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per measurement (ms)")
     parser.add_argument("--min-reps", type=int, default=2, help="timed calls at least when one call outlasts --rep-ms")
-    parser.add_argument("--skip", default="", help="comma list to leave out: cudnn, fa2, flex, flash")
+    parser.add_argument("--skip", default="", help=f"comma list to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="profiles", help="folder for the JSON and PNG (default profiles/)")
     return parser
@@ -91,8 +98,8 @@ def parse_options(argv) -> Options:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: use --device cpu --smoke")
     skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
-    if skip - {"cudnn", "fa2", "flex", "flash"}:
-        parser.error(f"--skip {args.skip!r}: use a comma list of cudnn, fa2, flex, flash")
+    if skip - set(SKIPPABLE):
+        parser.error(f"--skip {args.skip!r}: use a comma list of {', '.join(SKIPPABLE)}")
     try:
         lengths = parse_lengths(args.lengths or (SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS))
         shape = kb.parse_shapes(args.shape or (SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE))[0]
@@ -170,7 +177,11 @@ def run_length(n: int, opts: Options, attend) -> dict:
     score_args = {"block_size": cfg.block_size, "stride": cfg.stride, "beta": cfg.beta, "scale": scale}
 
     new_logits = timed(row, "score_triton_ms", partial(score.block_logits, q, k, v, **score_args, impl="triton"), opts)
-    old_logits = timed(row, "score_torch_ms", partial(score.block_logits, q, k, v, **score_args, impl="torch"), opts)
+    old_logits = None
+    if "torch" in opts.skip:
+        row["score_torch_ms"] = row["select_torch_ms"] = kb.na("skipped")
+    else:
+        old_logits = timed(row, "score_torch_ms", partial(score.block_logits, q, k, v, **score_args, impl="torch"), opts)
     if new_logits is not None and old_logits is not None:
         row["check_logits"] = kb.compare_logits(new_logits, old_logits)
     del old_logits
@@ -178,7 +189,10 @@ def run_length(n: int, opts: Options, attend) -> dict:
     index = None
     if new_logits is not None:
         index = timed(row, "select_triton_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "triton"), None), opts)
-        old_index = timed(row, "select_torch_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "torch"), None), opts)
+        old_index = None
+        if "torch" not in opts.skip:
+            old_index = timed(row, "select_torch_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "torch"), None),
+                              opts)
         if index is not None and old_index is not None:
             # Same logits on both sides: rows may differ only through exactly tied logits.
             same = kb.compare_indices(new_logits, new_logits, index, old_index)
@@ -191,7 +205,8 @@ def run_length(n: int, opts: Options, attend) -> dict:
     if index is not None:
         kb.record_budget(row, index, n, shape, cfg, opts.device)
         out = timed(row, "attn_ms", partial(attend, q, k, v, index, scale=scale), opts)
-    row["attn_gqa_shared_ms"] = row["attn_fp8_ms"] = NOT_BUILT
+    run_fp8(row, q, k, v, index, out, scale, opts)
+    row["attn_gqa_shared_ms"] = NOT_BUILT
     for peer in ("xattention", "flexprefill", "minference"):
         row[f"{peer}_estimate_fused_ms"] = NOT_BUILT
 
@@ -214,6 +229,40 @@ def run_length(n: int, opts: Options, attend) -> dict:
     del q, k, v, out, index
     kb.free_memory()
     return finish(row)
+
+
+def run_fp8(row: dict, q, k, v, index, out, scale: float, opts: Options) -> None:
+    """The FP8 kernel on the bf16 kernel's index: times, and its output against the bf16 output `out`."""
+    keys = ("attn_fp8_ms", "attn_fp8_qk_ms", "fp8_quantize_ms")
+    if "fp8" in opts.skip or index is None or out is None:
+        row.update(dict.fromkeys(keys, kb.na("skipped" if "fp8" in opts.skip else "no index")))
+        return
+    from stem_cli.kernels import block_sparse_attn_fp8 as fp8
+
+    reason = fp8.unsupported_reason(q.device)
+    if reason is not None:
+        row.update(dict.fromkeys(keys, kb.na(reason)))
+        return
+    block = index.block_size
+    timed(row, "fp8_quantize_ms", lambda: [fp8.quantize_blocks(q, block), fp8.quantize_blocks(k, block),
+                                           fp8.quantize_blocks(v, block, transpose=True)], opts)
+    kb.free_memory()
+    for key, pv_fp8, name in (("attn_fp8_ms", True, "fp8"), ("attn_fp8_qk_ms", False, "fp8_qk")):
+        got = timed(row, key, partial(fp8.block_sparse_attention, q, k, v, index, scale=scale, pv_fp8=pv_fp8), opts)
+        if got is not None:
+            row[f"check_{name}_rel_err"], row[f"check_{name}_worst_row_rel_err"] = output_errors(got, out)
+        del got
+        kb.free_memory()
+
+
+def output_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(||got - want|| / ||want||, max over rows of the same per row), one head at a time in float32."""
+    worst = 0.0
+    for h in range(got.shape[1]):
+        x, y = got[:, h].float(), want[:, h].float()
+        per_row = (x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-30)
+        worst = max(worst, float(per_row.max()))
+    return kb.relative_error(got, want), worst
 
 
 def run_flex(row, backend: str, q, k, v, out, index, scale, opts: Options) -> None:
@@ -245,7 +294,12 @@ def finish(row: dict) -> dict:
     for name in ("cudnn", "fa2"):
         if num(row.get(f"{name}_ms")) and num(row.get("causal_pairs")):
             row[f"{name}_tflops"] = kb.tflops(int(row["shape"].split("/")[2]), row["causal_pairs"], row[f"{name}_ms"])
+    fp8_parts = [row.get("score_triton_ms"), row.get("select_triton_ms"), row.get("attn_fp8_ms")]
+    if all(num(x) for x in fp8_parts):
+        row["stem_total_fp8_ms"] = sum(fp8_parts)
     row["cudnn_over_stem_triton"] = kb.ratio(row.get("cudnn_ms"), row.get("stem_total_triton_ms"))
+    row["cudnn_over_stem_fp8"] = kb.ratio(row.get("cudnn_ms"), row.get("stem_total_fp8_ms"))
+    row["attn_over_attn_fp8"] = kb.ratio(row.get("attn_ms"), row.get("attn_fp8_ms"))
     row["flex_over_attn"] = kb.ratio(row.get("flex_triton_ms"), row.get("attn_ms"))
     return row
 
@@ -272,7 +326,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
             ax.bar([i + shift for i in x], heights, width, bottom=bottom, color=colors[stage], hatch=hatch,
                    edgecolor="white", label=f"{stage} ({which} estimate)")
             bottom = [b + h for b, h in zip(bottom, heights)]
-    for key, style in (("cudnn_ms", "k-o"), ("flex_triton_ms", "r--s")):
+    for key, style in (("cudnn_ms", "k-o"), ("flex_triton_ms", "r--s"), ("stem_total_fp8_ms", "m-^")):
         ys = [r[key] if kb.is_num(r.get(key)) else float("nan") for r in rows]
         ax.plot(list(x), ys, style, label=key.removesuffix("_ms"))
     ax.set_xticks(list(x), [format_length(n) for n in lengths])
@@ -290,10 +344,22 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 def print_rows(rows: list[dict]) -> None:
     keys = ["n", "score_torch_ms", "score_triton_ms", "select_torch_ms", "select_triton_ms", "attn_ms",
             "stem_total_torch_ms", "stem_total_triton_ms", "estimate_share_triton", "cudnn_ms", "fa2_ms",
-            "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops"]
+            "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops",
+            "fp8_quantize_ms", "attn_fp8_qk_ms", "attn_fp8_ms", "attn_over_attn_fp8", "stem_total_fp8_ms", "cudnn_over_stem_fp8",
+            "check_fp8_rel_err", "check_fp8_worst_row_rel_err", "check_fp8_qk_rel_err", "check_fp8_qk_worst_row_rel_err"]
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in keys))
+
+
+def print_fp8_target(rows: list[dict]) -> None:
+    """Issue 17's FP8 target at the longest length: cuDNN bf16 dense / FP8 Stem total >= 6.5, error <= 3%."""
+    last = rows[-1] if rows else {}
+    ratio, err = last.get("cudnn_over_stem_fp8"), last.get("check_fp8_rel_err")
+    if kb.is_num(ratio) and kb.is_num(err):
+        met = ratio >= 6.5 and err <= 0.03
+        print(f"FP8 target at {format_length(last['n'])}: cudnn / stem fp8 = {ratio:.2f} (>= 6.5), relative error "
+              f"{err:.2%} (<= 3%), worst row {last['check_fp8_worst_row_rel_err']:.2%}: {'met' if met else 'MISSED'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       f"{machine['name']}"))
     kb.write_json(report, path)
     print_rows(report["rows"])
+    print_fp8_target(report["rows"])
     for problem in report["failures"]:
         print(f"FAILED: {problem}")
     print(f"wrote {path} and {report['png']}")
