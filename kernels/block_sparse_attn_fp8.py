@@ -4,15 +4,10 @@ The attention is the one of block_sparse_attn.py (see its docstring): for query 
 and its selected, causal, valid keys S(m), O[m] = sum_{n in S(m)} softmax_n(c q_m . k_n) v_n
 with c the softmax scale. Only the operands of the two dots change.
 
-Quantisation, per (batch, head, index block t) of Bk rows (Bk = the index's block size,
-128 by default), done before the kernel by `quantize_blocks`:
-
-    s_t = amax_{rows of t, all d} |x| / 448        (448 = e4m3's largest finite value;
-                                                    s_t = 1 for an all-zero block)
-    x8  = rne_e4m3(x / s_t),   x ~= s_t x8,   |x - s_t x8| <= 2^-4 |x|  (3 mantissa bits)
-                                                    for |x| / s_t >= 2^-6 (e4m3's smallest normal)
-
-for Q, K and V. Each BLOCK_M x BLOCK_N tile lies inside one query block i and one key
+Quantisation (kernels/fp8_quantize.py, run before this kernel): Q, K and V in e4m3 with one
+float32 scale per (batch, head, index block t) of Bk rows (Bk = the index's block size, 128 by
+default): s_t = amax_t |x| / 448, x ~= s_t x8, relative rounding <= 2^-4 for normal values.
+Each BLOCK_M x BLOCK_N tile lies inside one query block i and one key
 block j (tiles never cross an index block), so each tile has one scale per operand and the
 scales leave the dots:
 
@@ -41,49 +36,16 @@ the bf16 kernel on the same index). Needs FP8 tensor cores: compute capability >
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from stem_cli.index import BlockIndex
 from stem_cli.kernels.block_sparse_attn import INTERPRET, _write_output, launch_buffers
+from stem_cli.kernels.fp8_quantize import quantize_blocks, to_e4m3
 
-E4M3_MAX = 448.0
 P_SCALE = 256.0  # fixed scale of P in [0, 1] before its e4m3 rounding (a power of two: exact)
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core dots: Ada (8.9) and Hopper (9.0) onward
-
-
-def quantize_blocks(x: torch.Tensor, block: int, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, N, d) -> (x8, scales): e4m3 values and float32 scales (B, H, ceil(N / block)), x ~= scale * x8.
-
-    One scale per `block` rows of each (batch, head): amax / 448 (1 for an all-zero block).
-    x8 has ceil(N / block) * block rows, the padding zeros; `transpose` returns it as a
-    (B, H, d, Npad) contiguous tensor's (B, H, Npad, d) view (the layout the P.V dot reads).
-    """
-    batch, heads, n, d = x.shape
-    p = math.ceil(n / block)
-    padded = x if n == p * block else torch.nn.functional.pad(x, (0, 0, 0, p * block - n))
-    tiles = padded.reshape(batch, heads, p, block, d)  # q from HF is a transposed view: reshape copies it
-    amax = tiles.abs().amax(dim=(-1, -2)).float()
-    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    x8 = (tiles.float() / scales[..., None, None]).to(torch.float8_e4m3fn).view(batch, heads, p * block, d)
-    if transpose:
-        x8 = x8.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return x8, scales.contiguous()
-
-
-@triton.jit
-def _p_to_e4m3(x, PRE_ROUND: tl.constexpr):
-    """x >= 0 (fp32) -> e4m3. PRE_ROUND (the interpreter only): first round x to 3 mantissa bits, nearest
-    even, by integer ops, so the cast is exact: the interpreter's own fp32 -> e4m3 rounding drops the
-    exponent carry (triton 3.9 turns 7.9 into 4.0, not 8.0); the GPU's conversion instruction is correct."""
-    if PRE_ROUND:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep sign, exponent, 3 mantissa bits
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -98,7 +60,7 @@ def _online_softmax_step_fp8(s, v, m_i, l_i, acc, logit_scale_log2, v_scale, PV_
     p = tl.math.exp2(s * logit_scale_log2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if PV_FP8:
-        pv = tl.dot(_p_to_e4m3(p * 256.0, PRE_ROUND), v) * (v_scale * 0.00390625)  # 2^8 = P_SCALE, 2^-8 its inverse
+        pv = tl.dot(to_e4m3(p * 256.0, PRE_ROUND), v) * (v_scale * 0.00390625)  # 2^8 = P_SCALE, 2^-8 its inverse
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv

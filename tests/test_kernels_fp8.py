@@ -19,6 +19,7 @@ from stem_cli.kernels import reference as ref
 
 pytest.importorskip("triton")
 from stem_cli.kernels import block_sparse_attn_fp8 as fp8  # noqa: E402
+from stem_cli.kernels.fp8_quantize import quantize_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_HERE = fp8.unsupported_reason(torch.device(DEVICE)) is None
@@ -38,17 +39,19 @@ def dequantize(x8: torch.Tensor, scales: torch.Tensor, block: int, n: int) -> to
     return (x8.double() * scales.double().repeat_interleave(block, dim=-1)[..., None])[..., :n, :]
 
 
-@pytest.mark.parametrize("n,block,transpose", [(77, 16, False), (128, 32, True), (33, 16, True)])
-def test_quantize_blocks_matches_float64_scales_and_round_trip_bound(n, block, transpose):
+@needs_kernel
+@pytest.mark.parametrize("n,block,d,transpose", [(77, 16, 24, False), (128, 32, 24, True), (33, 16, 24, True),
+                                                 (300, 128, 128, False), (300, 128, 128, True)])  # 128 x 128: two row chunks
+def test_quantize_blocks_matches_float64_scales_and_round_trip_bound(n, block, d, transpose):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    x = torch.randn(2, 3, n, 24, generator=g) * torch.randn(2, 3, n, 1, generator=g).exp()
+    x = torch.randn(2, 3, n, d, generator=g) * torch.randn(2, 3, n, 1, generator=g).exp()
     x[0, 1, :block] = 0.0  # an all-zero block: scale 1, values 0, no NaN
-    x8, scales = fp8.quantize_blocks(x.to(DEVICE), block, transpose=transpose)
+    x8, scales = quantize_blocks(x.to(DEVICE), block, transpose=transpose)
     p = math.ceil(n / block)
-    assert x8.dtype == torch.float8_e4m3fn and x8.shape == (2, 3, p * block, 24) and scales.shape == (2, 3, p)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == (2, 3, p * block, d) and scales.shape == (2, 3, p)
     if transpose:  # stored (B, H, d, Npad): the key dimension is contiguous
         assert x8.stride(-2) == 1
-    padded = torch.nn.functional.pad(x.double(), (0, 0, 0, p * block - n)).view(2, 3, p, block, 24)
+    padded = torch.nn.functional.pad(x.double(), (0, 0, 0, p * block - n)).view(2, 3, p, block, d)
     amax = padded.abs().amax(dim=(-1, -2))
     want = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
     torch.testing.assert_close(scales.cpu().double(), want, rtol=1e-6, atol=0)
@@ -57,7 +60,7 @@ def test_quantize_blocks_matches_float64_scales_and_round_trip_bound(n, block, t
     assert (err <= element_bound(x, scales.cpu(), block) * (1 + 1e-6)).all(), float(err.max())
     assert (x8.cpu().float()[..., n:, :] == 0).all()  # the padding rows are zeros
     # Each nonzero block's largest element maps to e4m3's largest value (the full range is used).
-    assert torch.equal(x8.cpu().float().view(2, 3, p, block, 24).abs().amax(dim=(-1, -2))[amax > 0],
+    assert torch.equal(x8.cpu().float().reshape(2, 3, p, block, d).abs().amax(dim=(-1, -2))[amax > 0],
                        torch.full_like(amax[amax > 0], 448.0, dtype=torch.float32))
 
 
@@ -113,8 +116,8 @@ def test_qk_fp8_is_exact_attention_over_the_dequantised_q_and_k(case):
     (q, k, v), index, valid, out = run_case(case, False, seed)
     block = index.block_size
     n = q.shape[2]
-    qd = dequantize(*fp8.quantize_blocks(q, block), block, n)
-    kd = dequantize(*fp8.quantize_blocks(k, block), block, n)
+    qd = dequantize(*quantize_blocks(q, block), block, n)
+    kd = dequantize(*quantize_blocks(k, block), block, n)
     want = ref.block_sparse_attention(qd, kd, v, index, scale=q.shape[-1] ** -0.5, key_valid=valid)
     tol = 1e-5 if DEVICE == "cpu" else 2e-2
     err = (out - want).norm() / want.norm()
@@ -135,9 +138,9 @@ def test_fp8_kernel_within_the_e4m3_bound_of_float64_attention(case):
     batch, hq, n, d = q.shape
     block, group, c = index.block_size, hq // k.shape[1], d**-0.5
     want = ref.block_sparse_attention(q, k, v, index, scale=c, key_valid=valid)
-    dq = element_bound(q, fp8.quantize_blocks(q, block)[1], block)
-    dk = element_bound(k, fp8.quantize_blocks(k, block)[1], block).repeat_interleave(group, dim=1)
-    dv = element_bound(v, fp8.quantize_blocks(v, block)[1], block)
+    dq = element_bound(q, quantize_blocks(q, block)[1], block)
+    dk = element_bound(k, quantize_blocks(k, block)[1], block).repeat_interleave(group, dim=1)
+    dv = element_bound(v, quantize_blocks(v, block)[1], block)
     ka = k.abs().repeat_interleave(group, dim=1)
     shift = c * (dq @ ka.transpose(-1, -2) + q.abs() @ dk.transpose(-1, -2) + dq @ dk.transpose(-1, -2))
     logit_bound = shift.amax(-1)  # (B, Hq, N): over all keys, a superset of each row's
@@ -161,7 +164,7 @@ def test_p_rounding_is_the_only_error_over_dequantised_inputs(case):
     seed = int(torch.randint(0, 2**31, ()))
     (q, k, v), index, valid, out = run_case(case, True, seed)
     block, n, group = index.block_size, q.shape[2], q.shape[1] // k.shape[1]
-    qd, kd, vd = (dequantize(*fp8.quantize_blocks(x, block), block, n) for x in (q, k, v))
+    qd, kd, vd = (dequantize(*quantize_blocks(x, block), block, n) for x in (q, k, v))
     want = ref.block_sparse_attention(qd, kd, vd, index, scale=q.shape[-1] ** -0.5, key_valid=valid)
     v_max = vd.abs().amax(dim=(-1, -2)).repeat_interleave(group, dim=1)[..., None, None]
     slack = 1e-5 if DEVICE == "cpu" else 1e-2
