@@ -18,12 +18,13 @@ returned as its (B, H, P Bk, d) view.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from stem_cli.kernels.block_sparse_attn import INTERPRET
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
