@@ -13,7 +13,8 @@ never NaN. Exponentials in base 2 with log2(e) folded into the scale.
 
 One program per (query tile of BLOCK_M rows, batch x query head); it walks its
 row's key blocks in BLOCK_N-wide tiles as one flat loop so Triton can pipeline
-the loads. GQA reads the shared K/V head directly (no repeated copies); an index
+the loads. FP8=True is the e4m3 variant (kernels/block_sparse_attn_fp8.py: its math and
+its launcher): per-block scales folded into each tile's logits and P.V. GQA reads the shared K/V head directly (no repeated copies); an index
 per KV head serves every query head of its group. Left padding: keys before
 start[b] are masked. Any N: loads past N are masked.
 """
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from stem_cli.index import BlockIndex
+from stem_cli.kernels.fp8_quantize import to_e4m3
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -46,6 +48,36 @@ def _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2):
 
 
 @triton.jit
+def _online_softmax_step_fp8(s, v, m_i, l_i, acc, logit_scale_log2, v_scale, PV_FP8: tl.constexpr,
+                             PRE_ROUND: tl.constexpr):
+    """The step for raw e4m3 products s = q8.k8: logit_scale_log2 = c s^Q s^K log2(e) of this tile, v_scale
+    = s^V of its key block; with PV_FP8, P enters the dot as e4m3(2^8 p), undone with v_scale 2^-8."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * logit_scale_log2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s * logit_scale_log2 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if PV_FP8:
+        pv = tl.dot(to_e4m3(p * 256.0, PRE_ROUND), v) * (v_scale * 0.00390625)
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, kb, FP8: tl.constexpr, PV_FP8: tl.constexpr,
+               PRE_ROUND: tl.constexpr):
+    """One key tile of block kb into the running state, by the bf16 or the FP8 step."""
+    if FP8:
+        m_i, l_i, acc = _online_softmax_step_fp8(s, v, m_i, l_i, acc, qk_scale_log2 * tl.load(ks_base + kb),
+                                                 tl.load(vs_base + kb), PV_FP8, PRE_ROUND)
+    else:
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _write_output(acc, m_i, l_i, out_ptrs, out_mask, lse_ptrs, lse_mask, STORE_LSE: tl.constexpr):
     """O = acc / l (zeros where no key: acc is 0 there, never NaN); lse = ln 2 (m + log2 l) or -inf."""
     has_key = l_i > 0
@@ -57,33 +89,50 @@ def _write_output(acc, m_i, l_i, out_ptrs, out_mask, lse_ptrs, lse_mask, STORE_L
 
 
 @triton.jit
-def _block_sparse_attn_fwd(
-    Q, K, V, Out, Lse, Counts, Indices, Start,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    scb, sch, scp,
-    sib, sih, sip, sik,
-    n_ctx, qk_scale_log2, n_q_heads, group, index_head_div, head_dim,
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    STORE_LSE: tl.constexpr, HAS_START: tl.constexpr,
-):
+def _program_rows(Counts, Indices, scb, sch, scp, sib, sih, sip, sik, n_q_heads, group, index_head_div,
+                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's batch b, query head h, KV head, query block, rows, and its index row:
+    (count, pointer to its block ids, n_plain = how many of them lie wholly below the diagonal)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_q_heads
     h = pid_bh % n_q_heads
-    kvh = h // group
     ih = h // index_head_div
     q_block = (pid_m * BLOCK_M) // BLOCK
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    count = tl.load(Counts + b * scb + ih * sch + q_block * scp)
+    row = Indices + b * sib + ih * sih + q_block * sip
+    # Ids are ascending and the diagonal block can only be the last: every block before
+    # it lies wholly below the diagonal and inside N, so it needs no mask at all.
+    last = tl.load(row + (count - 1) * sik, mask=count > 0, other=-1)
+    n_plain = tl.where(last == q_block, count - 1, count)
+    return b, h, h // group, q_block, offs_m, count, row, n_plain
+
+
+@triton.jit
+def _block_sparse_attn_fwd(
+    Q, K, V, Out, Lse, Counts, Indices, Start, QS, KS, VS,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    sqsb, sqsh, sksb, sksh, svsb, svsh,
+    scb, sch, scp,
+    sib, sih, sip, sik,
+    n_ctx, qk_scale_log2, n_q_heads, group, index_head_div, head_dim,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STORE_LSE: tl.constexpr, HAS_START: tl.constexpr, FP8: tl.constexpr, PV_FP8: tl.constexpr, PRE_ROUND: tl.constexpr,
+):
+    b, h, kvh, q_block, offs_m, count, row, n_plain = _program_rows(
+        Counts, Indices, scb, sch, scp, sib, sih, sip, sik, n_q_heads, group, index_head_div, BLOCK, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < head_dim
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
         mask=(offs_m[:, None] < n_ctx) & d_ok[None, :], other=0.0,
     )
+    if FP8:  # the scales QS, KS, VS (B, H, P): Q's of this query block now, K's and V's per key block
+        qk_scale_log2 = qk_scale_log2 * tl.load(QS + b * sqsb + h * sqsh + q_block)
     if HAS_START:
         start = tl.load(Start + b)
     else:
@@ -93,14 +142,10 @@ def _block_sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    count = tl.load(Counts + b * scb + ih * sch + q_block * scp)
-    row = Indices + b * sib + ih * sih + q_block * sip
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    # Ids are ascending and the diagonal block can only be the last: every block before
-    # it lies wholly below the diagonal and inside N, so it needs no mask at all.
-    last = tl.load(row + (count - 1) * sik, mask=count > 0, other=-1)
-    n_plain = tl.where(last == q_block, count - 1, count)
+    ks_base = KS + b * sksb + kvh * sksh
+    vs_base = VS + b * svsb + kvh * svsh
     TILES: tl.constexpr = BLOCK // BLOCK_N
     for step in range(0, n_plain * TILES):
         kb = tl.load(row + (step // TILES) * sik)
@@ -110,7 +155,7 @@ def _block_sparse_attn_fwd(
         if HAS_START:
             s = tl.where(offs_n[None, :] >= start, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
+        m_i, l_i, acc = _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, kb, FP8, PV_FP8, PRE_ROUND)
     for step in range(n_plain * TILES, count * TILES):  # the diagonal block: causal, N and padding masks
         offs_n = q_block * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_ctx
@@ -119,10 +164,11 @@ def _block_sparse_attn_fwd(
         keep = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & (offs_n[None, :] >= start)
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
+        m_i, l_i, acc = _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, q_block, FP8, PV_FP8,
+                                   PRE_ROUND)
 
     out_ptrs = Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    _write_output(acc, m_i, l_i, out_ptrs, (offs_m[:, None] < n_ctx) & d_ok[None, :], Lse + pid_bh * n_ctx + offs_m, offs_m < n_ctx, STORE_LSE)
+    _write_output(acc, m_i, l_i, out_ptrs, (offs_m[:, None] < n_ctx) & d_ok[None, :], Lse + (b * n_q_heads + h) * n_ctx + offs_m, offs_m < n_ctx, STORE_LSE)
 
 
 def _configs():
@@ -140,7 +186,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "BLOCK", "STORE_LSE"], prune_configs_by={"early_config_prune": _prune}
+    configs=_configs(), key=["HEAD_DIM", "BLOCK", "STORE_LSE", "FP8", "PV_FP8"], prune_configs_by={"early_config_prune": _prune}
 )(_block_sparse_attn_fwd)
 
 
@@ -176,16 +222,30 @@ def block_sparse_attention(
 
     kv_start (B,) int: first valid key of each sequence (left padding).
     """
-    batch, hq, n, d = q.shape
+    buffers = launch_buffers(q, index, scale, kv_start, return_lse, out)
+    return launch(q, k, v, None, index, buffers, n=q.shape[2], d=q.shape[3], has_start=kv_start is not None,
+                  return_lse=return_lse)
+
+
+def launch(q, k, v, scales, index: BlockIndex, buffers, *, n: int, d: int, has_start: bool, return_lse: bool,
+           pv_fp8: bool = False):
+    """Run the kernel on operands q, k, v (bf16/fp16, or e4m3 with `scales` = (Q's, K's, V's) float32
+    (B, H, P) per-block scales: the FP8 variant, P and V in e4m3 too with pv_fp8)."""
+    scale, out, lse, counts, indices, start = buffers
+    batch, hq = q.shape[:2]
     hkv = k.shape[1]
-    scale, out, lse, counts, indices, start = launch_buffers(q, index, scale, kv_start, return_lse, out)
-    head_dim = triton.next_power_of_2(max(d, 16))
+    fp8 = scales is not None
+    q_scales, k_scales, v_scales = scales if fp8 else (counts, counts, counts)  # unread without FP8
+    head_dim = triton.next_power_of_2(max(d, 32 if fp8 else 16))  # an e4m3 dot reduces over >= 32
     args = (
-        q, k, v, out, lse, counts, indices, start,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *counts.stride(), *indices.stride(),
+        q, k, v, out, lse, counts, indices, start, q_scales, k_scales, v_scales,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q_scales.stride()[:2], *k_scales.stride()[:2], *v_scales.stride()[:2],
+        *counts.stride(), *indices.stride(),
         n, scale * 1.4426950408889634, hq, hq // hkv, hq // index.num_heads, d,
     )
-    meta = dict(BLOCK=index.block_size, HEAD_DIM=head_dim, STORE_LSE=return_lse, HAS_START=kv_start is not None)
+    meta = dict(BLOCK=index.block_size, HEAD_DIM=head_dim, STORE_LSE=return_lse, HAS_START=has_start, FP8=fp8,
+                PV_FP8=fp8 and pv_fp8, PRE_ROUND=fp8 and pv_fp8 and INTERPRET)
     if INTERPRET:
         # The interpreter runs on the CPU: one config, no autotuning.
         bm = min(64, index.block_size)

@@ -59,6 +59,7 @@ class DenseConfig:
 
 
 ESTIMATE_IMPLS = ("auto", "triton", "torch")
+ATTN_DTYPES = ("bf16", "fp8")
 
 
 def estimate_impl_param(kernels: str):
@@ -110,6 +111,13 @@ class StemConfig(BlockConfig):
         "(the same index on distinct logits; triton breaks ties to the lower block id, its TF32x3 logits agree to ~1e-6)",
         "stem",
     )
+    attn_dtype: str = param(
+        "bf16",
+        "operands of the block-sparse attention kernel: 'bf16' = the model's dtype; 'fp8' = e4m3 Q, K, P and V with "
+        "per-block scales, fp32 accumulation (kernels/block_sparse_attn_fp8.py; GPUs of compute capability >= 8.9, an "
+        "error elsewhere). The dense layers and full indices stay bf16 dense SDPA; the selection never sees it",
+        "stem",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -138,6 +146,8 @@ class StemConfig(BlockConfig):
         if not isinstance(self.tpd, bool):
             raise ConfigError(f"tpd={self.tpd!r} is not allowed: use true or false")
         check_estimate_impl(self.estimate_impl)
+        if self.attn_dtype not in ATTN_DTYPES:
+            raise ConfigError(f"attn_dtype={self.attn_dtype!r} is not allowed: use {', '.join(map(repr, ATTN_DTYPES))}")
 
 
 @dataclass(frozen=True)

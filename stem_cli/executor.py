@@ -7,6 +7,10 @@ says, by the fastest path it has:
 - any other index on a GPU: the Triton block-sparse flash-attention kernel
   (bf16/fp16, left padding); what it cannot take falls back to masked SDPA
   with a one-time notice, since that is the slow path there;
+- attn_dtype "fp8" (StemConfig.attn_dtype): the FP8 block-sparse kernel
+  (kernels/block_sparse_attn_fp8.py) for every index that is not full, on a GPU of
+  compute capability >= 8.9 or the CPU under TRITON_INTERPRET=1; anywhere else a
+  ConfigError, never a quiet bf16 run. Full indices stay on bf16 dense SDPA;
 - on the CPU: SDPA with the index expanded to a token mask, a chunk of query
   rows at a time. It computes every causal pair (no time saved), but it runs
   PyTorch's fused CPU attention: 3x faster than the reference's explicit
@@ -21,6 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from stem_cli.config import ATTN_DTYPES, ConfigError
 from stem_cli.index import BlockIndex
 
 _warned: set[str] = set()
@@ -56,10 +61,31 @@ def left_padding_start(key_valid: torch.Tensor) -> torch.Tensor | None:
     return start if torch.equal(suffix, key_valid) else None
 
 
-def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, Hq, N, d), k/v (B, Hkv, N, d) -> (B, Hq, N, d), exact over the index's blocks."""
+def check_attn_dtype(attn_dtype: str, device) -> None:
+    """A ConfigError when `attn_dtype` is not one the executor knows or cannot run on `device`."""
+    if attn_dtype not in ATTN_DTYPES:
+        raise ConfigError(f"attn_dtype={attn_dtype!r} is not allowed: use {', '.join(map(repr, ATTN_DTYPES))}")
+    if attn_dtype == "fp8":
+        if importlib.util.find_spec("triton") is None:
+            reason = "the FP8 attention kernel needs triton, which is not installed"
+        else:
+            from stem_cli.kernels import block_sparse_attn_fp8
+
+            reason = block_sparse_attn_fp8.unsupported_reason(torch.device(device))
+        if reason is not None:
+            raise ConfigError(f"attn_dtype='fp8' cannot run here: {reason}; use attn_dtype=bf16")
+
+
+def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor | None = None,
+           attn_dtype: str = "bf16") -> torch.Tensor:
+    """q (B, Hq, N, d), k/v (B, Hkv, N, d) -> (B, Hq, N, d), exact over the index's blocks
+    (with attn_dtype "fp8": over their e4m3-rounded operands)."""
+    if attn_dtype != "bf16":
+        check_attn_dtype(attn_dtype, q.device)
     if index.full:
         return dense_attention(q, k, v, scale=scale, key_valid=key_valid)
+    if attn_dtype == "fp8":
+        return _attend_fp8(q, k, v, index, scale=scale, key_valid=key_valid)
     if q.is_cuda:
         start = None if key_valid is None else left_padding_start(key_valid)
         reason = _kernel_unsupported(q, index, key_valid is not None and start is None)
@@ -69,6 +95,22 @@ def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor 
             f"masked:{reason}",
             f"stem: {reason}; running masked SDPA on the GPU (exact, but it computes every causal pair: do not read its timings as the method's speed)",
         )
+    return masked_sdpa(q, k, v, index, scale=scale, key_valid=key_valid)
+
+
+def _attend_fp8(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """The FP8 kernel; what it cannot take runs masked SDPA in the input dtype, with a one-time notice."""
+    start = None if key_valid is None else left_padding_start(key_valid)
+    reason = _kernel_unsupported(q, index, key_valid is not None and start is None, fp8=True)
+    if reason is None:
+        from stem_cli.kernels import block_sparse_attn_fp8
+
+        return block_sparse_attn_fp8.block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
+    notice_once(
+        f"fp8-masked:{reason}",
+        f"stem: {reason}; running masked SDPA in {q.dtype} instead of FP8 attention (exact, not FP8, and it computes "
+        "every causal pair: do not read its timings or errors as the FP8 path's)",
+    )
     return masked_sdpa(q, k, v, index, scale=scale, key_valid=key_valid)
 
 
@@ -114,14 +156,15 @@ def sparse_kernel(q, k, v):
     return block_sparse_attn
 
 
-def _kernel_unsupported(q, index: BlockIndex, other_padding: bool) -> str | None:
-    """Why the Triton kernel cannot run this call, or None when it can."""
+def _kernel_unsupported(q, index: BlockIndex, other_padding: bool, fp8: bool = False) -> str | None:
+    """Why the Triton kernel (the FP8 one with `fp8`) cannot run this call, or None when it can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if q.dtype not in (torch.bfloat16, torch.float16):
+    if q.dtype not in (torch.bfloat16, torch.float16) and q.is_cuda:  # the CPU reaches here only under the interpreter
         return f"the Triton kernel takes bfloat16/float16, not {q.dtype}"
-    if index.block_size < 16:
-        return f"the Triton kernel needs block_size >= 16, not {index.block_size}"
+    smallest = 32 if fp8 and q.is_cuda else 16  # an e4m3 tensor-core dot reduces over >= 32 elements
+    if index.block_size < smallest:
+        return f"the Triton kernel needs block_size >= {smallest}, not {index.block_size}"
     if other_padding:
         return "the padding is not left padding"
     return None

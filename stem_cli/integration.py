@@ -158,7 +158,8 @@ class Runtime:
         with timer.stage("estimation") if timer else nullcontext():
             index = self.select(query, key, value, layer=layer, scale=scale, key_valid=key_valid)
         with timer.stage("attention") if timer else nullcontext():
-            out = attend(query, key, value, index, scale=scale, key_valid=key_valid)
+            out = attend(query, key, value, index, scale=scale, key_valid=key_valid,
+                         attn_dtype=getattr(self.config, "attn_dtype", "bf16"))
 
         if index.block_size != block_size:  # a selector on its own block grid
             pairs = block_pair_counts(key_valid, batch, n, index.block_size, device=query.device)

@@ -99,6 +99,8 @@ def test_each_setting_gives_a_new_key_and_nothing_else_does(tiny, tmp_path, cach
     assert key(chat, tmp_path, model_id="random-weights:/somewhere/else") == base  # where the weights were found
     for impl in ("torch", "triton"):  # how the estimate is computed, not what it keeps
         assert key(chat, tmp_path, job=stem_job(estimate_impl=impl)) == base
+    fp8 = key(chat, tmp_path, job=stem_job(attn_dtype="fp8"))  # other numbers: a new key (bf16 is the default)
+    assert fp8 != base and fp8 not in changed.values()
     ppl = TaskRef("ppl", "measure", "ppl")
     assert key(chat, tmp_path, ref=ppl, max_new_tokens=4) == key(chat, tmp_path, ref=ppl)  # nothing is generated
     assert key(chat, tmp_path, ref=ppl, use_chat_template=False) == key(chat, tmp_path, ref=ppl)  # plain text anyway

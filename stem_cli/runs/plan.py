@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from stem_cli.config import ConfigError
 from stem_cli.errors import UsageError
 
 
@@ -100,6 +101,7 @@ def jobs(model, runner, names: list[str], configs: dict, lengths: list[int], ref
 
     knobs = knobs if knobs is not None else Knobs(None, runner.identity["weights"], runner.settings.dtype)
     check_routers(configs, runner.identity["weights"])
+    check_attention_dtypes(configs, model)
     out = []
     with solving_display(console) as progress_for:
         for n in lengths:
@@ -125,6 +127,20 @@ def check_routers(configs: dict, weights: str) -> None:
             from stem_cli.elastic.router import load_router
 
             load_router(config.router).check_weights(weights, where=f"{name}: router {config.router!r}")
+
+
+def check_attention_dtypes(configs: dict, model) -> None:
+    """attn_dtype=fp8 where the model's device cannot run the FP8 kernel is refused before any work."""
+    from stem_cli.executor import check_attn_dtype
+
+    device = next(model.parameters()).device
+    for name, config in configs.items():
+        attn_dtype = getattr(config, "attn_dtype", "bf16")
+        if attn_dtype != "bf16":
+            try:
+                check_attn_dtype(attn_dtype, device)
+            except ConfigError as error:
+                raise ConfigError(f"{name}: {error}") from None
 
 
 def probe_prompts(runner, refs: list, n: int, model, most: int = 3) -> list:

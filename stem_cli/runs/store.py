@@ -30,11 +30,16 @@ def config_dict(config) -> dict[str, Any]:
 # estimates keep the same blocks (they may differ only where float order breaks an exact tie,
 # as two runs of one GPU reduction can). A result made with either is the same result.
 IMPLEMENTATION_ONLY = frozenset({"estimate_impl"})
+# Fields added after results were stored, at the value every earlier result was made with:
+# left out of the key at that value, so those results stay reusable.
+LATER_FIELDS = {"attn_dtype": "bf16"}
 
 
 def config_key(config) -> dict[str, Any]:
-    """The config as it enters a result's key: config_dict without the implementation-only fields."""
-    return {k: v for k, v in config_dict(config).items() if k not in IMPLEMENTATION_ONLY}
+    """The config as it enters a result's key: config_dict without the implementation-only fields
+    and without later fields at their earlier value."""
+    return {k: v for k, v in config_dict(config).items()
+            if k not in IMPLEMENTATION_ONLY and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def record_key(**parts: Any) -> str:

@@ -3,6 +3,7 @@ and Flex baselines, in one GPU run (< 8 minutes on an H200 at the defaults).
 
     python -m tests.bench.prefill                          # 32K,128K,256K at 32/8/128, bf16, on the CUDA GPU
     python -m tests.bench.prefill --only peers --lengths 32K,128K   # the peers' estimates only (< 2 minutes on an H200)
+    python -m tests.bench.prefill --lengths 8K,32K,128K --skip torch,fa2,flex   # FP8 vs bf16 Stem and cuDNN (< 2 min)
     TRITON_INTERPRET=1 python -m tests.bench.prefill --device cpu --smoke   # tiny sizes on the CPU, kernels interpreted
 
 First, at small shapes, every new kernel against its reference (a failed check makes the exit
@@ -16,13 +17,18 @@ Then per length, batch 1, random inputs (v scaled per token so value norms vary)
 - scoring torch vs triton, selection torch vs triton (on the same logits; the two indices are
   compared), block-sparse attention on the new index, Stem total old and new with the
   estimate's share;
+- FP8 attention (kernels/block_sparse_attn_fp8.py) on the same index: attn_fp8_ms (e4m3 Q, K, P, V,
+  what attn_dtype=fp8 runs, its quantisation included; fp8_quantize_ms alone), attn_fp8_qk_ms (e4m3
+  Q and K only, bf16 P and V), each output against the bf16 kernel's (relative error ||o8 - o|| / ||o||
+  and the worst row's), stem_total_fp8_ms and cudnn_over_stem_fp8 (the target: >= 6.5 at 128K, error <= 3%);
 - dense causal SDPA on cuDNN and FlashAttention-2, FlexAttention on the same index (the
   Triton backend; FLASH where the installed torch offers it, else the row says why not).
 The peers' estimates (xattention, flexprefill, minference at their defaults): each selector's whole
 estimate + choice, fused (estimate_impl=triton) against torch, their indices compared, in rows
 <peer>_estimate_fused_ms / <peer>_estimate_torch_ms beside Stem's score + select (`--only peers` runs
-just these, with a fused-vs-torch index check at a small shape first). Variants not built yet
-(GQA-shared K/V tiles, FP8 attention) appear as "n/a (not implemented)". JSON with the GPU, versions and command goes to
+just these, with a fused-vs-torch index check at a small shape first). `--skip torch` leaves out the old torch
+estimate (Stem's and the peers'), `--skip fp8` the FP8 rows, `--skip peers` the peers. The variant not built yet (GQA-shared K/V tiles) appears as
+"n/a (not implemented)". JSON with the GPU, versions and command goes to
 profiles/prefill-<date>-<gpu>.json, a PNG of time per stage vs length beside it.
 """
 
@@ -56,6 +62,7 @@ NOT_BUILT = "n/a (not implemented in this branch)"
 STAGES = ("score", "select", "attn")
 PEERS = {"xattention": xattention, "flexprefill": flexprefill, "minference": minference}
 ONLY = ("all", "peers")
+SKIPPABLE = ("cudnn", "fa2", "flex", "flash", "torch", "fp8", "peers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-reps", type=int, default=2, help="timed calls at least when one call outlasts --rep-ms")
     parser.add_argument("--only", choices=ONLY, default="all",
                         help="'peers': only the peers' estimates (fused vs torch) beside Stem's, no attention or baselines")
-    parser.add_argument("--skip", default="", help="comma list to leave out: cudnn, fa2, flex, flash")
+    parser.add_argument("--skip", default="", help=f"comma list to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="profiles", help="folder for the JSON and PNG (default profiles/)")
     return parser
@@ -100,8 +107,8 @@ def parse_options(argv) -> Options:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: use --device cpu --smoke")
     skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
-    if skip - {"cudnn", "fa2", "flex", "flash"}:
-        parser.error(f"--skip {args.skip!r}: use a comma list of cudnn, fa2, flex, flash")
+    if skip - set(SKIPPABLE):
+        parser.error(f"--skip {args.skip!r}: use a comma list of {', '.join(SKIPPABLE)}")
     try:
         lengths = parse_lengths(args.lengths or (SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS))
         shape = kb.parse_shapes(args.shape or (SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE))[0]
@@ -186,9 +193,15 @@ def check_peer_estimates(opts: Options) -> dict:
 def run_peers(row: dict, q, k, v, opts: Options) -> None:
     """Each peer's estimate + choice, fused and torch, and the share of rows where the two indices agree."""
     scale = opts.shape.d**-0.5
+    if "peers" in opts.skip:
+        row.update({f"{peer}_estimate_{name}_ms": kb.na("skipped") for peer in PEERS for name in ("fused", "torch")})
+        return
+    paths = (("triton", "fused"),) if "torch" in opts.skip else (("triton", "fused"), ("torch", "torch"))
     for peer, module in PEERS.items():
-        picked = {}
-        for impl, name in (("triton", "fused"), ("torch", "torch")):
+        picked = {"torch": None}
+        if "torch" in opts.skip:
+            row[f"{peer}_estimate_torch_ms"] = kb.na("skipped")
+        for impl, name in paths:
             call = partial(module.select, q, k, v, layer=3, config=peer_config(peer, opts, impl), scale=scale, key_valid=None)
             picked[impl] = timed(row, f"{peer}_estimate_{name}_ms", call, opts)
             kb.free_memory()
@@ -219,7 +232,11 @@ def run_length(n: int, opts: Options, attend) -> dict:
     score_args = {"block_size": cfg.block_size, "stride": cfg.stride, "beta": cfg.beta, "scale": scale}
 
     new_logits = timed(row, "score_triton_ms", partial(score.block_logits, q, k, v, **score_args, impl="triton"), opts)
-    old_logits = timed(row, "score_torch_ms", partial(score.block_logits, q, k, v, **score_args, impl="torch"), opts)
+    old_logits = None
+    if "torch" in opts.skip:
+        row["score_torch_ms"] = row["select_torch_ms"] = kb.na("skipped")
+    else:
+        old_logits = timed(row, "score_torch_ms", partial(score.block_logits, q, k, v, **score_args, impl="torch"), opts)
     if new_logits is not None and old_logits is not None:
         row["check_logits"] = kb.compare_logits(new_logits, old_logits)
     del old_logits
@@ -227,7 +244,10 @@ def run_length(n: int, opts: Options, attend) -> dict:
     index = None
     if new_logits is not None:
         index = timed(row, "select_triton_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "triton"), None), opts)
-        old_index = timed(row, "select_torch_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "torch"), None), opts)
+        old_index = None
+        if "torch" not in opts.skip:
+            old_index = timed(row, "select_torch_ms", partial(select_from_logits, new_logits, n, with_impl(cfg, "torch"), None),
+                              opts)
         if index is not None and old_index is not None:
             # Same logits on both sides: rows may differ only through exactly tied logits.
             same = kb.compare_indices(new_logits, new_logits, index, old_index)
@@ -247,7 +267,8 @@ def run_length(n: int, opts: Options, attend) -> dict:
     if index is not None:
         kb.record_budget(row, index, n, shape, cfg, opts.device)
         out = timed(row, "attn_ms", partial(attend, q, k, v, index, scale=scale), opts)
-    row["attn_gqa_shared_ms"] = row["attn_fp8_ms"] = NOT_BUILT
+    run_fp8(row, q, k, v, index, out, scale, opts)
+    row["attn_gqa_shared_ms"] = NOT_BUILT
 
     on_gpu = opts.device == "cuda"
     for name in ("cudnn", "fa2"):
@@ -268,6 +289,40 @@ def run_length(n: int, opts: Options, attend) -> dict:
     del q, k, v, out, index
     kb.free_memory()
     return finish(row)
+
+
+def run_fp8(row: dict, q, k, v, index, out, scale: float, opts: Options) -> None:
+    """The FP8 kernel on the bf16 kernel's index: times, and its output against the bf16 output `out`."""
+    keys = ("attn_fp8_ms", "attn_fp8_qk_ms", "fp8_quantize_ms")
+    if "fp8" in opts.skip or index is None or out is None:
+        row.update(dict.fromkeys(keys, kb.na("skipped" if "fp8" in opts.skip else "no index")))
+        return
+    from stem_cli.kernels import block_sparse_attn_fp8 as fp8
+
+    reason = fp8.unsupported_reason(q.device)
+    if reason is not None:
+        row.update(dict.fromkeys(keys, kb.na(reason)))
+        return
+    block = index.block_size
+    timed(row, "fp8_quantize_ms", lambda: [fp8.quantize_blocks(q, block), fp8.quantize_blocks(k, block),
+                                           fp8.quantize_blocks(v, block, transpose=True)], opts)
+    kb.free_memory()
+    for key, pv_fp8, name in (("attn_fp8_ms", True, "fp8"), ("attn_fp8_qk_ms", False, "fp8_qk")):
+        got = timed(row, key, partial(fp8.block_sparse_attention, q, k, v, index, scale=scale, pv_fp8=pv_fp8), opts)
+        if got is not None:
+            row[f"check_{name}_rel_err"], row[f"check_{name}_worst_row_rel_err"] = output_errors(got, out)
+        del got
+        kb.free_memory()
+
+
+def output_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(||got - want|| / ||want||, max over rows of the same per row), one head at a time in float32."""
+    worst = 0.0
+    for h in range(got.shape[1]):
+        x, y = got[:, h].float(), want[:, h].float()
+        per_row = (x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-30)
+        worst = max(worst, float(per_row.max()))
+    return kb.relative_error(got, want), worst
 
 
 def run_flex(row, backend: str, q, k, v, out, index, scale, opts: Options) -> None:
@@ -299,7 +354,12 @@ def finish(row: dict) -> dict:
     for name in ("cudnn", "fa2"):
         if num(row.get(f"{name}_ms")) and num(row.get("causal_pairs")):
             row[f"{name}_tflops"] = kb.tflops(int(row["shape"].split("/")[2]), row["causal_pairs"], row[f"{name}_ms"])
+    fp8_parts = [row.get("score_triton_ms"), row.get("select_triton_ms"), row.get("attn_fp8_ms")]
+    if all(num(x) for x in fp8_parts):
+        row["stem_total_fp8_ms"] = sum(fp8_parts)
     row["cudnn_over_stem_triton"] = kb.ratio(row.get("cudnn_ms"), row.get("stem_total_triton_ms"))
+    row["cudnn_over_stem_fp8"] = kb.ratio(row.get("cudnn_ms"), row.get("stem_total_fp8_ms"))
+    row["attn_over_attn_fp8"] = kb.ratio(row.get("attn_ms"), row.get("attn_fp8_ms"))
     row["flex_over_attn"] = kb.ratio(row.get("flex_triton_ms"), row.get("attn_ms"))
     return row
 
@@ -326,7 +386,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
             ax.bar([i + shift for i in x], heights, width, bottom=bottom, color=colors[stage], hatch=hatch,
                    edgecolor="white", label=f"{stage} ({which} estimate)")
             bottom = [b + h for b, h in zip(bottom, heights)]
-    for key, style in (("cudnn_ms", "k-o"), ("flex_triton_ms", "r--s")):
+    for key, style in (("cudnn_ms", "k-o"), ("flex_triton_ms", "r--s"), ("stem_total_fp8_ms", "m-^")):
         ys = [r[key] if kb.is_num(r.get(key)) else float("nan") for r in rows]
         ax.plot(list(x), ys, style, label=key.removesuffix("_ms"))
     ax.set_xticks(list(x), [format_length(n) for n in lengths])
@@ -353,10 +413,22 @@ def print_rows(rows: list[dict], only: str = "all") -> None:
         return
     keys = ["n", "score_torch_ms", "score_triton_ms", "select_torch_ms", "select_triton_ms", "attn_ms",
             "stem_total_torch_ms", "stem_total_triton_ms", "estimate_share_triton", "cudnn_ms", "fa2_ms",
-            "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops"]
+            "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops",
+            "fp8_quantize_ms", "attn_fp8_qk_ms", "attn_fp8_ms", "attn_over_attn_fp8", "stem_total_fp8_ms", "cudnn_over_stem_fp8",
+            "check_fp8_rel_err", "check_fp8_worst_row_rel_err", "check_fp8_qk_rel_err", "check_fp8_qk_worst_row_rel_err"]
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in keys))
+
+
+def print_fp8_target(rows: list[dict]) -> None:
+    """Issue 17's FP8 target at the longest length: cuDNN bf16 dense / FP8 Stem total >= 6.5, error <= 3%."""
+    last = rows[-1] if rows else {}
+    ratio, err = last.get("cudnn_over_stem_fp8"), last.get("check_fp8_rel_err")
+    if kb.is_num(ratio) and kb.is_num(err):
+        met = ratio >= 6.5 and err <= 0.03
+        print(f"FP8 target at {format_length(last['n'])}: cudnn / stem fp8 = {ratio:.2f} (>= 6.5), relative error "
+              f"{err:.2%} (<= 3%), worst row {last['check_fp8_worst_row_rel_err']:.2%}: {'met' if met else 'MISSED'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       f"{machine['name']}"))
     kb.write_json(report, path)
     print_rows(report["rows"])
+    print_fp8_target(report["rows"])
     for problem in report["failures"]:
         print(f"FAILED: {problem}")
     print(f"wrote {path} and {report['png']}")

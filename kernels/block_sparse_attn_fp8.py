@@ -1,0 +1,95 @@
+"""Block-sparse causal flash attention forward with FP8 (e4m3) operands: the FP8=True variant of
+kernels/block_sparse_attn.py's kernel (one kernel, the dtype a constexpr), its math and its launcher.
+
+The attention is the one of block_sparse_attn.py (see its docstring): for query row m
+and its selected, causal, valid keys S(m), O[m] = sum_{n in S(m)} softmax_n(c q_m . k_n) v_n
+with c the softmax scale. Only the operands of the two dots change.
+
+Quantisation (kernels/fp8_quantize.py, run before this kernel): Q, K and V in e4m3 with one
+float32 scale per (batch, head, index block t) of Bk rows (Bk = the index's block size, 128 by
+default): s_t = amax_t |x| / 448, x ~= s_t x8, relative rounding <= 2^-4 for normal values.
+Each BLOCK_M x BLOCK_N tile lies inside one query block i and one key
+block j (tiles never cross an index block), so each tile has one scale per operand and the
+scales leave the dots:
+
+    logit(m, n) = c q_m . k_n ~= (c s^Q_i s^K_j) (q8_m . k8_n)     fp32 accumulation
+
+one scalar multiply per tile, folded into the exponent's scale (base 2, log2 e included).
+The online softmax then runs in fp32 exactly as in the bf16 kernel (running max, sum, rescale).
+
+P and V (PV_FP8=True, what the executor runs): p = exp2(logit - running max) lies in [0, 1];
+it enters the dot as e4m3 with the fixed scale 2^8 (a power of two, so the scaling itself is
+exact: P 2^8 spans [0, 256], normals down to p = 2^-14, below that subnormals to 2^-17; smaller
+weights round to 0, far under the output's resolution):
+
+    acc += (s^V_j / 2^8) (rne_e4m3(2^8 p) . v8)     fp32 accumulation
+
+and the running sum l takes the unrounded fp32 p (the normaliser carries no rounding error of
+its own). V is stored transposed, (B, H, d, N), so both dots read their reduction dimension
+contiguously, as Hopper's FP8 tensor-core instructions need. PV_FP8=False keeps P and V in
+the input dtype (bf16) and quantises only Q and K: the benchmark times both.
+
+Error (per element, relative, before accumulation): Q, K, V and P each carry <= 2^-4 rounding,
+independent across elements, so the output's relative error is a few 2^-4 / sqrt(3) in RMS on
+random data and smaller where few keys dominate (tests/bench/prefill.py measures it against
+the bf16 kernel on the same index). Needs FP8 tensor cores: compute capability >= 8.9.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stem_cli.index import BlockIndex
+from stem_cli.kernels.block_sparse_attn import INTERPRET, launch, launch_buffers
+from stem_cli.kernels.fp8_quantize import quantize_blocks
+
+MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core dots: Ada (8.9) and Hopper (9.0) onward
+
+
+def unsupported_reason(device: torch.device) -> str | None:
+    """Why this kernel cannot run on `device` (no e4m3 tensor cores, or the CPU without the interpreter), or None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            return (f"FP8 attention needs e4m3 tensor cores (compute capability >= 8.9, e.g. Hopper's 9.0); "
+                    f"this GPU has {capability[0]}.{capability[1]}")
+        return None
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return f"FP8 attention runs on a CUDA GPU with compute capability >= 8.9 (or under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    pv_fp8: bool = True,
+):
+    """q (B, Hq, N, d), k/v (B, Hkv, N, d) bf16/fp16 -> (B, Hq, N, d) in q's dtype; index per query or KV head.
+
+    Quantises Q, K (and V with pv_fp8) to e4m3 per (batch, head, index block), then runs the
+    kernel; kv_start (B,) int: first valid key of each sequence (left padding).
+    """
+    n, d = q.shape[2:]
+    reason = unsupported_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if index.block_size < 32 and not INTERPRET:
+        raise ValueError(f"block_size={index.block_size} is too small for FP8 dots: use a power of two >= 32")
+    buffers = launch_buffers(q, index, scale, kv_start, return_lse, out)
+    block = index.block_size
+    q8, q_scales = quantize_blocks(q, block)
+    k8, k_scales = quantize_blocks(k, block)
+    if pv_fp8:
+        v_op, v_scales = quantize_blocks(v, block, transpose=True)
+    else:
+        v_op, v_scales = v, k_scales  # unused scales: any float32 (B, Hkv, P) tensor
+    return launch(q8, k8, v_op, (q_scales, k_scales, v_scales), index, buffers, n=n, d=d,
+                  has_start=kv_start is not None, return_lse=return_lse, pv_fp8=pv_fp8)
