@@ -69,9 +69,9 @@ def _prhs_share(
     if USE_FRACTION:
         row_budget = tl.math.ceil(nvf * tl.load(Fracs + 2)).to(tl.int64)
     else:
-        row_budget = tl.full([], budget, tl.int64)
+        row_budget = tl.zeros([], tl.int64) + budget
     avail = tl.maximum(row_budget, n_forced) - n_forced
-    inherited = 0
+    inherited = tl.zeros([], tl.int64)
     if HAS_PREV:
         offs_p = tl.arange(0, BLOCK_P)
         p = tl.load(Prev + row64 * s_prev + offs_p, mask=offs_p < prev_width, other=-1)
@@ -84,8 +84,8 @@ def _prhs_share(
     offs_d = tl.arange(0, HEAD_DIM)
     qmask = h_ok[:, None] & (offs_d < head_dim)[None, :]
     q = tl.load(Q + b * sqb + (kvh * group + offs_h)[:, None] * sqh + offs_d[None, :] * sqd, mask=qmask, other=0.0).to(tl.float32)
-    share = 0
-    cos_fail = 0
+    share = tl.zeros([], tl.int32)
+    cos_fail = tl.zeros([], tl.int32)
     if USE_TIME:
         state_rows = row64 * group + offs_h
         has = tl.load(Has + row).to(tl.int32)
@@ -99,7 +99,7 @@ def _prhs_share(
         if share == 0:  # this step's query becomes the row's anchor
             tl.store(QA + state_rows[:, None] * head_dim + offs_d[None, :], q, mask=qmask)
             tl.store(QN + state_rows, q_norm, mask=h_ok)
-            tl.store(Has + row, 1)
+            tl.store(Has + row, share == 0)
             tl.store(TS + row, n_keys)
     anchor = 1 - share
 
