@@ -39,9 +39,12 @@ re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
   row falls back), but loose: large query drifts always fall back;
 - 'anchor': 1 - m, the anchor query's view of the set (cheap, no guarantee).
 
-On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, the anchor branch's scoring, softmax and exact
-top-k and the row sorts run in kernels/prhs_select.py (a row that shares reads nothing there); the same
-sets as the PyTorch path, which serves every other case (TRITON_SELECT switches).
+On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, a layer-step is four Triton launches and a few
+torch ops (select_fused): kernels/prhs_share.py decides every row and writes the sharing rows' index,
+kernels/prhs_select.py scores and ranks the re-anchoring rows (a row that shares reads nothing there), and
+kernels/prhs_anchor_rows.py writes their index, dropped mass and stored set. The PyTorch path of select()
+was ~190 ops per layer-step, a fixed cost at every length. The same sets as the PyTorch path, which serves
+every other case (TRITON_SELECT switches).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from stem_cli.decode.common import (
     dropped_from_probs,
     full_logits,
     softmax_rows,
+    unpadded_bounds,
 )
 from stem_cli.executor import notice_once
 from stem_cli.kernels import decode_reference as ref
@@ -89,6 +90,7 @@ class DecodeRuntime:
         """Forget selector state and statistics (call before each evaluated sample)."""
         self.states: dict[int, dict] = {}
         self._prev = None
+        self._unpadded = None  # ((B, T, device), (start, n_valid)) of the last unpadded cache
         self.reset_stats()
 
     COUNTERS = ("kept", "valid", "kept_sparse", "valid_sparse", "decisions", "anchors", "cosine_reanchors", "fallbacks", "over_bound")
@@ -158,8 +160,14 @@ class DecodeRuntime:
                 self._deltas.append(self._zero_delta[key_])
             return out
 
+        unpadded = None
+        if key_valid is None:  # made once per cache shape, not once per layer (two launches fewer per layer-step)
+            shape = (b, t, key.device)
+            if self._unpadded is None or self._unpadded[0] != shape:
+                self._unpadded = (shape, unpadded_bounds(b, t, key.device))
+            unpadded = self._unpadded[1]
         ctx = context_from(layer, self.num_layers, query, key, value, key_valid, scale,
-                           sinks=cfg.sink_tokens, window=cfg.window_tokens, step=step)
+                           sinks=cfg.sink_tokens, window=cfg.window_tokens, step=step, unpadded=unpadded)
         prev = self._prev
         if prev is not None and prev[0] < layer and prev[1] == step and prev[2].shape[0] == b * hkv:
             ctx.prev_indices = prev[2]
