@@ -838,10 +838,9 @@ class LaunchCounter:
 
 @pytest.mark.parametrize("layer,padded", [(2, False), (6, True)])  # layer 6 of 8 freezes (lo > 0) and inherits
 def test_fused_prhs_step_launches_few_kernels_per_layer(monkeypatch, layer, padded):
-    """A PrHS layer-step on the Triton path (every row shares, or every row re-anchors) costs at most 12
-    launches (the fused path: 4 Triton kernels and a handful of torch ops); the same step on the PyTorch
-    path is ~190 (its fixed cost on the GPU was ~0.43 ms per layer). The shared step's sets are still the
-    anchor's (no row re-anchored, the index is the anchor's set plus the forced positions)."""
+    """A PrHS layer-step on the Triton path (every row shares, or every row re-anchors) costs at most 6
+    launches: 4 Triton kernels, the counters' sum and (padded) the mask as int8; the same step on the
+    PyTorch path is ~200 (its fixed cost on the GPU was ~0.43 ms per layer, whatever the length)."""
     pytest.importorskip("triton")
     monkeypatch.setattr(prhs, "TRITON_SELECT", True)
     g = torch.Generator().manual_seed(layer)
@@ -872,7 +871,7 @@ def test_fused_prhs_step_launches_few_kernels_per_layer(monkeypatch, layer, padd
         with counter:
             sel = prhs.select(ctx, cfg, state)
         assert int(sel.anchors) == anchors, name
-        assert counter.total <= 12, (name, dict(counter.ops), dict(counter.kernels))
+        assert counter.total <= 6, (name, dict(counter.ops), dict(counter.kernels))
         assert sum(counter.kernels.values()) == 4, dict(counter.kernels)
     shared = step(q, 2)  # the stored sets again (the anchor step above re-anchored to -q; q is now far from it)
     assert int(shared.anchors) == b * hkv
