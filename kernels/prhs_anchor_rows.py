@@ -26,7 +26,7 @@ from stem_cli.kernels.prhs_select import BIG, MAX_SORT, _sort
 
 @triton.jit
 def _prhs_anchor_rows(
-    Anchor, Info, Ranked, Prev, KeyValid, Logits, Lse, Index, Static, Scratch, Delta,
+    Anchor, Info, Ranked, Prev, KeyValid, Logits, Lse, Index, Static, Scratch, Delta, Flags,
     s_ranked, s_prev, svb, s_index, s_static, s_scr,
     n_rows, n_kv_heads, group, n_keys, n_forced, width, ranked_width, ranked_div, prev_width, n_inherit, n_cols, r,
     USE_TIME: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PREV: tl.constexpr, HAS_LOGITS: tl.constexpr,
@@ -57,6 +57,8 @@ def _prhs_anchor_rows(
         a = tl.where(from_inh, a, tl.load(Ranked + row64 * s_ranked + a_r, mask=(a_r >= 0) & (a_r < ranked_width), other=-1))
         a = _sort(a, descending=True)
         tl.store(Index + row64 * s_index + n_forced + offs_a, a, mask=offs_a < width)
+        kept = tl.load(Flags + row64 * 3 + 2) + tl.sum(((a >= 0) & (offs_a < width)).to(tl.int32), 0)
+        tl.store(Flags + row64 * 3 + 2, kept)  # the forced count (prhs_share) plus the salient ones
 
         if HAS_LOGITS:  # every position was scored: the exact dropped mass of the kept index
             tl.debug_barrier()
@@ -102,12 +104,12 @@ def _prhs_anchor_rows(
             tl.store(Static + row64 * s_static + offs_s, x, mask=offs_s < width)
 
 
-def prhs_anchor_rows(anchor, info, ranked, prev, key_valid, logits, lse, index, static, delta, *,
+def prhs_anchor_rows(anchor, info, ranked, prev, key_valid, logits, lse, index, static, delta, flags, *,
                      n_keys: int, kv_heads: int, n_forced: int, width: int, inherit_cap: int, r: int, use_time: bool):
     """anchor (R,) int8, info (5, R) and index (R, n_forced + >= width) from prhs_share; ranked (R, W') from
     prhs_select.anchor_topk; prev (R, P) or None; key_valid (B, T) int8 or None; logits (R, g, T) and
     lse (R, g) when every position was scored, else None. Fills index, delta (R, g) and static (R, >= width)
-    on the re-anchoring rows, in place."""
+    on the re-anchoring rows, in place, and adds their salient count to flags[:, 2] (R, 3)."""
     rows, ranked_width = ranked.shape
     g = delta.shape[-1]
     has_prev, has_valid, has_logits = prev is not None, key_valid is not None, logits is not None
@@ -120,7 +122,7 @@ def prhs_anchor_rows(anchor, info, ranked, prev, key_valid, logits, lse, index, 
     prev_t = prev if has_prev else index
     _prhs_anchor_rows[(rows,)](
         anchor, info, ranked, prev_t, valid, logits if has_logits else delta, lse if has_logits else delta,
-        index, static, scratch, delta,
+        index, static, scratch, delta, flags,
         ranked.stride(0), prev_t.stride(0), valid.stride(0) if has_valid else 0, index.stride(0), static.stride(0),
         scratch.stride(0),
         rows, kv_heads, g, n_keys, n_forced, width, ranked_width,

@@ -16,7 +16,8 @@ valid count of sequence b:
 A sharing row's index is forced_r then the anchor's stored set minus what the window now holds
 (>= ws) and the progressive window now drops ([sink_end, drop_end)); its dropped mass is unknown (0).
 A re-anchoring row gets forced_r then -1 pads (prhs_anchor_rows.py fills them), and its stored query,
-|q|, has and T are replaced by this step's. Per row: the flags (anchor, cosine re-anchor) and
+|q|, has and T are replaced by this step's. Per row: the counts (anchor, cosine re-anchor, kept positions:
+|forced_r| plus the shared set's, prhs_anchor_rows.py adds a re-anchoring row's salient ones) and
 (sink_end, drop_end, freeze_end, excl_end, free) for the kernels that follow. One launch replaces
 the ~150 small torch ops the same decision took (its fixed cost, whatever the cache length).
 """
@@ -108,10 +109,12 @@ def _prhs_share(
     st = tl.load(Static + row64 * s_static + offs_w, mask=offs_w < static_width * share, other=-1)
     keep = (st >= 0) & (st < window_start) & ~((st >= sink_end) & (st < drop_end))
     tl.store(Final + row64 * s_final + sinks + window + offs_w, tl.where(keep, st, -1), mask=offs_w < salient_width)
+    n_kept = n_forced + tl.sum((keep & (offs_w < salient_width)).to(tl.int64), 0)
 
     tl.store(Anchor + row, anchor.to(tl.int8))
-    tl.store(Flags + row64 * 2, anchor)
-    tl.store(Flags + row64 * 2 + 1, cos_fail)
+    tl.store(Flags + row64 * 3, anchor)
+    tl.store(Flags + row64 * 3 + 1, cos_fail)
+    tl.store(Flags + row64 * 3 + 2, n_kept.to(tl.int32))
     tl.store(Info + row64, sink_end)
     tl.store(Info + n_rows + row64, drop_end)
     tl.store(Info + 2 * n_rows + row64, freeze_end)
@@ -128,14 +131,14 @@ def prhs_share(q, state_q, state_norm, has, state_t, static, key_valid, start, n
     static (R, Ws) (updated in place for re-anchoring rows, static excepted); key_valid (B, T) int8 or None;
     start / n_valid (B,); prev (R, P) or None; fracs (3,) float64 (f_drop, f_freeze, budget fraction) ->
     (index (R, sinks + window + salient_width): the sharing rows complete, anchor (R,) int8,
-    flags (R, 2) int32 (anchor, cosine re-anchor), info (5, R) int64 (sink_end, drop_end, freeze_end, excl_end,
+    flags (R, 3) int32 (anchor, cosine re-anchor, kept), info (5, R) int64 (sink_end, drop_end, freeze_end, excl_end,
     free), delta (R, g) zeros, known (R,) bool)."""
     b, hkv, g, d = q.shape
     rows, dev = b * hkv, q.device
     q3 = q.reshape(b, hkv * g, d)
     index = torch.empty(rows, sinks + window + salient_width, dtype=torch.long, device=dev)
     anchor = torch.empty(rows, dtype=torch.int8, device=dev)
-    flags = torch.empty(rows, 2, dtype=torch.int32, device=dev)
+    flags = torch.empty(rows, 3, dtype=torch.int32, device=dev)
     info = torch.empty(5, rows, dtype=torch.long, device=dev)
     delta = torch.empty(rows, g, dtype=torch.float32, device=dev)
     known = torch.empty(rows, dtype=torch.bool, device=dev)

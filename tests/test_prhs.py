@@ -752,6 +752,9 @@ def test_triton_selection_equals_the_host_synchronising_reference(monkeypatch, p
         for key in ("static", "has", "T"):
             if key in state:
                 assert torch.equal(dev_rt.states[layer][key], state[key]), (layer, key)
+    got, want = dev_rt.stats(), ref_rt.stats()  # the counts the fused step adds as one device vector
+    for key in ("kept_fraction", "kept_fraction_sparse_layers", "reanchors", "cosine_reanchors", "decisions", "fallbacks"):
+        assert got[key] == want[key], key
 
 
 def test_triton_selection_steps_do_not_sync(monkeypatch):

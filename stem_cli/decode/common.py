@@ -282,7 +282,8 @@ class Selection:
     for free). logits: full logits of every row when the selector computed them
     (an audit reuses them). Decision counts are per (sequence, KV head) row: host ints, or
     0-d device tensors where knowing them would need a host sync (the runtime sums those
-    on the device and reads them only in stats())."""
+    on the device and reads them only in stats()); a selector that has them in one device vector
+    passes it as device_counts, which the runtime adds in one launch."""
 
     indices: torch.Tensor
     delta: torch.Tensor | None = None
@@ -293,6 +294,7 @@ class Selection:
     cosine_reanchors: int | torch.Tensor = 0
     fallbacks: int | torch.Tensor = 0
     over_bound: int | torch.Tensor = 0
+    device_counts: torch.Tensor | None = None  # (anchors, cosine_reanchors, kept positions) in one vector: one add per step
 
 
 def salient_width(ctx: StepContext, budget: int, fraction: float) -> int:

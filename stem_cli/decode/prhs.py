@@ -238,11 +238,11 @@ def select_fused(ctx: StepContext, config: PrhsConfig, state: dict, *, width: in
         freeze_end=info[2] if lo > 0 else None, sink_end=info[0], excl_end=info[3],
         window_start=ctx.window_start(), sinks=ctx.sinks, k_rows=info[4], width=width)
     prhs_anchor_rows(anchor, info, ranked, prev, valid, logits if lo == 0 else None, lse if lo == 0 else None,
-                     index, state["static"], delta, n_keys=t, kv_heads=h, n_forced=ctx.sinks + ctx.window,
+                     index, state["static"], delta, flags, n_keys=t, kv_heads=h, n_forced=ctx.sinks + ctx.window,
                      width=width, inherit_cap=cap, r=config.r, use_time=use_time)
-    counts = flags.sum(0)  # (anchors, cosine re-anchors), on the device
+    counts = flags.sum(0)  # (anchors, cosine re-anchors, kept positions), on the device: one launch
     return Selection(index.view(b, h, -1), delta.view(b, h, g), known.view(b, h), None,
-                     decisions=n_rows, anchors=counts[0], cosine_reanchors=counts[1], fallbacks=0)
+                     decisions=n_rows, anchors=counts[0], cosine_reanchors=counts[1], fallbacks=0, device_counts=counts)
 
 
 def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:

@@ -100,6 +100,7 @@ class DecodeRuntime:
         self._deltas: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._host = dict.fromkeys(self.COUNTERS, 0)  # counts known on the host
         self._device: dict[str, torch.Tensor] = {}  # counts that live on the device (summed there, read in stats())
+        self._vector: torch.Tensor | None = None  # the sum of Selection.device_counts (VECTOR names its slots)
         self._zero_delta: dict = {}
         self.steps: dict[int, int] = {}
 
@@ -114,10 +115,21 @@ class DecodeRuntime:
         else:
             self._host[name] += value
 
+    VECTOR = {"anchors": 0, "cosine_reanchors": 1, "kept": 2, "kept_sparse": 2}  # Selection.device_counts' slots
+
+    def _count_vector(self, counts: torch.Tensor) -> None:
+        if self._vector is None:
+            self._vector = counts.detach().to(torch.float64, copy=True)
+        else:  # in place, as _count
+            self._vector.add_(counts)
+
     def counter(self, name: str) -> float:
         """A counter's value (reads the device part: a sync; for stats() and tests, not the step)."""
         dev = self._device.get(name)
-        return self._host[name] + (float(dev) if dev is not None else 0)
+        value = self._host[name] + (float(dev) if dev is not None else 0)
+        if self._vector is not None and name in self.VECTOR:
+            value += float(self._vector[self.VECTOR[name]])
+        return value
 
     def __getattr__(self, name):  # decisions, anchors, ... as before (read-only; syncs)
         if name in DecodeRuntime.COUNTERS and "_host" in self.__dict__:
@@ -186,13 +198,18 @@ class DecodeRuntime:
             max_delta = getattr(cfg, "max_delta", 0.0)
             if max_delta > 0:
                 self._count("over_bound", ((delta.amax(-1) > max_delta) & known).sum())
-        used = (sel.indices >= 0).sum()
-        for name in ("kept", "kept_sparse"):
-            self._count(name, used)
         for name in ("valid", "valid_sparse"):
             self._count(name, valid * hkv)
-        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
-            self._count(name, getattr(sel, name))
+        if sel.device_counts is not None:  # anchors, cosine re-anchors and kept positions: one launch
+            self._count_vector(sel.device_counts)
+            for name in ("decisions", "fallbacks"):
+                self._count(name, getattr(sel, name))
+        else:
+            used = (sel.indices >= 0).sum()
+            for name in ("kept", "kept_sparse"):
+                self._count(name, used)
+            for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
+                self._count(name, getattr(sel, name))
         self._prev = (layer, step, sel.indices.flatten(0, 1))
         return out
 
