@@ -57,8 +57,8 @@ def _prhs_anchor_rows(
         a = tl.where(from_inh, a, tl.load(Ranked + row64 * s_ranked + a_r, mask=(a_r >= 0) & (a_r < ranked_width), other=-1))
         a = _sort(a, descending=True)
         tl.store(Index + row64 * s_index + n_forced + offs_a, a, mask=offs_a < width)
-        kept = tl.load(Flags + row64 * 3 + 2) + tl.sum(((a >= 0) & (offs_a < width)).to(tl.int32), 0)
-        tl.store(Flags + row64 * 3 + 2, kept)  # the forced count (prhs_share) plus the salient ones
+        n_kept = tl.load(Flags + row64 * 3 + 2) + tl.sum(((a >= 0) & (offs_a < width)).to(tl.int32), 0)
+        tl.store(Flags + row64 * 3 + 2, n_kept)  # the forced count (prhs_share) plus the salient ones
 
         if HAS_LOGITS:  # every position was scored: the exact dropped mass of the kept index
             tl.debug_barrier()

@@ -121,7 +121,10 @@ def _prhs_share(
     tl.store(Info + 3 * n_rows + row64, excl_end)
     tl.store(Info + 4 * n_rows + row64, free)
     tl.store(Delta + row64 * group + offs_h, tl.zeros([BLOCK_H], tl.float32), mask=h_ok)
-    tl.store(Known + row, (anchor * SCORED_ALL) != 0)
+    if SCORED_ALL:  # a re-anchoring row scored every position: its dropped mass is known
+        tl.store(Known + row, anchor != 0)
+    else:
+        tl.store(Known + row, anchor < 0)  # never: nothing scored the frozen prefix
 
 
 def prhs_share(q, state_q, state_norm, has, state_t, static, key_valid, start, n_valid, prev, fracs, *,
