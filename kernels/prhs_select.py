@@ -11,7 +11,7 @@ anchor_topk (the anchor branch of prhs.select, for max_delta = 0 and no audit):
 1. _anchor_logits (grid rows x parts): l_hj = scale * q_h . k_j for j in [lo, T),
    rounded to the inputs' dtype first (as torch's bf16 q @ k^T), -inf where the key
    is padding or frozen (j < freeze_end); per part the online (max, sum exp).
-   lse_h = log sum_parts sum exp (a few tiny torch ops).
+   lse_h = log sum_parts sum exp (computed by step 2's programs from the parts; the first stores it).
 2. _topk_chunk level 0 (grid rows x chunks of CHUNK positions): the score
    s_j = mean_h exp(l_hj - lse_h) (the group's mean softmax probability) on the
    candidates (valid, not forced, outside [sink_end, excl_end)), packed with its
@@ -110,11 +110,11 @@ def _anchor_logits(
 
 @triton.jit
 def _topk_chunk(
-    Logits, Lse, Active, KeyValid, Start, SinkEnd, ExclEnd, KRows, In, Out, Ranked,
+    Logits, PartM, PartS, Lse, Active, KeyValid, Start, SinkEnd, ExclEnd, KRows, In, Out, Ranked,
     svb,
-    n_kv_heads, group, lo, n_cols, window_start, sinks, n_in, in_stride, out_stride, width,
+    n_kv_heads, group, lo, n_cols, n_parts, window_start, sinks, n_in, in_stride, out_stride, width,
     LEVEL0: tl.constexpr, FINAL: tl.constexpr, HAS_VALID: tl.constexpr,
-    CHUNK: tl.constexpr, KEEP: tl.constexpr, BLOCK_H: tl.constexpr,
+    CHUNK: tl.constexpr, KEEP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0)
     c = tl.program_id(1)
@@ -128,9 +128,19 @@ def _topk_chunk(
             j = c * CHUNK + offs
             j_ok = j < n_cols
             pos = lo + j
-            lse = tl.load(Lse + row.to(tl.int64) * group + offs_h, mask=h_ok, other=float("-inf"))
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
             rows_h = row.to(tl.int64) * group + offs_h
+            # lse_h from the scoring parts' (max, sum exp), in every program (the first one stores it)
+            offs_p = tl.arange(0, BLOCK_P)
+            p_ok = h_ok[:, None] & (offs_p < n_parts)[None, :]
+            part_m = tl.load(PartM + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=float("-inf"))
+            part_s = tl.load(PartS + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=0.0)
+            m_max = tl.max(part_m, 1)
+            m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+            total = tl.sum(part_s * tl.exp(part_m - m_safe[:, None]), 1)
+            lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+            if c == 0:
+                tl.store(Lse + rows_h, lse, mask=h_ok)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
             logit = tl.load(Logits + rows_h[:, None] * n_cols + j[None, :], mask=h_ok[:, None] & j_ok[None, :], other=float("-inf"))
             score = tl.sum(tl.exp(logit - lse[:, None]), 0) / group
             cand = j_ok
@@ -204,19 +214,20 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
         HAS_VALID=has_valid, HAS_FREEZE=freeze_end is not None,
         BLOCK_H=block_h, BLOCK_N=block_n, TILES=tiles, HEAD_DIM=triton.next_power_of_2(max(d, 16)), num_warps=4,
     )
-    lse = torch.logsumexp(part_m + torch.log(part_s), dim=-1)  # (R, g); -inf for a row with no valid key
+    lse = torch.empty(rows, g, dtype=torch.float32, device=dev)  # written by the first level-0 program of a row
     ranked = torch.empty(rows, out_width, dtype=torch.long, device=dev)
     start_l, sink_l, excl_l, k_l = (x.to(device=dev, dtype=torch.long).contiguous() for x in (start, sink_end, excl_end, k_rows))
     # no dot product here: the group's heads need no padding to 16 (a CHUNK x 16 float32 tile would spill)
-    common = dict(HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)), num_warps=8)
+    common = dict(HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)),
+                  BLOCK_P=max(2, triton.next_power_of_2(n_parts)), num_warps=8)
     bufs = [torch.empty(rows, n * keep, dtype=torch.long, device=dev) for n in levels[:-1]]
     src, n_in = ranked, 0  # level 0 reads the logits
     for level, programs in enumerate(levels):
         final = level == len(levels) - 1
         dst = ranked if final else bufs[level]
         _topk_chunk[(rows, programs)](
-            logits, lse, flags, valid, start_l, sink_l, excl_l, k_l, src, dst, ranked, svb,
-            hkv, g, lo, n_cols, window_start, sinks, n_in, src.stride(0), dst.stride(0), out_width,
+            logits, part_m, part_s, lse, flags, valid, start_l, sink_l, excl_l, k_l, src, dst, ranked, svb,
+            hkv, g, lo, n_cols, n_parts, window_start, sinks, n_in, src.stride(0), dst.stride(0), out_width,
             LEVEL0=level == 0, FINAL=final, **common,
         )
         src, n_in = dst, programs * keep

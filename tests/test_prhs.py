@@ -723,7 +723,8 @@ def test_gated_scoring_kernel_reads_only_active_rows():
 
 @pytest.mark.parametrize(
     "params,padded",
-    [({}, False), ({"depth_start": 0.0, "freeze_start": 0.0, "phi": 0.5, "psi": 0.5}, True), ({"selectors": "time", "r": 2}, True)],
+    [({}, False), ({"depth_start": 0.0, "freeze_start": 0.0, "phi": 0.5, "psi": 0.5}, True), ({"selectors": "time", "r": 2}, True),
+     ({"selectors": "depth,layer", "depth_start": 0.0, "freeze_start": 0.0}, False), ({"budget_fraction": 0.25, "tau": 0.5}, True)],
 )
 def test_triton_selection_equals_the_host_synchronising_reference(monkeypatch, params, padded):
     """PrHS with its selection in kernels/prhs_select.py (the GPU path, run here in the Triton interpreter,
@@ -751,6 +752,9 @@ def test_triton_selection_equals_the_host_synchronising_reference(monkeypatch, p
         for key in ("static", "has", "T"):
             if key in state:
                 assert torch.equal(dev_rt.states[layer][key], state[key]), (layer, key)
+    got, want = dev_rt.stats(), ref_rt.stats()  # the counts the fused step adds as one device vector
+    for key in ("kept_fraction", "kept_fraction_sparse_layers", "reanchors", "cosine_reanchors", "decisions", "fallbacks"):
+        assert got[key] == want[key], key
 
 
 def test_triton_selection_steps_do_not_sync(monkeypatch):
@@ -779,3 +783,98 @@ def test_triton_selection_path_choice(monkeypatch):
     assert not prhs_module.triton_path(ctx, PrhsConfig(), None, 80)  # a CPU float32 step: PyTorch
     monkeypatch.setattr(prhs_module, "TRITON_SELECT", False)
     assert not prhs_module.triton_path(ctx, PrhsConfig(), None, 80)
+
+
+# ------------------------------------------------------------------ the fixed cost of a decode step: launches per layer
+
+
+class LaunchCounter:
+    """While entered: the torch ops that run a kernel (views, empty tensors and metadata are free; counted by
+    a TorchDispatchMode) and the Triton kernels launched (the interpreter's entry point, so on the CPU), by name.
+    A decode step's fixed cost, whatever the cache length, is its launches: a few microseconds each on a GPU,
+    in a CUDA graph too."""
+
+    FREE = {"aten.view", "aten.select", "aten.slice", "aten.empty", "aten.expand", "aten.unsqueeze", "aten.squeeze",
+            "aten.as_strided", "aten._unsafe_view", "aten.alias", "aten.t", "aten.transpose", "aten.permute",
+            "aten.detach", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh", "aten.reshape"}
+
+    def __init__(self, monkeypatch):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.ops, self.kernels, self.inside = Counter(), Counter(), 0
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                if not counter.inside and name not in LaunchCounter.FREE:
+                    counter.ops[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        run = InterpretedFunction.run
+
+        def counted(fn_self, *args, **kwargs):
+            counter.kernels[fn_self.fn.__name__] += 1
+            counter.inside += 1  # the interpreter's own tensor copies are not the step's launches
+            try:
+                return run(fn_self, *args, **kwargs)
+            finally:
+                counter.inside -= 1
+
+        monkeypatch.setattr(InterpretedFunction, "run", counted)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values()) + sum(self.kernels.values())
+
+
+@pytest.mark.parametrize("layer,padded", [(2, False), (6, True)])  # layer 6 of 8 freezes (lo > 0) and inherits
+def test_fused_prhs_step_launches_few_kernels_per_layer(monkeypatch, layer, padded):
+    """A PrHS layer-step on the Triton path (every row shares, or every row re-anchors) costs at most 6
+    launches: 4 Triton kernels, the counters' sum and (padded) the mask as int8; the same step on the
+    PyTorch path is ~200 (its fixed cost on the GPU was ~0.43 ms per layer, whatever the length)."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(prhs, "TRITON_SELECT", True)
+    g = torch.Generator().manual_seed(layer)
+    b, hkv, grp, d, t = 2, 2, 4, 16, 400
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    q = torch.randn(b, hkv * grp, 1, d, generator=g)
+    valid = None
+    if padded:
+        valid = torch.ones(b, t, dtype=torch.bool)
+        valid[1, :23] = False
+    cfg = PrhsConfig(budget=64, sink_tokens=4, window_tokens=16)
+    counter = LaunchCounter(monkeypatch)
+    state: dict = {}
+    prev = torch.randint(-1, t, (b * hkv, 84), generator=g)  # the previous layer's set (freezing inherits from it)
+
+    def context(query, n):  # the runtime's part (start and valid counts from the mask), not counted
+        ctx = context_from(layer, 8, query, k, v, valid, 0.25, sinks=4, window=16, step=n)
+        ctx.prev_indices = prev
+        return ctx
+
+    def step(query, n):
+        return prhs.select(context(query, n), cfg, state)
+
+    step(q, 0)  # the first anchors (the per-layer state is made here, once)
+    for name, query, anchors in (("shared", q, 0), ("anchor", -q, b * hkv)):
+        counter.ops.clear(), counter.kernels.clear()
+        ctx = context(query, 1)
+        with counter:
+            sel = prhs.select(ctx, cfg, state)
+        assert int(sel.anchors) == anchors, name
+        assert counter.total <= 6, (name, dict(counter.ops), dict(counter.kernels))
+        assert sum(counter.kernels.values()) == 4, dict(counter.kernels)
+    shared = step(q, 2)  # the stored sets again (the anchor step above re-anchored to -q; q is now far from it)
+    assert int(shared.anchors) == b * hkv

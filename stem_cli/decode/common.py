@@ -121,19 +121,26 @@ class StepContext:
         return (self.forced_indices() >= 0).sum(-1)
 
 
-def context_from(layer, num_layers, q, k, v, key_valid, scale, *, sinks: int, window: int, step: int = 0) -> StepContext:
-    """q (B, Hq, 1, d) from the attention layer -> a StepContext."""
+def context_from(layer, num_layers, q, k, v, key_valid, scale, *, sinks: int, window: int, step: int = 0,
+                 unpadded: tuple | None = None) -> StepContext:
+    """q (B, Hq, 1, d) from the attention layer -> a StepContext. unpadded: (start, n_valid) made by
+    unpadded_bounds for this (B, T), reused by every layer of a step when nothing is padded."""
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     qg = q[:, :, 0].reshape(b, hkv, hq // hkv, d)
     if key_valid is None:
-        start = torch.zeros(b, dtype=torch.long, device=k.device)
-        n_valid = torch.full((b,), t, dtype=torch.long, device=k.device)
+        start, n_valid = unpadded if unpadded is not None else unpadded_bounds(b, t, k.device)
     else:
         key_valid = key_valid.to(k.device)
         start = torch.where(key_valid.any(-1), key_valid.to(torch.int8).argmax(-1), torch.full((b,), t, device=k.device)).long()
         n_valid = key_valid.sum(-1)
     return StepContext(layer, num_layers, qg, k, v, key_valid, scale, start, n_valid, sinks, window, step)
+
+
+def unpadded_bounds(batch: int, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, n_valid) (B,) of a cache with nothing padded: zeros and T."""
+    return (torch.zeros(batch, dtype=torch.long, device=device),
+            torch.full((batch,), n_keys, dtype=torch.long, device=device))
 
 
 def row_budget(ctx: StepContext, budget: int, fraction: float) -> torch.Tensor:
@@ -275,7 +282,8 @@ class Selection:
     for free). logits: full logits of every row when the selector computed them
     (an audit reuses them). Decision counts are per (sequence, KV head) row: host ints, or
     0-d device tensors where knowing them would need a host sync (the runtime sums those
-    on the device and reads them only in stats())."""
+    on the device and reads them only in stats()); a selector that has them in one device vector
+    passes it as device_counts, which the runtime adds in one launch."""
 
     indices: torch.Tensor
     delta: torch.Tensor | None = None
@@ -286,6 +294,7 @@ class Selection:
     cosine_reanchors: int | torch.Tensor = 0
     fallbacks: int | torch.Tensor = 0
     over_bound: int | torch.Tensor = 0
+    device_counts: torch.Tensor | None = None  # (anchors, cosine_reanchors, kept positions) in one vector: one add per step
 
 
 def salient_width(ctx: StepContext, budget: int, fraction: float) -> int:

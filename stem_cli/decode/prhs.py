@@ -39,9 +39,12 @@ re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
   row falls back), but loose: large query drifts always fall back;
 - 'anchor': 1 - m, the anchor query's view of the set (cheap, no guarantee).
 
-On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, the anchor branch's scoring, softmax and exact
-top-k and the row sorts run in kernels/prhs_select.py (a row that shares reads nothing there); the same
-sets as the PyTorch path, which serves every other case (TRITON_SELECT switches).
+On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, a layer-step is four Triton launches and a few
+torch ops (select_fused): kernels/prhs_share.py decides every row and writes the sharing rows' index,
+kernels/prhs_select.py scores and ranks the re-anchoring rows (a row that shares reads nothing there), and
+kernels/prhs_anchor_rows.py writes their index, dropped mass and stored set. The PyTorch path of select()
+was ~190 ops per layer-step, a fixed cost at every length. The same sets as the PyTorch path, which serves
+every other case (TRITON_SELECT switches).
 """
 
 from __future__ import annotations
@@ -132,27 +135,6 @@ def triton_path(ctx: StepContext, config: PrhsConfig, check, width: int) -> bool
     return True
 
 
-def compact_rows(idx: torch.Tensor, width: int, fast: bool, *, unique: bool = False) -> torch.Tensor:
-    """compact(idx, width) (compact(dedupe(idx), width) with unique): one Triton row sort when fast."""
-    if fast:
-        from stem_cli.kernels.prhs_select import sort_rows
-
-        return sort_rows(idx, width, dedupe=unique)
-    return compact(dedupe(idx) if unique else idx, width)
-
-
-def dropped_from_logits(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Full logits (R, g, T) with their logsumexp (R, g), kept positions idx (R, K) -> delta (R, g) =
-    1 - sum_{j kept} exp(l_j - lse): O(K) instead of the (R, g, T) softmax (summed in float64; a row with
-    no valid key has nothing to drop, as softmax_rows' zeros say)."""
-    ok = idx >= 0
-    safe = idx.clamp_min(0)[:, None, :].expand(-1, logits.shape[1], -1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(logits.gather(2, safe) - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    kept = (p.double() * ok[:, None, :]).sum(-1)
-    return torch.where(finite, (1.0 - kept).clamp(0.0, 1.0), torch.zeros_like(kept)).to(logits.dtype)
-
-
 def _store(state: dict, key: str, rows: torch.Tensor | None, value: torch.Tensor, n_rows: int, fill) -> None:
     """state[key][r] = value[r] for the rows r where `rows` (R,) bool is True (None: every row), for flat
     per-row state; the last dim may differ and is padded with fill. In place wherever the buffer fits,
@@ -208,6 +190,61 @@ def score_rows(ctx: StepContext, lo: int, rows: torch.Tensor | None) -> torch.Te
     return full_logits(ctx, lo).flatten(0, 1)
 
 
+def _row_state(state: dict, n_rows: int, g: int, d: int, width: int, device) -> None:
+    """The fused path's per-row anchor state, made once (and remade for another batch shape; the stored
+    set widened when budget_fraction widens it): the kernels update it in place, so a CUDA graph that
+    captured a step replays into the state it reads next time."""
+    q = state.get("q")
+    if q is None or q.shape != (n_rows, g, d) or state.get("static") is None:
+        state["q"] = torch.zeros(n_rows, g, d, device=device)
+        state["q_norm"] = torch.ones(n_rows, g, device=device)
+        state["has"] = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        state["T"] = torch.zeros(n_rows, dtype=torch.long, device=device)
+        state["static"] = torch.full((n_rows, width), -1, dtype=torch.long, device=device)
+    elif state["static"].shape[-1] < width:
+        static = state["static"]
+        state["static"] = torch.cat([static, static.new_full((n_rows, width - static.shape[-1]), -1)], -1)
+
+
+def select_fused(ctx: StepContext, config: PrhsConfig, state: dict, *, width: int, lo: int, frozen: int,
+                 fractions: tuple[float, float]) -> Selection:
+    """select() for max_delta = 0 without audit on the Triton path: one kernel decides every row (share or
+    re-anchor, kernels/prhs_share.py) and writes the sharing rows' index; the gated scoring and exact top-k
+    (kernels/prhs_select.py) and one kernel for the re-anchoring rows' index, dropped mass and stored set
+    (kernels/prhs_anchor_rows.py) follow. A step where every row shares launches these few kernels and
+    reads O(budget) of the cache, whatever its length. Same sets, deltas and state as select()."""
+    from stem_cli.kernels.prhs_anchor_rows import prhs_anchor_rows
+    from stem_cli.kernels.prhs_select import anchor_topk
+    from stem_cli.kernels.prhs_share import prhs_share
+
+    b, h, t = ctx.batch, ctx.kv_heads, ctx.n_keys
+    n_rows, g, d = b * h, ctx.q.shape[2], ctx.q.shape[3]
+    _row_state(state, n_rows, g, d, width, ctx.device)
+    key = ("fractions", *fractions, config.budget_fraction)
+    if state.get("fractions_key") != key:  # made once per layer (a host-to-device copy: not inside a graph)
+        state["fractions"] = torch.tensor([*fractions, config.budget_fraction], dtype=torch.float64, device=ctx.device)
+        state["fractions_key"] = key
+    valid = ctx.key_valid.to(torch.int8) if ctx.key_valid is not None else None
+    prev = ctx.prev_indices if frozen > 0 else None
+    cap = min(frozen, width)
+    use_time = config.uses("time")
+    index, anchor, flags, info, delta, known = prhs_share(
+        ctx.q, state["q"], state["q_norm"], state["has"], state["T"], state["static"], valid, ctx.start, ctx.n_valid,
+        prev, state["fractions"], n_keys=t, sinks=ctx.sinks, window=ctx.window, budget=config.budget, tau=config.tau,
+        inherit_cap=cap, salient_width=max(width, state["static"].shape[-1]), use_time=use_time,
+        use_fraction=config.budget_fraction > 0, scored_all=lo == 0)
+    ranked, logits, lse = anchor_topk(
+        ctx.q, ctx.k, anchor, lo=lo, scale=ctx.scale, key_valid=valid, start=ctx.start,
+        freeze_end=info[2] if lo > 0 else None, sink_end=info[0], excl_end=info[3],
+        window_start=ctx.window_start(), sinks=ctx.sinks, k_rows=info[4], width=width)
+    prhs_anchor_rows(anchor, info, ranked, prev, valid, logits if lo == 0 else None, lse if lo == 0 else None,
+                     index, state["static"], delta, flags, n_keys=t, kv_heads=h, n_forced=ctx.sinks + ctx.window,
+                     width=width, inherit_cap=cap, r=config.r, use_time=use_time)
+    counts = flags.sum(0)  # (anchors, cosine re-anchors, kept positions), on the device: one launch
+    return Selection(index.view(b, h, -1), delta.view(b, h, g), known.view(b, h), None,
+                     decisions=n_rows, anchors=counts[0], cosine_reanchors=counts[1], fallbacks=0, device_counts=counts)
+
+
 def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
     """One layer-step, with no host sync: which rows re-anchor is a device mask. Both branches are
     computed for every row and chosen per row (torch.where): the shared set (O(budget): the cosine test,
@@ -218,17 +255,20 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
     CUDA graph of the whole decode step replays correctly. Counters are 0-d device tensors."""
     b, h, t = ctx.batch, ctx.kv_heads, ctx.n_keys
     n_rows, g = b * h, ctx.q.shape[2]
-    flat_b = torch.arange(n_rows, device=ctx.device) // h
     ws = ctx.window_start()
     f_drop = drop_fraction(ctx.layer, ctx.num_layers, phi=config.phi, alpha=config.alpha, start=config.depth_start) if config.uses("depth") else 0.0
     f_freeze = freeze_fraction(ctx.layer, ctx.num_layers, psi=config.psi, gamma=config.gamma, start=config.freeze_start) if config.uses("layer") else 0.0
     frozen = schedule_count(f_freeze, t)  # host-side (from the shape): an upper bound of every row's frozen count
-    sink_end = (ctx.start + ctx.sinks).clamp_max(ws)
-    drop_end = (sink_end + schedule_count(f_drop, ctx.n_valid)).clamp_max(ws) if f_drop > 0 else sink_end  # t = each sequence's valid tokens
     width = salient_width(ctx, config.budget, config.budget_fraction)
-    forced = ctx.forced_indices()[flat_b]  # (R, F)
     check = delta_check(config) if config.max_delta > 0 else None
     need_full = config.audit or check is not None or frozen == 0
+    if triton_path(ctx, config, check, width):
+        lo = 0 if need_full else min(ctx.sinks + frozen, ws)
+        return select_fused(ctx, config, state, width=width, lo=lo, frozen=frozen, fractions=(f_drop, f_freeze))
+    flat_b = torch.arange(n_rows, device=ctx.device) // h
+    sink_end = (ctx.start + ctx.sinks).clamp_max(ws)
+    drop_end = (sink_end + schedule_count(f_drop, ctx.n_valid)).clamp_max(ws) if f_drop > 0 else sink_end  # t = each sequence's valid tokens
+    forced = ctx.forced_indices()[flat_b]  # (R, F)
     kmax = running_key_norm(ctx, state) if check == "bound" else None  # O(new keys) per step
 
     logits_all = full_logits(ctx).flatten(0, 1) if config.audit else None  # (R, g, T)
@@ -286,43 +326,29 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
     # Before lo lie only padding, sinks and frozen tokens, for every row: with left padding,
     # start + floor(f (T - start)) >= floor(f T). Those logits are never computed.
     lo = 0 if need_full else min(ctx.sinks + schedule_count(f_freeze, t), ws)
-    fast = logits_all is None and triton_path(ctx, config, check, width)
     prev = ctx.prev_indices
     if frozen > 0 and prev is not None:
         inherit = (prev >= drop_end[flat_b, None]) & (prev < freeze_end[flat_b, None])
-        inherited = compact_rows(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width), fast)
+        inherited = compact(torch.where(inherit, prev, torch.full_like(prev, -1)), min(frozen, width))
     else:
         inherited = forced.new_full((n_rows, 0), -1)
     free = (avail - (inherited >= 0).sum(-1)).clamp_min(0)
-    if fast:  # scoring, softmax and exact top-k in the Triton kernels; rows that share read nothing
-        from stem_cli.kernels.prhs_select import anchor_topk
-
-        active = anchor if anchor is not None else torch.ones(n_rows, dtype=torch.bool, device=ctx.device)
-        ranked, logits, lse = anchor_topk(
-            ctx.q, ctx.k, active, lo=lo, scale=ctx.scale, key_valid=ctx.key_valid, start=ctx.start,
-            freeze_end=freeze_end[flat_b] if lo > 0 else None, sink_end=sink_end[flat_b], excl_end=excl_end[flat_b],
-            window_start=ws, sinks=ctx.sinks, k_rows=free, width=width)
-        p = None
+    pos = torch.arange(lo, t, device=ctx.device)
+    if logits_all is not None:
+        lo, pos, logits = 0, torch.arange(t, device=ctx.device), logits_all
     else:
-        pos = torch.arange(lo, t, device=ctx.device)
-        if logits_all is not None:
-            lo, pos, logits = 0, torch.arange(t, device=ctx.device), logits_all
-        else:
-            logits = score_rows(ctx, lo, anchor)
-            if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
-                logits = logits.masked_fill((pos < freeze_end[flat_b, None])[:, None, :], NEG_INF)
-        p = softmax_rows(logits)  # (R, g, T - lo); the full softmax when lo == 0
-        valid = ctx.valid_mask()[flat_b]  # (R, T)
-        cand = (valid[:, lo:] & ~ctx.forced_mask()[flat_b, lo:]
-                & ~((pos >= sink_end[flat_b, None]) & (pos < excl_end[flat_b, None])))
-        scores = p.mean(1).masked_fill(~cand, NEG_INF)
-        ranked = topk_rows(scores, free, width)
-        ranked = torch.where(ranked >= 0, ranked + lo, ranked)
-    anchor_idx = torch.cat([forced, compact_rows(torch.cat([inherited, ranked], -1), width, fast)], dim=-1)
-    if lo > 0:
-        d_a = None
-    else:
-        d_a = dropped_from_logits(logits, lse, anchor_idx) if fast else dropped_from_probs(p, anchor_idx)
+        logits = score_rows(ctx, lo, anchor)
+        if lo > 0:  # the softmax of the unfrozen suffix, the same for every row whatever its padding
+            logits = logits.masked_fill((pos < freeze_end[flat_b, None])[:, None, :], NEG_INF)
+    p = softmax_rows(logits)  # (R, g, T - lo); the full softmax when lo == 0
+    valid = ctx.valid_mask()[flat_b]  # (R, T)
+    cand = (valid[:, lo:] & ~ctx.forced_mask()[flat_b, lo:]
+            & ~((pos >= sink_end[flat_b, None]) & (pos < excl_end[flat_b, None])))
+    scores = p.mean(1).masked_fill(~cand, NEG_INF)
+    ranked = topk_rows(scores, free, width)
+    ranked = torch.where(ranked >= 0, ranked + lo, ranked)
+    anchor_idx = torch.cat([forced, compact(torch.cat([inherited, ranked], -1), width)], dim=-1)
+    d_a = None if lo > 0 else dropped_from_probs(p, anchor_idx)
     if check is not None and (f_drop > 0 or f_freeze > 0):
         # max_delta guards the depth and layer selectors too: a row whose restricted set drops more
         # than max_delta falls back to exact top-k over every candidate (lo == 0 here: exact delta).
@@ -355,7 +381,7 @@ def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:
         safe = torch.where(ok, around, torch.zeros_like(around))
         ok &= ctx.valid_at(safe.view(b, h, -1)).view(n_rows, -1) & (safe >= excl_end[flat_b, None])  # not padding, sinks, dropped or frozen
         around = torch.where(ok, around, torch.full_like(around, -1))
-        static = compact_rows(torch.cat([inherited, top, around], -1), width, fast, unique=True)
+        static = compact(dedupe(torch.cat([inherited, top, around], -1)), width)
         n = n_rows
         _store(state, "q", anchor, qf, n, 0.0)
         _store(state, "q_norm", anchor, qf.norm(dim=-1), n, 1.0)  # what every later cosine test divides by

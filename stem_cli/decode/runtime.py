@@ -36,6 +36,7 @@ from stem_cli.decode.common import (
     dropped_from_probs,
     full_logits,
     softmax_rows,
+    unpadded_bounds,
 )
 from stem_cli.executor import notice_once
 from stem_cli.kernels import decode_reference as ref
@@ -89,6 +90,7 @@ class DecodeRuntime:
         """Forget selector state and statistics (call before each evaluated sample)."""
         self.states: dict[int, dict] = {}
         self._prev = None
+        self._unpadded = None  # ((B, T, device), (start, n_valid)) of the last unpadded cache
         self.reset_stats()
 
     COUNTERS = ("kept", "valid", "kept_sparse", "valid_sparse", "decisions", "anchors", "cosine_reanchors", "fallbacks", "over_bound")
@@ -98,6 +100,7 @@ class DecodeRuntime:
         self._deltas: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._host = dict.fromkeys(self.COUNTERS, 0)  # counts known on the host
         self._device: dict[str, torch.Tensor] = {}  # counts that live on the device (summed there, read in stats())
+        self._vector: torch.Tensor | None = None  # the sum of Selection.device_counts (VECTOR names its slots)
         self._zero_delta: dict = {}
         self.steps: dict[int, int] = {}
 
@@ -112,10 +115,21 @@ class DecodeRuntime:
         else:
             self._host[name] += value
 
+    VECTOR = {"anchors": 0, "cosine_reanchors": 1, "kept": 2, "kept_sparse": 2}  # Selection.device_counts' slots
+
+    def _count_vector(self, counts: torch.Tensor) -> None:
+        if self._vector is None:
+            self._vector = counts.detach().to(torch.float64, copy=True)
+        else:  # in place, as _count
+            self._vector.add_(counts)
+
     def counter(self, name: str) -> float:
         """A counter's value (reads the device part: a sync; for stats() and tests, not the step)."""
         dev = self._device.get(name)
-        return self._host[name] + (float(dev) if dev is not None else 0)
+        value = self._host[name] + (float(dev) if dev is not None else 0)
+        if self._vector is not None and name in self.VECTOR:
+            value += float(self._vector[self.VECTOR[name]])
+        return value
 
     def __getattr__(self, name):  # decisions, anchors, ... as before (read-only; syncs)
         if name in DecodeRuntime.COUNTERS and "_host" in self.__dict__:
@@ -158,8 +172,14 @@ class DecodeRuntime:
                 self._deltas.append(self._zero_delta[key_])
             return out
 
+        unpadded = None
+        if key_valid is None:  # made once per cache shape, not once per layer (two launches fewer per layer-step)
+            shape = (b, t, key.device)
+            if self._unpadded is None or self._unpadded[0] != shape:
+                self._unpadded = (shape, unpadded_bounds(b, t, key.device))
+            unpadded = self._unpadded[1]
         ctx = context_from(layer, self.num_layers, query, key, value, key_valid, scale,
-                           sinks=cfg.sink_tokens, window=cfg.window_tokens, step=step)
+                           sinks=cfg.sink_tokens, window=cfg.window_tokens, step=step, unpadded=unpadded)
         prev = self._prev
         if prev is not None and prev[0] < layer and prev[1] == step and prev[2].shape[0] == b * hkv:
             ctx.prev_indices = prev[2]
@@ -178,13 +198,18 @@ class DecodeRuntime:
             max_delta = getattr(cfg, "max_delta", 0.0)
             if max_delta > 0:
                 self._count("over_bound", ((delta.amax(-1) > max_delta) & known).sum())
-        used = (sel.indices >= 0).sum()
-        for name in ("kept", "kept_sparse"):
-            self._count(name, used)
         for name in ("valid", "valid_sparse"):
             self._count(name, valid * hkv)
-        for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
-            self._count(name, getattr(sel, name))
+        if sel.device_counts is not None:  # anchors, cosine re-anchors and kept positions: one launch
+            self._count_vector(sel.device_counts)
+            for name in ("decisions", "fallbacks"):
+                self._count(name, getattr(sel, name))
+        else:
+            used = (sel.indices >= 0).sum()
+            for name in ("kept", "kept_sparse"):
+                self._count(name, used)
+            for name in ("decisions", "anchors", "cosine_reanchors", "fallbacks"):
+                self._count(name, getattr(sel, name))
         self._prev = (layer, step, sel.indices.flatten(0, 1))
         return out
 

@@ -2,6 +2,8 @@
 
     python -m tests.bench.decode                       # from the repository root: the default sweep on a CUDA GPU
     python -m tests.bench.decode --device cpu --smoke  # tiny sizes, PyTorch reference, no GPU
+    python -m tests.bench.decode --lengths 2K,128K --batches 1,16 --steps 5 --warmup 2 \
+        --skip dense-eager,prhs-eager,topk-decode-eager,quest-eager   # the quick subset: graphs only, < 2 min on an H200
 
 A benchmark, not part of the package (it imports stem_cli, never the other way round).
 
