@@ -111,8 +111,10 @@ def _masked(s, a, a_ok, c0, tile_ok_row, stt, nt, BLOCK_C: tl.constexpr):
 def _configs():
     return [
         triton.Config({"BLOCK_A": ba, "BLOCK_C": bc}, num_warps=w, num_stages=st)
-        # 128 tile rows need ~270 KB of shared memory for sm_90 (more than an H100/H200 SM holds; compiled, not run)
-        for ba, bc, w, st in [(64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)]
+        # Shared memory for sm_90 with bf16 inputs, 16-aligned strides (compiled by Triton 3.6, the H200's): the
+        # STRIDE x HEAD_DIM/BLOCK_D unrolled loads are multi-buffered per stage, so 64 x 64 tiles need 139 KB at
+        # one stage but 524 KB at two and 786 KB at three (an H200 SM holds 227 KB: those failed on the GPU).
+        for ba, bc, w, st in [(64, 64, 4, 1), (64, 128, 4, 1), (64, 64, 8, 1), (64, 128, 8, 1), (32, 64, 4, 2), (32, 128, 4, 1)]
     ]
 
 
@@ -151,7 +153,7 @@ def tile_block_mass(q: torch.Tensor, k: torch.Tensor, tile_ok: torch.Tensor, *, 
     out = torch.zeros(batch, hq, p, p, dtype=torch.float32, device=q.device)
     args = (q, k, tile_ok, out, *q.stride(), *k.stride(), *tile_ok.stride(), *out.stride(),
             n, nt, hq, hq // hkv, scale / stride)
-    block_d = min(triton.next_power_of_2(max(d, 16)), 64)  # 64: ~139 KB of shared memory at 64 x 64 tiles, sm_90
+    block_d = min(triton.next_power_of_2(max(d, 16)), 64)  # 64: 139 KB of shared memory at 64 x 64 tiles, one stage, sm_90
     meta = dict(STRIDE=stride, TILES=tiles, HEAD_DIM=d, BLOCK_D=block_d,
                 PRECISION=precision if q.dtype == torch.float32 else "ieee")
     if INTERPRET:
