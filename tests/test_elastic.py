@@ -458,12 +458,12 @@ def test_training_steps_reduce_the_loss(tiny):
     losses = []
     with training_attention(model, mixed):
         for _ in range(4):
-            loss, _, _ = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0)
+            loss, *_ = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0, task_loss="ce")
             losses.append(loss.item())
             opt.zero_grad()
             loss.backward()
             opt.step()
-        final, _, final_sparsity = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0)
+        final, _, _, final_sparsity, _ = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0, task_loss="ce")
     assert final.item() < losses[0] - 0.5
     assert final_sparsity.item() < 0.7 - 0.1
     assert all(p.grad is None for p in model.parameters())  # the backbone stays frozen

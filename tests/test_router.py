@@ -44,11 +44,14 @@ def _train(tiny, prompts, **kw):
                         weights=kw.pop("weights", "sha256:tiny"), prompts=prompts, **kw)
 
 
-def _omega_by_hand(router, model, ids) -> float:
-    """Omega of the router's argmax routing, recomputed from each layer's k_proj output (pre-RoPE keys)."""
+def _omega_by_hand(router, model, ids, runtime=None) -> float:
+    """Omega of the router's argmax routing, recomputed from each layer's k_proj output (pre-RoPE keys)
+    of a forward of `model` as it runs (dense, or under `runtime`: the keys the elastic run itself sees)."""
     captured = {}
     hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o))
              for l, layer in enumerate(model.model.layers)]
+    if runtime is not None:
+        runtime.recorder.reset()
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in hooks:
@@ -64,15 +67,24 @@ def _omega_by_hand(router, model, ids) -> float:
     return sum(not_dense) / len(not_dense)
 
 
-def test_training_reaches_a_toy_omega_target(tiny, prompts):
-    """The multiplier drives argmax Omega (what inference runs) to the target once the Gumbel noise is off."""
-    router, curve = _train(tiny, prompts, settings={"steps": 24, "target_sparsity": 0.5, "noise_fraction": 0.5})
+def test_training_reaches_a_toy_omega_target(tiny, prompts, tmp_path):
+    """The multiplier drives argmax Omega (what inference runs), averaged over prompts, to the target once the
+    Gumbel noise is off (the constraint is on the mean: single prompts may route differently)."""
+    router, curve = _train(tiny, prompts, settings={"steps": 36, "target_sparsity": 0.5, "noise_fraction": 0.5})
     last = curve[-6:]
     assert all(h["noise"] == 0 for h in last)
-    assert all(abs(h["omega"] - 0.5) <= 0.05 for h in last), [h["omega"] for h in curve]
-    # The curve's Omega is the routing inference runs: recompute it from the model's own keys.
-    for p in prompts:
-        assert _omega_by_hand(router, tiny.model, p.input_ids) == pytest.approx(0.5, abs=0.05)
+    # 8 routed KV heads: Omega moves in steps of 1/8; the mean is asked within half a step.
+    assert sum(h["omega"] for h in last) / len(last) == pytest.approx(0.5, abs=1 / 16 + 1e-9), [h["omega"] for h in curve]
+    # The routing inference runs, recomputed by hand from the keys of the elastic pre-fill of each prompt
+    # (without its appended answer: the router pools the prompt) equals what the method records.
+    path = router.save(tmp_path / "router.pt")
+    runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **SMALL)
+    try:
+        for p in prompts:
+            by_hand = _omega_by_hand(router, tiny.model, p.input_ids[:, : p.answer_start], runtime)
+            assert by_hand == pytest.approx(runtime.recorder.elastic.omega, abs=1e-9)
+    finally:
+        stem_cli.apply(tiny.model, "dense")
 
 
 def test_resumed_run_gives_the_same_router_bit_for_bit(tiny, prompts, tmp_path, monkeypatch):
@@ -119,7 +131,7 @@ def test_router_file_schema_and_wrong_model(tiny, prompts, tmp_path):
     router, curve = _train(tiny, prompts, settings={"steps": 3})
     path = router.save(tmp_path / "r.pt")
     data = torch.load(path, weights_only=True)
-    assert data["format"] == FORMAT and data["version"] == VERSION == 2
+    assert data["format"] == FORMAT and data["version"] == VERSION == 3
     assert data["model"] == {"name": "tiny-llama", "weights": "sha256:tiny", "architecture": architecture(tiny.model)}
     assert data["code"]["stem_version"] == stem_cli.__version__
     info = data["training"]
