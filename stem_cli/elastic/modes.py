@@ -91,7 +91,7 @@ def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid
     p = -(-n // bs)
     sink_b, window_b = config.streaming_blocks
     if not on_host:
-        return _mixed_on_device(q, k, v, modes.to(q.device, torch.long).expand(batch, hkv), config, scale, key_valid)
+        return _mixed_on_device(q, k, v, modes.to(q.device, torch.long).expand(batch, hkv), config, scale, key_valid, p)
     modes = modes.to("cpu", torch.long).expand(batch, hkv)
     present = set(modes.unique().tolist())
     if present == {DENSE}:
@@ -106,8 +106,7 @@ def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid
     head_modes = (modes.repeat_interleave(group, dim=1) if per_query else modes).to(q.device)  # (B, heads)
     parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # mode -> counts (B|1, heads|1, P), ids (B|1, heads|1, P, K)
     if DENSE in present:
-        ids = torch.arange(p, device=q.device, dtype=torch.int32)
-        parts[DENSE] = ((ids + 1)[None, None], torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)[None, None])
+        parts[DENSE] = _dense_rows(p, q.device)
     if STREAMING in present:
         s = streaming_index(batch, 1, n, bs, sink_b, window_b, key_valid, q.device)
         parts[STREAMING] = (s.counts, s.indices)
@@ -126,25 +125,24 @@ def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid
             counts[:, where], ids[:, where] = sub.counts, sub.indices
         parts[STEM] = (counts, ids)
 
-    return _combine(parts, head_modes, batch, heads, p, bs, n, q.device)
+    return _combine(parts, head_modes, batch, heads, p, config.block_size, n, q.device)
 
 
-def _mixed_on_device(q, k, v, modes: torch.Tensor, config, scale: float, key_valid) -> BlockIndex:
+def _dense_rows(p: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (1, 1, P), ids (1, 1, P, P)): every causal block of each row."""
+    ids = torch.arange(p, device=device, dtype=torch.int32)
+    return (ids + 1)[None, None], torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)[None, None]
+
+
+def _mixed_on_device(q, k, v, modes: torch.Tensor, config, scale: float, key_valid, p: int) -> BlockIndex:
     """mixed_index for device modes: the three parts for every head, picked per head on the device."""
-    batch, hq, n, _ = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    bs = config.block_size
-    p = -(-n // bs)
-    sink_b, window_b = config.streaming_blocks
-    ids = torch.arange(p, device=q.device, dtype=torch.int32)
+    batch, n, hkv = q.shape[0], q.shape[2], k.shape[1]
     stem = _stem_select(q, k, v, config, scale, key_valid)
-    s = streaming_index(batch, 1, n, bs, sink_b, window_b, key_valid, q.device)
-    parts = {DENSE: ((ids + 1)[None, None], torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)[None, None]),
-             STEM: (stem.counts, stem.indices), STREAMING: (s.counts, s.indices)}
+    s = streaming_index(batch, 1, n, config.block_size, *config.streaming_blocks, key_valid, q.device)
+    parts = {DENSE: _dense_rows(p, q.device), STEM: (stem.counts, stem.indices), STREAMING: (s.counts, s.indices)}
     heads = stem.num_heads  # hq when Stem selects per query head (gqa='query'), else hkv
     head_modes = modes.repeat_interleave(heads // hkv, dim=1) if heads != hkv else modes
-    return _combine(parts, head_modes, batch, heads, p, bs, n, q.device)
+    return _combine(parts, head_modes, batch, heads, p, config.block_size, n, q.device)
 
 
 def _combine(parts: dict, head_modes: torch.Tensor, batch: int, heads: int, p: int, bs: int, n: int, device) -> BlockIndex:
