@@ -46,11 +46,12 @@ class BlockIndex:
         return BlockIndex(counts, rows.expand(batch, heads, p, p), block_size, seq_len, full=True)
 
     @staticmethod
-    def from_mask(mask: torch.Tensor, block_size: int, seq_len: int) -> "BlockIndex":
-        """Block mask (B, H, Pq, Pk) bool -> index with sorted ids."""
+    def from_mask(mask: torch.Tensor, block_size: int, seq_len: int, width: int | None = None) -> "BlockIndex":
+        """Block mask (B, H, Pq, Pk) bool -> index with sorted ids. `width`: a bound on every row's
+        count known to the caller (no host read of the counts); None: the largest count."""
         pk = mask.shape[-1]
         counts = mask.sum(-1, dtype=torch.int32)
-        k = max(int(counts.max()) if counts.numel() else 0, 1)
+        k = max(width if width is not None else int(counts.max()) if counts.numel() else 0, 1)
         # Sorting key: kept blocks by id, dropped blocks pushed past every id.
         ids = torch.arange(pk, device=mask.device, dtype=torch.int32)
         order = torch.where(mask, ids, pk + ids).sort(dim=-1).values[..., :k]

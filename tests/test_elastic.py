@@ -73,7 +73,8 @@ def per_head_reference(q, k, v, modes, config: ElasticConfig, scale, key_valid):
 
 @pytest.mark.parametrize("gqa", ["query", "kv"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_mixed_executor_equals_per_head_reference(gqa, padded):
+@pytest.mark.parametrize("on_host", [True, False])  # False: a router's device modes, every part built, picked on the device
+def test_mixed_executor_equals_per_head_reference(gqa, padded, on_host):
     torch.manual_seed(1)
     batch, hq, hkv, n, d = 2, 6, 3, 150, 16
     q, k, v = (torch.randn(batch, h, n, d, dtype=torch.float64) for h in (hq, hkv, hkv))
@@ -83,7 +84,7 @@ def test_mixed_executor_equals_per_head_reference(gqa, padded):
         key_valid[1, :37] = False
     config = small_config(gqa=gqa)
     modes = torch.tensor([[DENSE, STEM, STREAMING], [STREAMING, DENSE, STEM]])
-    index = mixed_index(q, k, v, modes, config, scale=d**-0.5, key_valid=key_valid)
+    index = mixed_index(q, k, v, modes, config, scale=d**-0.5, key_valid=key_valid, on_host=on_host)
     assert index.num_heads == (hq if gqa == "query" else hkv) and not index.full
     out = attend(q, k, v, index, scale=d**-0.5, key_valid=key_valid)
     expected = per_head_reference(q, k, v, modes, config, d**-0.5, key_valid)
@@ -458,12 +459,12 @@ def test_training_steps_reduce_the_loss(tiny):
     losses = []
     with training_attention(model, mixed):
         for _ in range(4):
-            loss, _, _ = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0)
+            loss, *_ = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0, task_loss="ce")
             losses.append(loss.item())
             opt.zero_grad()
             loss.backward()
             opt.step()
-        final, _, final_sparsity = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0)
+        final, _, _, final_sparsity, _ = router_loss(model, mixed, prompt, target_sparsity=0.0, sparsity_weight=10.0, task_loss="ce")
     assert final.item() < losses[0] - 0.5
     assert final_sparsity.item() < 0.7 - 0.1
     assert all(p.grad is None for p in model.parameters())  # the backbone stays frozen

@@ -44,11 +44,14 @@ def _train(tiny, prompts, **kw):
                         weights=kw.pop("weights", "sha256:tiny"), prompts=prompts, **kw)
 
 
-def _omega_by_hand(router, model, ids) -> float:
-    """Omega of the router's argmax routing, recomputed from each layer's k_proj output (pre-RoPE keys)."""
+def _omega_by_hand(router, model, ids, runtime=None) -> float:
+    """Omega of the router's argmax routing, recomputed from each layer's k_proj output (pre-RoPE keys)
+    of a forward of `model` as it runs (dense, or under `runtime`: the keys the elastic run itself sees)."""
     captured = {}
     hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o))
              for l, layer in enumerate(model.model.layers)]
+    if runtime is not None:
+        runtime.recorder.reset()
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in hooks:
@@ -64,15 +67,24 @@ def _omega_by_hand(router, model, ids) -> float:
     return sum(not_dense) / len(not_dense)
 
 
-def test_training_reaches_a_toy_omega_target(tiny, prompts):
-    """The multiplier drives argmax Omega (what inference runs) to the target once the Gumbel noise is off."""
-    router, curve = _train(tiny, prompts, settings={"steps": 24, "target_sparsity": 0.5, "noise_fraction": 0.5})
+def test_training_reaches_a_toy_omega_target(tiny, prompts, tmp_path):
+    """The multiplier drives argmax Omega (what inference runs), averaged over prompts, to the target once the
+    Gumbel noise is off (the constraint is on the mean: single prompts may route differently)."""
+    router, curve = _train(tiny, prompts, settings={"steps": 36, "target_sparsity": 0.5, "noise_fraction": 0.5})
     last = curve[-6:]
     assert all(h["noise"] == 0 for h in last)
-    assert all(abs(h["omega"] - 0.5) <= 0.05 for h in last), [h["omega"] for h in curve]
-    # The curve's Omega is the routing inference runs: recompute it from the model's own keys.
-    for p in prompts:
-        assert _omega_by_hand(router, tiny.model, p.input_ids) == pytest.approx(0.5, abs=0.05)
+    # 8 routed KV heads: Omega moves in steps of 1/8; the mean is asked within half a step.
+    assert sum(h["omega"] for h in last) / len(last) == pytest.approx(0.5, abs=1 / 16 + 1e-9), [h["omega"] for h in curve]
+    # The routing inference runs, recomputed by hand from the keys of the elastic pre-fill of each prompt
+    # (without its appended answer: the router pools the prompt) equals what the method records.
+    path = router.save(tmp_path / "router.pt")
+    runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **SMALL)
+    try:
+        for p in prompts:
+            by_hand = _omega_by_hand(router, tiny.model, p.input_ids[:, : p.answer_start], runtime)
+            assert by_hand == pytest.approx(runtime.recorder.elastic.omega, abs=1e-9)
+    finally:
+        stem_cli.apply(tiny.model, "dense")
 
 
 def test_resumed_run_gives_the_same_router_bit_for_bit(tiny, prompts, tmp_path, monkeypatch):
@@ -119,7 +131,7 @@ def test_router_file_schema_and_wrong_model(tiny, prompts, tmp_path):
     router, curve = _train(tiny, prompts, settings={"steps": 3})
     path = router.save(tmp_path / "r.pt")
     data = torch.load(path, weights_only=True)
-    assert data["format"] == FORMAT and data["version"] == VERSION == 2
+    assert data["format"] == FORMAT and data["version"] == VERSION == 3
     assert data["model"] == {"name": "tiny-llama", "weights": "sha256:tiny", "architecture": architecture(tiny.model)}
     assert data["code"]["stem_version"] == stem_cli.__version__
     info = data["training"]
@@ -154,7 +166,7 @@ def test_routing_is_deterministic_and_is_the_router_argmax(tiny, prompts, tmp_pa
             tiny.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         seen.append((runtime.recorder.elastic.omega, json.dumps(runtime.recorder.elastic.last_modes, sort_keys=True)))
     assert seen[0] == seen[1]
-    assert seen[0][0] == pytest.approx(_omega_by_hand(load_router(path), tiny.model, ids))
+    assert seen[0][0] == pytest.approx(_omega_by_hand(load_router(path), tiny.model, ids, runtime))
 
 
 def test_budget_probe_routes_on_pre_rope_keys(tiny, prompts, tmp_path):
@@ -223,3 +235,118 @@ def test_bench_smoke_run_writes_router_curve_and_timings(tmp_path):
     router = Path(record["training"]["router"])
     assert router.is_file() and router.with_suffix(".png").stat().st_size > 1000
     assert json.loads(router.with_suffix(".json").read_text())["training"]["steps"] == 4
+
+
+def _pooled_by_hand(model, ids) -> dict[int, torch.Tensor]:
+    """layer -> (Hkv, 2d) float64 means of the k_proj outputs of the first / last 100 tokens (a dense forward)."""
+    captured = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o))
+             for l, layer in enumerate(model.model.layers)]
+    stem_cli.apply(model, "dense")
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    return {l: torch.cat([k.double().view(ids.shape[1], hkv, d)[:100].mean(0), k.double().view(ids.shape[1], hkv, d)[-100:].mean(0)], -1)
+            for l, k in ((l, k[0]) for l, k in captured.items())}
+
+
+def test_router_decisions_depend_on_the_input(tiny, tmp_path):
+    """Two inputs whose standardised features are opposite must route opposite ways.
+
+    The router is set by hand to be (to first order) linear in its standardised input: small feature and
+    mode weights, logits dense = +a u.g, stem = -a u.g, streaming far below (g ~ LN(x') / 4). Its feature
+    statistics are those of inputs A and B, so x'_A = -x'_B for every head: each head of the first routed
+    layer (its keys come from the dense layer 0, the same as in a dense forward) must be dense on one input
+    and Stem on the other. An LN-only input (mu = 0, sigma = 1: the old router) sees two nearly equal
+    vectors (the head's constant) and routes both inputs alike."""
+    from stem_cli.elastic.router import ElasticRouter
+
+    model = tiny.model
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(11)
+    a, b = (torch.randint(3, 250, (1, 300), generator=gen) for _ in range(2))
+    feats_a, feats_b = _pooled_by_hand(model, a), _pooled_by_hand(model, b)
+    router = ElasticRouter(cfg.num_hidden_layers, hkv, d, dense_layers=(0,), model={"name": "tiny-llama", "architecture": architecture(model)})
+    eps = 1e-2
+    u = torch.randn(router.hidden, generator=gen)
+    with torch.no_grad():
+        for r in router.layers.values():
+            for lin in (r.feature[0], r.feature[2]):
+                lin.weight.copy_(torch.eye(router.hidden)), lin.bias.zero_()
+            r.feature[0].weight.mul_(eps)
+            r.head_embedding.zero_()
+            r.mode[0].weight.zero_(), r.mode[0].bias.zero_()
+            r.mode[0].weight[:, : router.hidden].copy_(torch.eye(router.hidden))
+            r.mode[2].weight.zero_()
+            r.mode[2].weight[DENSE], r.mode[2].weight[1] = u / eps, -u / eps
+            r.mode[2].bias.copy_(torch.tensor([0.0, 0.0, -1e4]))
+    router.set_feature_statistics({l: torch.stack([feats_a[l], feats_b[l]]).float() for l in feats_a})
+    path = router.save(tmp_path / "hand.pt")
+    runtime = stem_cli.apply(model, "elastic", router=str(path), **SMALL)
+    try:
+        modes = []
+        for ids in (a, b):
+            runtime.recorder.reset()
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+            modes.append(runtime.recorder.elastic.last_modes[1][0])
+    finally:
+        stem_cli.apply(model, "dense")
+    flip = {"dense": "stem", "stem": "dense"}
+    assert modes[1] == [flip[m] for m in modes[0]], modes
+
+
+# Host reads: aten ops whose result the host must wait for on a GPU, and the Python calls that copy to the host.
+_HOST_READ_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "equal",
+                  "masked_select", "bincount", "is_nonzero"}
+# Where an elastic pre-fill may read the host: Stem's budgets (host tensors, methods/stem.py and blocks.py) and the
+# hook's valid-key check (once per forward, every method).
+_HOST_SIDE = ("methods/stem.py", "methods/blocks.py", "stem_cli/hook.py")
+
+
+def _innermost_stem_frame() -> str:
+    import traceback
+
+    frames = [f.filename for f in traceback.extract_stack() if "/stem_cli/" in f.filename and not f.filename.endswith("test_router.py")]
+    return frames[-1] if frames else ""
+
+
+def test_router_prefill_reads_nothing_back_per_layer(tiny, prompts, tmp_path, monkeypatch):
+    """No host read in the router's path (pooling, MLPs, argmax, index from the modes, Omega counts): on a GPU
+    each would stall the launch queue once per layer. Counted on the CPU as aten ops that need the device's
+    values on the host, and calls of Tensor.tolist / .cpu / .item; Stem's own host-side budget math is allowed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    router, _ = _train(tiny, prompts, settings={"steps": 2})
+    path = router.save(tmp_path / "r.pt")
+    runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **SMALL)
+    ids = torch.randint(3, 250, (1, 400), generator=torch.Generator().manual_seed(5))
+    reads: list[str] = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in _HOST_READ_OPS:
+                reads.append(f"{func.__name__} in {_innermost_stem_frame()}")
+            return func(*args, **(kwargs or {}))
+
+    for name in ("tolist", "cpu", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            reads.append(f"Tensor.{_name} in {_innermost_stem_frame()}")
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    try:
+        with torch.no_grad(), HostReads():
+            tiny.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        monkeypatch.undo()
+    offending = [r for r in reads if "/stem_cli/" in r and not r.endswith(_HOST_SIDE)]
+    assert offending == [], offending
+    assert runtime.recorder.elastic.calls == router.num_layers  # every layer went through the selector
+    stem_cli.apply(tiny.model, "dense")

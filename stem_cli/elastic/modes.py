@@ -44,12 +44,29 @@ from stem_cli.methods.blocks import first_valid_block, forced_blocks
 
 def streaming_index(batch: int, heads: int, seq_len: int, block_size: int, sink_blocks: int, window_blocks: int,
                     key_valid: torch.Tensor | None, device) -> BlockIndex:
-    """Sinks + local window per row, the same for every head: (B, heads, P, K), heads broadcast."""
+    """Sinks + local window per row, the same for every head: (B, heads, P, K), heads broadcast.
+    Without padding it depends on the shapes only: built once per shape and device, then reused
+    by every layer (about 40 small ops a layer saved)."""
     p = -(-seq_len // block_size)
+    key = (batch, seq_len, block_size, sink_blocks, window_blocks, str(device)) if key_valid is None else None
+    one = _streaming_rows.get(key) if key is not None else None
+    if one is None:
+        one = _streaming_one(batch, p, block_size, seq_len, sink_blocks, window_blocks, key_valid, device)
+        if key is not None:
+            if len(_streaming_rows) >= 16:
+                _streaming_rows.clear()
+            _streaming_rows[key] = one
+    return BlockIndex(one.counts.expand(batch, heads, p), one.indices.expand(batch, heads, p, one.indices.shape[-1]), block_size, seq_len)
+
+
+_streaming_rows: dict[tuple, BlockIndex] = {}  # (batch, N, block, sinks, window, device) -> one head's streaming rows
+
+
+def _streaming_one(batch, p, block_size, seq_len, sink_blocks, window_blocks, key_valid, device) -> BlockIndex:
     first = first_valid_block(key_valid, batch, block_size, device)
     keep = forced_blocks(p, first, sink_blocks, window_blocks)  # (B, P, P)
-    one = BlockIndex.from_mask(keep[:, None], block_size, seq_len)
-    return BlockIndex(one.counts.expand(batch, heads, p), one.indices.expand(batch, heads, p, one.indices.shape[-1]), block_size, seq_len)
+    # A row keeps at most the sinks and the window: that width needs no host read of the counts.
+    return BlockIndex.from_mask(keep[:, None], block_size, seq_len, width=min(p, sink_blocks + window_blocks))
 
 
 def _stem_select(q, k, v, config, scale, key_valid) -> BlockIndex:
@@ -58,16 +75,25 @@ def _stem_select(q, k, v, config, scale, key_valid) -> BlockIndex:
     return stem_method.select(q, k, v, layer=-1, config=config.stem, scale=scale, key_valid=key_valid)
 
 
-def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid: torch.Tensor | None) -> BlockIndex:
-    """One BlockIndex for a layer whose KV heads run `modes` (B, Hkv) int (0 dense, 1 stem, 2 streaming)."""
+def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid: torch.Tensor | None,
+                on_host: bool = True) -> BlockIndex:
+    """One BlockIndex for a layer whose KV heads run `modes` (B, Hkv) int (0 dense, 1 stem, 2 streaming).
+
+    on_host (a head map, the default modes: known before the call): the index is specialised to
+    the modes present (one mode: that mode's own index; Stem scored on the Stem heads only).
+    Not on_host (a router's modes, left on the device): every part is built for every head and
+    picked per head by the modes on the device; nothing here reads them back, so the layer
+    never waits for the device (the price: Stem scores all heads of a routed layer)."""
     batch, hq, n, _ = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     bs = config.block_size
     p = -(-n // bs)
+    sink_b, window_b = config.streaming_blocks
+    if not on_host:
+        return _mixed_on_device(q, k, v, modes.to(q.device, torch.long).expand(batch, hkv), config, scale, key_valid, p)
     modes = modes.to("cpu", torch.long).expand(batch, hkv)
     present = set(modes.unique().tolist())
-    sink_b, window_b = config.streaming_blocks
     if present == {DENSE}:
         return BlockIndex.full_causal(batch, hkv, n, bs, device=q.device)
     if present == {STEM}:
@@ -80,8 +106,7 @@ def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid
     head_modes = (modes.repeat_interleave(group, dim=1) if per_query else modes).to(q.device)  # (B, heads)
     parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # mode -> counts (B|1, heads|1, P), ids (B|1, heads|1, P, K)
     if DENSE in present:
-        ids = torch.arange(p, device=q.device, dtype=torch.int32)
-        parts[DENSE] = ((ids + 1)[None, None], torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)[None, None])
+        parts[DENSE] = _dense_rows(p, q.device)
     if STREAMING in present:
         s = streaming_index(batch, 1, n, bs, sink_b, window_b, key_valid, q.device)
         parts[STREAMING] = (s.counts, s.indices)
@@ -100,9 +125,31 @@ def mixed_index(q, k, v, modes: torch.Tensor, config, *, scale: float, key_valid
             counts[:, where], ids[:, where] = sub.counts, sub.indices
         parts[STEM] = (counts, ids)
 
+    return _combine(parts, head_modes, batch, heads, p, config.block_size, n, q.device)
+
+
+def _dense_rows(p: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (1, 1, P), ids (1, 1, P, P)): every causal block of each row."""
+    ids = torch.arange(p, device=device, dtype=torch.int32)
+    return (ids + 1)[None, None], torch.where(ids[None, :] <= ids[:, None], ids[None, :], PAD)[None, None]
+
+
+def _mixed_on_device(q, k, v, modes: torch.Tensor, config, scale: float, key_valid, p: int) -> BlockIndex:
+    """mixed_index for device modes: the three parts for every head, picked per head on the device."""
+    batch, n, hkv = q.shape[0], q.shape[2], k.shape[1]
+    stem = _stem_select(q, k, v, config, scale, key_valid)
+    s = streaming_index(batch, 1, n, config.block_size, *config.streaming_blocks, key_valid, q.device)
+    parts = {DENSE: _dense_rows(p, q.device), STEM: (stem.counts, stem.indices), STREAMING: (s.counts, s.indices)}
+    heads = stem.num_heads  # hq when Stem selects per query head (gqa='query'), else hkv
+    head_modes = modes.repeat_interleave(heads // hkv, dim=1) if heads != hkv else modes
+    return _combine(parts, head_modes, batch, heads, p, config.block_size, n, q.device)
+
+
+def _combine(parts: dict, head_modes: torch.Tensor, batch: int, heads: int, p: int, bs: int, n: int, device) -> BlockIndex:
+    """Per head, the rows of its mode's part (parts: mode -> counts, ids broadcastable to (B, heads, P[, K]))."""
     width = max(ids.shape[-1] for _, ids in parts.values())
-    counts = torch.zeros(batch, heads, p, dtype=torch.int32, device=q.device)
-    indices = torch.full((batch, heads, p, width), PAD, dtype=torch.int32, device=q.device)
+    counts = torch.zeros(batch, heads, p, dtype=torch.int32, device=device)
+    indices = torch.full((batch, heads, p, width), PAD, dtype=torch.int32, device=device)
     for mode, (c, ids) in parts.items():
         if ids.shape[-1] < width:
             ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], width - ids.shape[-1]), PAD)], dim=-1)
@@ -222,21 +269,16 @@ def prepare(model, config) -> "ElasticState":
     return state
 
 
-def _pool_positions(n: int, key_valid: torch.Tensor | None, batch: int, pool: int) -> list[tuple]:
-    """Per sequence: positions (index tensors, or slices without padding) of its first and last `pool` valid tokens."""
-    if key_valid is None:
-        return [(slice(0, pool), slice(max(0, n - pool), n))] * batch
-    out = []
-    for b in range(batch):
-        pos = key_valid[b].cpu().nonzero().flatten()
-        if pos.numel() == 0:
-            pos = torch.arange(n, device="cpu")
-        out.append((pos[:pool], pos[-pool:]))
-    return out
-
-
-def _on(index, device):
-    return index if isinstance(index, slice) else index.to(device)
+def _pool_weights(n: int, key_valid: torch.Tensor, pool: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) float weights averaging the first and the last `pool` valid tokens of each sequence (all
+    tokens for a sequence with none valid); computed on the device, no host read."""
+    valid = key_valid.to(device)
+    valid = valid | ~valid.any(-1, keepdim=True)
+    rank = valid.cumsum(-1)
+    total = rank[:, -1:]
+    first = (valid & (rank <= pool)).float()
+    last = (valid & (rank > total - pool)).float()
+    return first / first.sum(-1, keepdim=True), last / last.sum(-1, keepdim=True)
 
 
 def pooled_keys(pre_rope: torch.Tensor | None, k: torch.Tensor, key_valid: torch.Tensor | None, pool: int = 100) -> torch.Tensor:
@@ -246,19 +288,23 @@ def pooled_keys(pre_rope: torch.Tensor | None, k: torch.Tensor, key_valid: torch
     (B, N, Hkv * d) or (B, N, Hkv, d), as the hooks of `prepare` store it. Without it (a config
     that stem_cli.apply did not prepare, a selector called directly) the post-RoPE keys `k`
     stand in (notice once): an approximation a trained router was not trained on.
+    Batched tensor ops only: nothing waits for the device.
     """
     batch, hkv, n, d = k.shape
-    spans = _pool_positions(n, key_valid, batch, pool)
     if pre_rope is None or tuple(pre_rope.shape[:2]) != (batch, n) or pre_rope.numel() != batch * n * hkv * d:
         _notice("elastic:post-rope", "stem elastic: no pre-RoPE keys were captured for this layer (the config was not "
                 "prepared by stem_cli.apply); the router sees pooled post-RoPE keys instead")
-        feats = [torch.cat([k[b, :, _on(first, k.device)].float().mean(1), k[b, :, _on(last, k.device)].float().mean(1)], -1)
-                 for b, (first, last) in enumerate(spans)]
-        return torch.stack(feats)
-    keys = pre_rope.detach().reshape(batch, n, hkv, d)
-    feats = [torch.cat([keys[b, _on(first, keys.device)].float().mean(0), keys[b, _on(last, keys.device)].float().mean(0)], -1)
-             for b, (first, last) in enumerate(spans)]
-    return torch.stack(feats)
+        keys = k.detach().transpose(1, 2)  # (B, N, Hkv, d)
+    else:
+        keys = pre_rope.detach().reshape(batch, n, hkv, d)
+    if key_valid is None:
+        first, last = keys[:, :pool].float().mean(1), keys[:, max(0, n - pool):].float().mean(1)
+    else:
+        w_first, w_last = _pool_weights(n, key_valid, pool, keys.device)
+        flat = keys.float().flatten(2)  # (B, N, Hkv d)
+        first = torch.bmm(w_first[:, None], flat).view(batch, hkv, d)
+        last = torch.bmm(w_last[:, None], flat).view(batch, hkv, d)
+    return torch.cat([first, last], -1)
 
 
 _noticed: set[str] = set()
@@ -279,37 +325,48 @@ class ElasticStats:
 
     def __init__(self):
         self.heads: dict[int, torch.Tensor] = {}  # layer -> (3,) query heads per mode, summed over calls and batch
-        self.last_modes: dict[int, list[list[str]]] = {}  # layer -> per sequence, per KV head mode of the last call
+        self.last: dict[int, torch.Tensor] = {}  # layer -> (B, Hkv) mode ids of the last call (where they were made)
         self.calls = 0
 
     def reset(self) -> None:
         self.heads.clear()
-        self.last_modes.clear()
+        self.last.clear()
         self.calls = 0
 
     def record(self, layer: int, modes: torch.Tensor, group: int) -> None:
-        modes = modes.cpu()
-        per_mode = torch.bincount(modes.flatten(), minlength=len(MODES)) * group
-        self.heads[layer] = self.heads.get(layer, torch.zeros(len(MODES), dtype=torch.long, device="cpu")) + per_mode
-        self.last_modes[layer] = [[MODES[m] for m in row] for row in modes.tolist()]
+        """Count on the modes' device (no host read per layer: the counts are read when Omega is)."""
+        # A comparison, not one_hot / bincount: on a GPU those check their input on the host.
+        per_mode = (modes.flatten()[:, None] == torch.arange(len(MODES), device=modes.device)).sum(0) * group
+        previous = self.heads.get(layer)
+        self.heads[layer] = per_mode if previous is None else previous + per_mode.to(previous.device)
+        self.last[layer] = modes
         self.calls += 1
+
+    def _totals(self) -> torch.Tensor:
+        """(layers, 3) on the host: the one read of the counts."""
+        return torch.stack([c.cpu() for c in self.heads.values()])
+
+    @property
+    def last_modes(self) -> dict[int, list[list[str]]]:
+        """layer -> per sequence, per KV head mode name of the last call."""
+        return {layer: [[MODES[m] for m in row] for row in modes.tolist()] for layer, modes in self.last.items()}
 
     @property
     def omega(self) -> float | None:
         """Fraction of query heads not dense, over governed layers and calls (None before any call)."""
         if not self.heads:
             return None
-        total = torch.stack(list(self.heads.values())).sum(0)
+        total = self._totals().sum(0)
         return float(total[STEM] + total[STREAMING]) / float(total.sum())
 
     def mode_fractions(self) -> dict[str, float] | None:
         if not self.heads:
             return None
-        total = torch.stack(list(self.heads.values())).sum(0).double()
+        total = self._totals().sum(0).double()
         return {m: float(total[i] / total.sum()) for i, m in enumerate(MODES)}
 
     def per_layer(self) -> dict[int, float]:
-        return {layer: float(c[STEM] + c[STREAMING]) / float(c.sum()) for layer, c in sorted(self.heads.items())}
+        return {layer: float(c[STEM] + c[STREAMING]) / float(c.sum()) for layer, c in sorted(zip(self.heads, self._totals()))}
 
 
 # ------------------------------------------------------------------ who decides
@@ -325,6 +382,7 @@ class ElasticState:
 
 def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | None = None) -> torch.Tensor:
     """(B, Hkv) int64 mode ids of this layer for this input (router, else head map, else default).
+    A router's modes stay on the device (nothing waits for them); a head map's and the default's are host data.
 
     The file's layer and KV-head counts were checked against the model by `prepare`; here only
     what the call itself shows (KV heads, head dim, the layer index) is checked again."""
@@ -342,7 +400,7 @@ def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | Non
             return torch.zeros(batch, hkv, dtype=torch.long, device="cpu")
         feats = pooled_keys(pre_rope, k, key_valid)
         with torch.no_grad():
-            return router.to(feats.device).modes(layer, feats).cpu()  # one small device sync per layer
+            return router.to(feats.device).modes(layer, feats)  # on the device: no sync (mixed_index(on_host=False))
     if config.head_map:
         from stem_cli.elastic.headmap import load_head_map
 

@@ -1,8 +1,17 @@
 """The Elastic Attention router: per layer, pooled pre-RoPE keys per KV head -> mode logits.
 
 Input per KV head h of a layer: x_h = [mean of the pre-RoPE keys of the first 100 valid
-tokens, mean of those of the last 100] (2d numbers, d = head dim), layer-normalised
-without parameters (key scales differ a lot between layers).
+tokens, mean of those of the last 100] (2d numbers, d = head dim), standardised per
+(head, feature) by statistics of the training prompts, then layer-normalised without
+parameters:
+
+    x'_h = LN((x_h - mu_h) / sigma_h)      mu_h, sigma_h: mean and std of x_h over the training prompts
+
+Why standardise: a head's pooled keys are mostly a constant of the head; on SmolLM2-135M
+at 1K they vary about ten times less between prompts than between heads (std 0.08 vs 0.78
+after LN), so an LN-only router reads its head's identity and routes every input alike.
+Subtracting each head's mean leaves what the input changes. (mu, sigma) are buffers in the
+file; files of versions 1 and 2 load with mu = 0, sigma = 1 (their LN-only input).
 
 Two small MLPs per layer (spec section 3):
     f_h      = W2 gelu(W1 x_h + b1) + b2 + e_h          feature MLP, shared by the layer's
@@ -11,7 +20,8 @@ Two small MLPs per layer (spec section 3):
     logits_h = W4 gelu(W3 [f_h, c] + b3) + b4            mode MLP -> (dense, stem, streaming)
 with hidden width H = 2d. Parameters per layer: (2d H + H) + (H^2 + H) + Hkv H
 + (2H H + H) + (3 H + 3); for Llama-3-8B (d = 128, Hkv = 8) that is 265,731, the
-"about 0.27M per layer" of the published router. At pre-fill the mode is the argmax.
+"about 0.27M per layer" of the published router. At pre-fill the mode is the argmax, left on the device
+(no host copy: the elastic selector builds its index from device modes).
 
 Saved with torch.save as plain dicts of tensors and numbers, so torch.load(weights_only=True)
 reads it: no code is unpickled. The file records the model it was trained for (name, weights
@@ -33,8 +43,8 @@ from stem_cli.config import ConfigError
 from stem_cli.elastic.config import MODES
 
 FORMAT = "stem-elastic-router"
-VERSION = 2  # 2: model = {name, weights, architecture}, code version, training curve; version 1 files still load
-READABLE = (1, 2)
+VERSION = 3  # 3: feature statistics (mu, sigma); 2: model = {name, weights, architecture}, code version, training curve
+READABLE = (1, 2, 3)
 POOL_TOKENS = 100  # first and last tokens pooled into the router's input
 
 
@@ -53,12 +63,15 @@ class LayerRouter(nn.Module):
         super().__init__()
         h = hidden or 2 * head_dim
         self.norm = nn.LayerNorm(2 * head_dim, elementwise_affine=False)
+        self.register_buffer("feature_mean", torch.zeros(num_kv_heads, 2 * head_dim))
+        self.register_buffer("feature_std", torch.ones(num_kv_heads, 2 * head_dim))
         self.feature = nn.Sequential(nn.Linear(2 * head_dim, h), nn.GELU(), nn.Linear(h, h))
         self.head_embedding = nn.Parameter(torch.randn(num_kv_heads, h) * 0.02)
         self.mode = nn.Sequential(nn.Linear(2 * h, h), nn.GELU(), nn.Linear(h, len(MODES)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, 2d) pooled keys -> (B, Hkv, 3) mode logits."""
+        x = (x - self.feature_mean) / self.feature_std
         f = self.feature(self.norm(x)) + self.head_embedding
         context = f.mean(1, keepdim=True).expand_as(f)
         return self.mode(torch.cat([f, context], dim=-1))
@@ -101,8 +114,22 @@ class ElasticRouter(nn.Module):
         w = router.feature[0].weight
         return router(features.to(device=w.device, dtype=w.dtype))
 
+    def set_feature_statistics(self, features: dict[int, torch.Tensor]) -> None:
+        """mu, sigma per routed layer from `features`: layer -> (P, Hkv, 2d) pooled keys of P prompts.
+        sigma is floored at 5% of the features' mean magnitude: a difference smaller than that between prompts
+        (a feature constant over them, two near-equal prompts) is not blown up to +-1."""
+        with torch.no_grad():
+            for layer, x in features.items():
+                if not self.routes(layer):
+                    continue
+                r = self.layers[str(layer)]
+                x = x.to(r.feature_mean.device, torch.float32)
+                std = x.std(0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
+                r.feature_mean.copy_(x.mean(0))
+                r.feature_std.copy_(std.clamp_min(0.05 * float(x.abs().mean()) + 1e-12))
+
     def modes(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv) mode ids, argmax of the logits (dense for the always-dense layers)."""
+        """(B, Hkv) mode ids on the features' device, argmax of the logits (dense for the always-dense layers)."""
         if not self.routes(layer):
             return torch.zeros(features.shape[:2], dtype=torch.long, device=features.device)
         return self.logits(layer, features).argmax(-1)
@@ -204,7 +231,10 @@ def load_router(path: str | Path) -> ElasticRouter:
             dense_layers=data.get("dense_layers", ()), model=data.get("model", ""),
             target_sparsity=data.get("target_sparsity"), training=data.get("training"),
         )
-        router.load_state_dict(data["state_dict"])
+        state = dict(data["state_dict"])
+        if int(data["version"]) < 3:  # before feature statistics: mu = 0, sigma = 1 reproduce the LN-only input
+            state.update({k: v for k, v in router.state_dict().items() if k.endswith(("feature_mean", "feature_std"))})
+        router.load_state_dict(state)
         router.code_version = data.get("code")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"router file {str(path)!r} is damaged: {str(e).splitlines()[0]}") from None

@@ -13,19 +13,36 @@ reaches all three logits. Schedules over the steps t = 0 .. T-1:
     noise a(t)   = max(0, 1 - t / (noise_fraction T))       1 -> 0: the last (1 - noise_fraction) of the
                                                              steps run the noise-free argmax inference runs
     tau(t)       = tau_start (tau_end / tau_start)^(t / (T-1))   geometric
+    lr(t)        = lr (0.1 + 0.45 (1 + cos(pi t / (T-1))))       cosine to lr / 10
 
 The sparsity s of a forward = mean over governed layers of the fraction of KV heads whose
 sampled mode is not dense (forced-dense layers count 0; every KV head has the same number
-of query heads, so once a = 0 this is exactly the Omega inference reports). The loss is an
-augmented Lagrangian of the constraint s = target (method of multipliers):
+of query heads, so once a = 0 this is exactly the Omega inference reports).
 
-    L = CE(answer) + lambda (s - target) + (rho / 2) (s - target)^2,    lambda <- lambda + rho (s - target)
+The task loss of a prompt (task_loss = "distill", the default) is the KL divergence of the
+routed model's next-token distribution from the dense model's at the answer positions
+(the dense teacher is the same frozen model with dense attention, one no-grad forward per
+step): a per-prompt price for every head made sparse, large where the input needs the head
+dense. task_loss = "ce" uses the answer's cross-entropy instead (a 135M model that fails
+a task gains nothing from dense heads on it; the teacher still says what sparsity changes).
 
-after every step. The old loss, CE + w (s - target)^2 alone, settles where its pull
-2 w (s - target) balances the answer CE's preference for dense heads, i.e. short of the
-target by a gap that depends on the model and never closes; the multiplier lambda grows
-while s misses, so the constraint is met whatever the CE wants. Only the router trains
-(AdamW); lambda is state of the run (in checkpoints).
+The constraint is on the AVERAGE sparsity over prompts, not on each prompt's: with W =
+len(tasks) (one pass over the task families) and s_bar the running mean of s,
+
+    s_bar_t = (1 - 1/W) s_bar_{t-1} + s_t / W                   (s_t with its gradient)
+    L = task + W [lambda (s_bar_t - target) + (rho / 2) (s_bar_t - target)^2]
+    lambda <- lambda + eta (rho / W) (s_bar_t - target)         after every step (eta = dual_rate),
+
+an augmented Lagrangian of "the mean s over a pass equals the target" (method of
+multipliers). Its gradient in s_t is lambda + rho (s_bar_t - target): the same price for
+every prompt of a pass, up to the prompt's own share rho s_t / W, so the router spends
+sparsity where the task loss is cheapest and keeps heads dense where it is not. The
+earlier loss put the Lagrangian on each prompt's own s (W = 1, the needle-only case):
+its minimum is s = target for every input, i.e. an input-independent router (measured:
+Omega 0.678 on retrieval, multi-hop and aggregation alike).
+
+The router's input is pooled over the prompt only (not the appended answer): inference
+sees the prompt alone, and the answer must not leak into the routing decision.
 
 Resumable and deterministic: the router is initialised from `seed` (its own RNG), the
 Gumbel noise comes from a generator seeded by `seed`, prompt t is prompts[t % len]; a
@@ -133,14 +150,16 @@ class MixedAttention:
     hard: bool = True
     generator: torch.Generator | None = None
     noise_scale: float = 1.0  # annealed by train_router
+    teacher: bool = False  # a dense forward: the distillation target (no routing)
+    pool_end: int | None = None  # tokens the router pools over (the prompt without its answer)
     sparsity: list = field(default_factory=list)  # per governed layer, this forward: sampled fraction not dense
     argmax_sparsity: list = field(default_factory=list)  # per governed layer: fraction not dense under noise-free argmax
     keys: PreRopeKeys = field(default_factory=PreRopeKeys)  # pre-RoPE keys, hooked by training_attention
 
     def attend(self, call) -> torch.Tensor | None:
         """The hook handler: the layer's output as the routed mixture of its heads' modes."""
-        if call.kind != "prefill":
-            return None
+        if call.kind != "prefill" or self.teacher:
+            return None  # SDPA (the hook drops the hooked keys when the layer's forward ends)
         query, key, value, scale, key_valid, layer = call.query, call.key, call.value, call.scale, call.key_valid, call.layer
         batch, hq, n, _ = query.shape
         hkv = key.shape[1]
@@ -149,7 +168,7 @@ class MixedAttention:
             self.sparsity.append(torch.zeros((), device=query.device))
             self.argmax_sparsity.append(0.0)
             return dense
-        feats = pooled_keys(self.keys.take(layer), key, key_valid)
+        feats = prompt_features(self.keys.take(layer), key, key_valid, self.pool_end)
         logits = self.router.logits(layer, feats)
         y = relaxed_one_hot(logits, tau=self.tau, hard=self.hard, generator=self.generator, noise_scale=self.noise_scale)  # (B, Hkv, 3)
         cfg = self.config
@@ -167,19 +186,78 @@ class MixedAttention:
         return out
 
 
-def router_loss(model, mixed: MixedAttention, prompt, *, target_sparsity: float, sparsity_weight: float, multiplier: float = 0.0):
-    """(loss, answer cross-entropy, sparsity) of one prompt; call inside training_attention(model, mixed).
+def prompt_features(pre_rope, key, key_valid, end: int | None) -> torch.Tensor:
+    """The router's input pooled over the first `end` tokens (the prompt without its answer; None: all)."""
+    if end is None or end >= key.shape[2]:
+        return pooled_keys(pre_rope, key, key_valid)
+    return pooled_keys(None if pre_rope is None else pre_rope[:, :end], key[:, :, :end],
+                       None if key_valid is None else key_valid[:, :end])
 
-    loss = CE + multiplier (s - target) + (sparsity_weight / 2) (s - target)^2 (module docstring)."""
-    device = next(model.parameters()).device
-    ids = prompt.input_ids.to(device)
+
+def answer_logits(model, prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (1, A, V) float32 at the positions predicting the answer, answer ids (1, A))."""
+    ids = prompt.input_ids.to(next(model.parameters()).device)
     answer = ids.shape[1] - prompt.answer_start
+    return model(input_ids=ids, use_cache=False, logits_to_keep=answer + 1).logits[:, :answer].float(), ids[:, prompt.answer_start:]
+
+
+def dense_teacher(model, mixed: MixedAttention, prompt) -> torch.Tensor:
+    """The dense model's log-probabilities at the answer positions (call inside training_attention)."""
+    mixed.teacher = True
+    try:
+        with torch.no_grad():
+            return torch.log_softmax(answer_logits(model, prompt)[0], -1)
+    finally:
+        mixed.teacher = False
+
+
+def router_loss(model, mixed: MixedAttention, prompt, *, target_sparsity: float, sparsity_weight: float, multiplier: float = 0.0,
+                average: float | None = None, window: int = 1, task_loss: str = "distill", teacher: torch.Tensor | None = None):
+    """(loss, task loss, answer cross-entropy, sparsity, running mean s_bar_t) of one prompt; call inside
+    training_attention(model, mixed). `average`: s_bar_{t-1} (None: the first step, s_bar = s).
+
+    loss = task + W [lambda (s_bar - target) + (rho / 2) (s_bar - target)^2] (module docstring); task =
+    KL(teacher || routed) per answer token ("distill", `teacher` from dense_teacher) or the answer's CE ("ce")."""
     mixed.sparsity, mixed.argmax_sparsity = [], []
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=answer + 1).logits[:, :answer].float()
-    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt.answer_start:].reshape(-1))
+    mixed.pool_end = prompt.answer_start
+    logits, answer = answer_logits(model, prompt)
+    mixed.pool_end = None
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1))
+    if task_loss == "distill":
+        student = torch.log_softmax(logits, -1)
+        task = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    else:
+        task = lm
     sparsity = torch.stack(mixed.sparsity).mean()
-    gap = sparsity - target_sparsity
-    return lm + multiplier * gap + 0.5 * sparsity_weight * gap ** 2, lm, sparsity
+    mean = sparsity if average is None else (1 - 1 / window) * average + sparsity / window
+    gap = mean - target_sparsity
+    return task + window * (multiplier * gap + 0.5 * sparsity_weight * gap ** 2), task, lm, sparsity, mean
+
+
+def feature_statistics(model, mixed: MixedAttention, prompts) -> dict[int, torch.Tensor]:
+    """layer -> (P, Hkv, 2d) the router's input on `prompts` (dense forwards; call inside training_attention)."""
+    seen: dict[int, list] = {}
+    router = mixed.router
+    captured = PreRopeKeys()
+    routed = [m for m in attention_modules(model) if router.routes(m.layer_idx)]
+
+    class Collect:
+        def attend(self, call):
+            if call.kind == "prefill" and router.routes(call.layer):
+                seen.setdefault(call.layer, []).append(
+                    prompt_features(captured.take(call.layer), call.key, call.key_valid, collect_end[0]))
+            return None
+
+    collect_end = [None]
+    handles = hook_pre_rope_keys(routed, captured)
+    try:
+        with handling(model, Collect()), torch.no_grad():
+            for p in prompts:
+                collect_end[0] = p.answer_start
+                model(input_ids=p.input_ids[:, :p.answer_start].to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
+    finally:
+        captured.remove_hooks(handles)
+    return {layer: torch.cat(xs) for layer, xs in seen.items()}
 
 
 @contextlib.contextmanager
@@ -213,6 +291,9 @@ class TrainSettings:
     tau_end: float = 0.3
     noise_fraction: float = 0.6
     dense_layers: tuple | None = None  # None: the elastic config's default_dense_layers
+    dual_rate: float = 0.1  # eta: the multiplier's step relative to rho / W (1 overshoots: one router step per dual step)
+    task_loss: str = "distill"  # "distill": KL to the dense model at the answer; "ce": the answer's cross-entropy
+    feature_prompts: int = 4  # per task: prompts whose pooled keys give the router's input statistics (mu, sigma)
 
     def __post_init__(self):
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
@@ -223,14 +304,27 @@ class TrainSettings:
             raise ValueError(f"target_sparsity must lie in [0, 1], got {self.target_sparsity}")
         if self.steps < 1 or self.samples < 1 or not self.lengths:
             raise ValueError(f"steps={self.steps}, samples={self.samples} and lengths={self.lengths} must be >= 1 / non-empty")
+        if self.task_loss not in ("distill", "ce"):
+            raise ValueError(f"task_loss must be 'distill' or 'ce', got {self.task_loss!r}")
+        if self.feature_prompts < 1:
+            raise ValueError(f"feature_prompts must be >= 1, got {self.feature_prompts}")
         if not (0 < self.tau_end and 0 < self.tau_start) or not 0 < self.noise_fraction <= 1:
             raise ValueError(f"tau_start={self.tau_start}, tau_end={self.tau_end} must be > 0 and noise_fraction={self.noise_fraction} in (0, 1]")
 
     def noise(self, step: int) -> float:
         return max(0.0, 1.0 - step / (self.noise_fraction * self.steps))
 
+    def learning_rate(self, step: int) -> float:
+        """Cosine from lr down to lr / 10: late steps settle instead of flipping every head at once."""
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, self.steps - 1))))
+
     def tau(self, step: int) -> float:
         return self.tau_start * (self.tau_end / self.tau_start) ** (step / max(1, self.steps - 1))
+
+    @property
+    def window(self) -> int:
+        """Steps the running mean of the sparsity covers: one pass over the task families."""
+        return max(1, len(self.tasks))
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -304,7 +398,7 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
     generator = torch.Generator().manual_seed(s.seed)
     mixed = MixedAttention(router, config, tau=s.tau_start, hard=True, generator=generator)
     history: list[dict] = []
-    multiplier, start, seconds_before = 0.0, 0, 0.0
+    multiplier, average, start, seconds_before = 0.0, None, 0, 0.0
     checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else None
     identity = _identity(s, model_name, config, weights)
     if resume:
@@ -315,6 +409,7 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         multiplier, start, history = float(state["multiplier"]), int(state["step"]), list(state["history"])
+        average = state.get("average")
         seconds_before = float(state.get("seconds", 0.0))
         if console is not None:
             console.print(f"[dim]resuming from {checkpoint} at step {start} of {s.steps}[/]")
@@ -323,29 +418,35 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
         if checkpoint is None:
             return
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save({"format": CHECKPOINT_FORMAT, "identity": identity, "step": step, "multiplier": multiplier,
+        _atomic_save({"format": CHECKPOINT_FORMAT, "identity": identity, "step": step, "multiplier": multiplier, "average": average,
                       "router": {k: v.detach().cpu() for k, v in router.state_dict().items()}, "optimizer": opt.state_dict(),
                       "generator": generator.get_state(), "history": history,
                       "seconds": seconds_before + time.perf_counter() - t0}, checkpoint)
 
     progress = _progress(console, "steps")
     with progress or contextlib.nullcontext(), training_attention(model, mixed):
+        if not resume:  # the statistics are router buffers: a resumed run has them from its checkpoint
+            router.set_feature_statistics(feature_statistics(model, mixed, prompts[: s.feature_prompts * s.window]))
         task = progress.add_task(f"training the router of {model_name}", total=s.steps, completed=start) if progress else None
         for step in range(start, s.steps):
             tic = time.perf_counter()
             mixed.noise_scale, mixed.tau = s.noise(step), s.tau(step)
+            for group in opt.param_groups:
+                group["lr"] = s.learning_rate(step)
             prompt = prompts[step % len(prompts)]
-            loss, lm, sparsity = router_loss(model, mixed, prompt, target_sparsity=s.target_sparsity,
-                                             sparsity_weight=s.sparsity_weight, multiplier=multiplier)
+            teacher = dense_teacher(model, mixed, prompt) if s.task_loss == "distill" else None
+            loss, task_value, lm, sparsity, mean = router_loss(
+                model, mixed, prompt, target_sparsity=s.target_sparsity, sparsity_weight=s.sparsity_weight, multiplier=multiplier,
+                average=average, window=s.window, task_loss=s.task_loss, teacher=teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            gap = float(sparsity.detach()) - s.target_sparsity
-            history.append({"step": step, "loss": loss.item(), "lm": lm.item(), "sparsity": float(sparsity.detach()),
-                            "omega": sum(mixed.argmax_sparsity) / len(mixed.argmax_sparsity), "multiplier": multiplier,
-                            "tau": mixed.tau, "noise": mixed.noise_scale, "task": prompt.task,
+            now, average = float(sparsity.detach()), float(mean.detach())
+            history.append({"step": step, "loss": loss.item(), "task_loss": task_value.item(), "lm": lm.item(), "sparsity": now,
+                            "average_sparsity": average, "omega": sum(mixed.argmax_sparsity) / len(mixed.argmax_sparsity),
+                            "multiplier": multiplier, "tau": mixed.tau, "noise": mixed.noise_scale, "task": prompt.task,
                             "tokens": int(prompt.input_ids.shape[1]), "seconds": round(time.perf_counter() - tic, 4)})
-            multiplier += s.sparsity_weight * gap  # dual ascent on the constraint s = target
+            multiplier += s.dual_rate * s.sparsity_weight / s.window * (average - s.target_sparsity)  # dual ascent on mean s = target
             if (step + 1) % checkpoint_every == 0 or step + 1 == s.steps:
                 save_checkpoint(step + 1)
             if progress:
@@ -359,6 +460,7 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
         **s.as_dict(), "dense_layers": list(router.dense_layers), "parameters": router.num_parameters(),
         "prompts": len(prompts), "prompt_tokens": sorted({int(p.input_ids.shape[1]) for p in prompts}),
         "final_loss": _mean(h["loss"] for h in tail), "final_lm": _mean(h["lm"] for h in tail),
+        "final_task_loss": _mean(h["task_loss"] for h in tail),
         "final_omega": _mean(h["omega"] for h in tail), "final_steps": len(tail),
         "seconds": round(seconds_before + time.perf_counter() - t0, 2), "resumed_at": start if resume else None,
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

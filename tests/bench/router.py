@@ -1,6 +1,7 @@
 """Elastic Attention's router on the GPU, in one run: train it, measure its Omega per task, time its overhead.
 
     python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # on a CUDA GPU, < 6 minutes
+    python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --quick   # < 4 minutes: 70 s of training
     python -m tests.bench.router --model tiny-llama --device cpu --smoke           # seconds, no GPU (tests)
 
 A benchmark, not part of the package (it imports stem_cli, never the other way round).
@@ -15,10 +16,14 @@ A benchmark, not part of the package (it imports stem_cli, never the other way r
    at the router's own final Omega (matched Omega; stem_cli.runs.elastic.elastic_omega).
 3. Overhead per pre-fill at --time-lengths: CUDA events around (a) the router alone: per
    routed layer, pooling the layer's real pre-RoPE keys (first / last 100 tokens) + the two
-   MLPs + argmax + the copy of the modes to the host (the one sync per layer a run pays),
-   summed over layers; (b) the whole pre-fill (one forward, logits of the last token) with
-   dense attention and with elastic + this router. Median of --repeat after --warmup.
-   The published router costs about 0.2 ms, constant in length: (a) should not grow with N.
+   MLPs + argmax, the modes left on the device (as a run leaves them), and one copy of all
+   layers' modes to the host at the end (as reading Omega after a pre-fill does); (b) the
+   whole pre-fill (one forward, logits of the last token) with dense attention and with
+   elastic + this router. Median of --repeat after --warmup. The published router costs
+   about 0.2 ms, constant in length: (a) should not grow with N. (c) Per pre-fill, counted
+   in one extra forward each (a TorchDispatchMode): aten ops launched (Triton kernels not
+   included) and device reads (ops whose value the host waits for: .item(), nonzero,
+   unique, ... on a CUDA tensor), dense vs elastic + router: where the time goes.
 
 Correctness first: the router's modes from this script's pooling equal the modes the
 method records in a real pre-fill (exit code 1 when they differ).
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--output", default="profiles")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (the tests run this)")
+    p.add_argument("--quick", action="store_true", help="70 s of training, pre-fills at 4k-16k, 3 repeats: < 4 minutes on an H200")
     return p
 
 
@@ -123,11 +129,10 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     post = {l: k.view(1, n, hkv, d).transpose(1, 2) for l, k in captured.items()}  # stands in for the post-RoPE k (shape only)
 
     def route_all():
-        out = {}
         with torch.no_grad():
-            for layer, pre in captured.items():
-                out[layer] = router.modes(layer, pooled_keys(pre, post[layer], None)).cpu()
-        return out
+            modes = {layer: router.modes(layer, pooled_keys(pre, post[layer], None)) for layer, pre in captured.items()}
+        host = torch.stack(list(modes.values())).cpu()  # one copy for every layer, as reading Omega after a pre-fill
+        return dict(zip(modes, host))
 
     def prefill():
         with torch.no_grad():
@@ -145,10 +150,45 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     agree = all(recorded.get(l) == mine[l] for l in mine)
     omega = runtime.recorder.elastic.omega
     bud = runtime.recorder.bud
+    elastic_ops = count_ops(prefill)
     stem_cli.apply(model, "dense")
-    return {"seq_len": n, "router_ms": router_ms, "router_ms_per_layer": router_ms / max(1, len(captured)), "routed_layers": len(captured),
+    dense_ops = count_ops(prefill)
+    return {"aten_ops_dense": dense_ops["ops"], "aten_ops_elastic_router": elastic_ops["ops"],
+            "device_reads_dense": dense_ops["device_reads"], "device_reads_elastic_router": elastic_ops["device_reads"],
+            "device_reads_where": elastic_ops["where"],"seq_len": n, "router_ms": router_ms, "router_ms_per_layer": router_ms / max(1, len(captured)), "routed_layers": len(captured),
             "prefill_dense_ms": dense_ms, "prefill_elastic_router_ms": elastic_ms, "router_fraction_of_elastic_prefill": router_ms / elastic_ms,
             "omega": omega, "bud": bud, "modes_match_the_run": agree}
+
+
+_READS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "equal", "masked_select",
+          "bincount", "is_nonzero"}
+
+
+def count_ops(fn) -> dict:
+    """aten ops and device reads (ops on a non-CPU tensor whose value the host waits for) of one call of fn,
+    with the innermost stem_cli frame of each read."""
+    import traceback
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = {"ops": 0, "device_reads": 0}
+    where: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen["ops"] += 1
+            name = func.__name__.split(".")[0]
+            on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+            if name in _READS and on_device or name == "_to_copy" and on_device and str((kwargs or {}).get("device")) == "cpu":
+                seen["device_reads"] += 1
+                frames = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack() if "stem_cli" in f.filename]
+                where[f"{name} at {frames[-1] if frames else '?'}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return {**seen, "where": dict(where)}
 
 
 def _fields(config: ElasticConfig) -> dict:
@@ -167,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     lengths, time_lengths = _lengths(args.lengths), _lengths(args.time_lengths)
     steps, omega_limit = args.steps, args.omega_limit
     config = ElasticConfig(block_size=args.block_size)
+    train_seconds, repeat = args.train_seconds, args.repeat
+    if args.quick:
+        time_lengths, train_seconds, repeat = [n for n in time_lengths if n <= 16384] or time_lengths[:1], min(train_seconds, 70.0), min(repeat, 3)
     if args.smoke:
         lengths, time_lengths, steps, omega_limit = [512], [512, 1024], min(steps, 4), 1
         config = ElasticConfig(block_size=16, k_start=3, sink_blocks=1, window_blocks=1, streaming_sink_tokens=16,
@@ -208,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"notice: router training at {format_length(dropped[-1])} ran out of GPU memory; training at "
                   f"{', '.join(map(format_length, lengths))} only", flush=True)
     planned = steps
-    steps = max(2, min(steps, int(args.train_seconds / max(per_step, 1e-6)))) if not args.smoke else steps
-    record["training"] = {"lengths": lengths, "lengths_dropped_for_memory": dropped, "steps_planned": planned, "steps": steps, "longest_step_s": per_step, "train_seconds_budget": args.train_seconds}
+    steps = max(2, min(steps, int(train_seconds / max(per_step, 1e-6)))) if not args.smoke else steps
+    record["training"] = {"lengths": lengths, "lengths_dropped_for_memory": dropped, "steps_planned": planned, "steps": steps, "longest_step_s": per_step, "train_seconds_budget": train_seconds}
     print(f"router training: {steps} steps (asked {planned}; longest step {per_step:.2f} s)", flush=True)
 
     name = f"router-{slug(Path(args.model).stem if args.model.endswith('.gguf') else args.model)}-{'-'.join(format_length(n) for n in lengths)}-{where}"
@@ -242,14 +285,21 @@ def main(argv: list[str] | None = None) -> int:
         table = elastic_omega(args.model, router=path, head_map=map_path, tasks=omega_tasks, seq_len=",".join(map(str, lengths)),
                               limit=omega_limit, device=str(device), dtype=args.dtype, output=out_dir / f"omega-{name.removeprefix('router-')}.json")
         record["adaptivity"] = {"head_map": str(map_path), "rows": table.rows, "families": table.families, "json": str(table.path)}
+        print(f"{'task':<18} {'family':<12} {'length':>6} {'n':>3} {'Omega':>6} {'min':>6} {'max':>6} {'map':>6}", flush=True)
+        for r in table.rows:
+            print(f"{r['task']:<18} {r['family']:<12} {format_length(r['seq_len']):>6} {r['n']:>3} {r['omega']:6.3f} {r['omega_min']:6.3f} "
+                  f"{r['omega_max']:6.3f} {r['map_omega']:6.3f}", flush=True)
         for f in table.families:
             print(f"Omega {f['family']:<12} {f['omega']:.3f} (map {f['map_omega']:.3f}) over {f['n']} prompts", flush=True)
+        spread = max(f["omega"] for f in table.families) - min(f["omega"] for f in table.families)
+        record["adaptivity"]["family_spread"] = spread
+        print(f"router Omega spread over families: {spread:.3f} (0: input-independent)", flush=True)
 
     # Overhead per pre-fill.
     rows, ok = [], True
     for n in time_lengths:
         try:
-            row = time_overhead(model, router, path, config, n, timer, args.warmup, args.repeat)
+            row = time_overhead(model, router, path, config, n, timer, args.warmup, repeat)
         except torch.cuda.OutOfMemoryError as e:
             row = {"seq_len": n, "status": f"OOM: {str(e).splitlines()[0][:200]}"}
             torch.cuda.empty_cache()
@@ -258,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         if "router_ms" in row:
             print(f"{format_length(n):>5}: router {row['router_ms']:.3f} ms ({row['routed_layers']} layers), pre-fill dense "
                   f"{row['prefill_dense_ms']:.1f} ms, elastic+router {row['prefill_elastic_router_ms']:.1f} ms "
-                  f"(router {row['router_fraction_of_elastic_prefill']:.2%}), Omega {row['omega']:.2f}, BUD {row['bud']:.2f}", flush=True)
+                  f"(router {row['router_fraction_of_elastic_prefill']:.2%}), Omega {row['omega']:.2f}, BUD {row['bud']:.2f}; aten ops "
+                  f"{row['aten_ops_dense']} dense / {row['aten_ops_elastic_router']} elastic, device reads {row['device_reads_dense']} / "
+                  f"{row['device_reads_elastic_router']}", flush=True)
     record["overhead"] = rows
     record["checks"] = {"router_modes_match_the_run": ok}
     record["elapsed_s"] = round(time.perf_counter() - t_start, 1)
