@@ -196,12 +196,12 @@ def run_peers(row: dict, q, k, v, opts: Options) -> None:
     if "peers" in opts.skip:
         row.update({f"{peer}_estimate_{name}_ms": kb.na("skipped") for peer in PEERS for name in ("fused", "torch")})
         return
-    paths = (("triton", "fused"),) if "torch" in opts.skip else (("triton", "fused"), ("torch", "torch"))
     for peer, module in PEERS.items():
-        picked = {"torch": None}
-        if "torch" in opts.skip:
-            row[f"{peer}_estimate_torch_ms"] = kb.na("skipped")
-        for impl, name in paths:
+        picked = {}
+        for impl, name in (("triton", "fused"), ("torch", "torch")):
+            if impl == "torch" and "torch" in opts.skip:
+                row[f"{peer}_estimate_torch_ms"], picked[impl] = kb.na("skipped"), None
+                continue
             call = partial(module.select, q, k, v, layer=3, config=peer_config(peer, opts, impl), scale=scale, key_valid=None)
             picked[impl] = timed(row, f"{peer}_estimate_{name}_ms", call, opts)
             kb.free_memory()
@@ -478,21 +478,17 @@ def main(argv: list[str] | None = None) -> int:
             report["failures"].append(f"N={format_length(n)}: triton and torch selections differ beyond ties on the same "
                                       f"logits ({row['check_select_rows_tie_explained']:.4f} of rows identical or tied)")
     report["complete"] = True
-    if opts.only == "peers":
-        kb.write_json(report, path)
-        print_rows(report["rows"], opts.only)
-        for problem in report["failures"]:
-            print(f"FAILED: {problem}")
-        print(f"wrote {path}")
-        return 1 if report["failures"] else 0
-    report["png"] = str(plot(report["rows"], path.with_suffix(".png"), f"Stem stages vs length, {opts.shape.label}, "
-                                                                      f"{machine['name']}"))
+    full = opts.only != "peers"  # the peers-only run has no attention stages to plot and no FP8 rows
+    if full:
+        report["png"] = str(plot(report["rows"], path.with_suffix(".png"), f"Stem stages vs length, {opts.shape.label}, "
+                                                                          f"{machine['name']}"))
     kb.write_json(report, path)
-    print_rows(report["rows"])
-    print_fp8_target(report["rows"])
+    print_rows(report["rows"], opts.only)
+    if full:
+        print_fp8_target(report["rows"])
     for problem in report["failures"]:
         print(f"FAILED: {problem}")
-    print(f"wrote {path} and {report['png']}")
+    print(f"wrote {path}" + (f" and {report['png']}" if full else ""))
     return 1 if report["failures"] else 0
 
 
