@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode config field for every sparse method (budget=1024, window_tokens=64, ...)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default) or cpu (needs --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: a quick check of the whole code path")
+    parser.add_argument("--no-checks", action="store_true",
+                        help="skip the correctness checks (for a timing-only follow-up of a run whose checks passed; the JSON says so)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="profiles", help="folder for the JSON (default profiles/)")
     return parser
@@ -140,6 +142,7 @@ class Options:
     smoke: bool
     seed: int
     output: Path
+    checks: bool = True
 
 
 def _value(text: str):
@@ -184,7 +187,7 @@ def parse_options(argv: list[str] | None) -> Options:
     return Options(lengths=lengths, batches=batches, shape=shape, layers=layers, mem_bytes=int(args.mem_gib * 2**30),
                    steps=args.steps, warmup=args.warmup, skip=skip, overrides=overrides, device=args.device,
                    dtype=torch.bfloat16 if on_gpu else torch.float32, smoke=args.smoke, seed=args.seed,
-                   output=Path(args.output))
+                   output=Path(args.output), checks=not args.no_checks)
 
 
 def decode_config(method: str, opts: Options, **extra):
@@ -825,9 +828,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{machine['name']}: checks first, then {len(opts.batches) * len(opts.lengths)} cases x {len(VARIANTS)} variants "
           f"({opts.layers} layers, shape {opts.shape.label})", flush=True)
-    report["checks"] = run_checks(opts)
+    report["checks"] = run_checks(opts) if opts.checks else {"skipped": "--no-checks (timing only)"}
     print(f"[{time.perf_counter() - started:.0f}s] checks: "
-          + ", ".join(f"{k} {'ok' if not check_failures({k: v}) else 'FAILED'}" for k, v in report["checks"].items()), flush=True)
+          + ", ".join(f"{k} {v if isinstance(v, str) else 'ok' if not check_failures({k: v}) else 'FAILED'}"
+                      for k, v in report["checks"].items()), flush=True)
     bw_bytes = 4 * 2**30 if device.type == "cuda" else 64 * 2**20
     report["copy_bandwidth_bytes_per_s"] = bandwidth = copy_bandwidth(device, bw_bytes)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
