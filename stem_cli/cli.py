@@ -425,25 +425,43 @@ def profile_cmd(
     device: Device = "auto",
     dtype: Dtype = "auto",
     output: Annotated[Path, typer.Option("--output", help="Folder for the JSON and PNG.")] = Path("profiles"),
-    decode: Annotated[bool, typer.Option("--decode", help="Profile decode steps instead: per-token attention latency of dense vs decode methods "
-                                         "(default dense,topk-decode,prhs,quest at 32k,128k on a GPU) on a synthetic KV cache shaped as --model; "
-                                         "--warmup/--repeat count decode steps.")] = False,
+    decode: Annotated[bool, typer.Option("--decode", help="Profile decode instead: per-token attention latency of dense vs decode methods "
+                                         "(default dense,topk-decode,prhs,quest at 32k,128k on a GPU) on a synthetic KV cache shaped as --model "
+                                         "(--warmup/--repeat count decode steps), then generation end to end on the model: pre-fill with "
+                                         "--prefill-method, --new-tokens greedy tokens with each decode method.")] = False,
+    generation: Annotated[bool, typer.Option("--generation/--no-generation", help="With --decode: also time generation end to end "
+                                             "(pre-fill + decode on the model itself); --no-generation for attention only.")] = True,
+    prefill_method: Annotated[str, typer.Option("--prefill-method", help="With --decode: the pre-fill method of the generation section "
+                                                "(any registered pre-fill method; dense for dense pre-fill).")] = "stem",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="With --decode: tokens each generation makes (greedy, no stop at EOS); "
+                                            "the first comes from the pre-fill.")] = 128,
 ):
     """Time pre-fill end to end against its attention (estimation + sparse attention) per method and length, with NVML telemetry.
 
     [b]Example:[/b] stem profile --model llama3-8b --seq-len 8k,32k,128k --methods dense,stem,uniform --random-weights
-    [b]Decode:[/b] stem profile --decode --seq-len 32k,128k --warmup 8 --repeat 64
+    [b]Decode:[/b] stem profile --decode --random-weights --seq-len 32k,128k --warmup 8 --repeat 64 --prefill-method stem --new-tokens 128
     """
-    from stem_cli.report.tables import decode_profile_table, profile_table
+    from stem_cli.report.tables import decode_profile_table, generation_profile_table, profile_table
     from stem_cli.runs import profile, profile_decode
 
+    if not decode and (not generation or prefill_method != "stem" or new_tokens != 128):
+        raise UsageError("--no-generation, --prefill-method and --new-tokens apply to `stem profile --decode` only")
     if decode:
         result = profile_decode(model, None if methods == ["dense,stem"] else methods, seq_len, batch=batch, warmup=warmup, repeat=repeat,
-                                config=config, overrides=set_, device=device, dtype=dtype, output=output, console=err, command=command_line())
+                                generation=generation, prefill_method=prefill_method, new_tokens=new_tokens,
+                                random_weights=random_weights, config=config, overrides=set_, device=device, dtype=dtype,
+                                output=output, console=err, command=command_line())
         console.print(decode_profile_table(result))
         shape = result["shape"]
         console.print(f"[dim]attention only (all {shape['layers']} layers per token; no projections/MLP); "
-                      f"speed-up = dense SDPA's ms/token over the method's, same run. wrote {escape(str(result['paths']['json']))}[/]")
+                      f"speed-up = dense SDPA's ms/token over the method's, same run.[/]")
+        if "generation" in result:
+            console.print(generation_profile_table(result))
+            gen = result["generation_parameters"]
+            console.print(f"[dim]the whole model, {gen['decode_steps']} decode steps after the pre-fill ({gen['cache']}); "
+                          f"speed-up = dense decode's decode time over the method's, same run; e2e tok/s = new tokens over "
+                          f"pre-fill + decode. Warmup: {gen['warmup']}.[/]")
+        console.print(escape(f"wrote {result['paths']['json']}"))
         return
     result = profile(model, methods, seq_len, batch=batch, warmup=warmup, repeat=repeat, random_weights=random_weights, config=config,
                      overrides=set_, device=device, dtype=dtype, output=output, console=err, command=command_line())

@@ -237,6 +237,17 @@ def combined_config_class(prefill_name: str, prefill_defaults, decode_name: str,
     return cls
 
 
+def combine_configs(prefill_name: str, prefill_config, decode_name: str, decode_config):
+    """The 'PREFILL+DECODE' config made of two configs already built (each with its own TOML table
+    and overrides), field names as in combined_config_class."""
+    p, d = METHODS[prefill_name], DECODE_METHODS[decode_name]
+    cls = combined_config_class(p.name, p.defaults, d.name, d.defaults)
+    values = {}
+    for name, (side, inner) in _field_map(type(prefill_config), type(decode_config)).items():
+        values[name] = getattr(prefill_config if side == "prefill" else decode_config, inner)
+    return cls(**values)
+
+
 def combined_method(name: str) -> Method:
     """The Method for a 'PREFILL+DECODE' spec or a bare decode name."""
     prefill_name, decode_name = split_spec(name)

@@ -403,7 +403,7 @@ def test_cli_profile_decode_writes_rows(tmp_path):
     result = CliRunner().invoke(
         app,
         ["profile", "--decode", "--device", "cpu", "--model", "tiny-llama", "--seq-len", "200", "--warmup", "1", "--repeat", "2",
-         "--set", "budget=80", "--set", "window_tokens=8", "--output", str(tmp_path)],
+         "--set", "budget=80", "--set", "window_tokens=8", "--no-generation", "--output", str(tmp_path)],
         env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output

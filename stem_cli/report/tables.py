@@ -411,6 +411,29 @@ def decode_profile_table(result: dict) -> Table:
     return table
 
 
+def generation_profile_table(result: dict) -> Table:
+    """A decode profile's generation rows (runs.generation_profile): pre-fill, decode and end-to-end rates per decode method."""
+    env, gen = result["environment"], result["generation_parameters"]
+    table = Table(title=f"stem profile --decode, generation: {result['model_shape']} ({gen['model_source']}, {gen['dtype']}) on "
+                        f"{env.get('gpu', 'CPU')}, pre-fill {gen['prefill_method']}, {gen['new_tokens']} new tokens ({result['timing']})")
+    for col in ("decode method", "context", "pre-fill ms", "decode ms", "ms/token", "decode tok/s", "e2e tok/s", "speed-up",
+                "kept", "same as dense"):
+        table.add_column(col, justify="left" if col == "decode method" else "right")
+    for row in result["generation"]:
+        if row.get("status") != "ok":
+            why = row.get("reason") or row.get("error") or ""
+            table.add_row(row["decode_method"], format_length(row["seq_len"]), f"[red]{row['status']}[/]", why, *[""] * 6)
+            continue
+        same = row.get("matches_dense")
+        table.add_row(
+            row["decode_method"], format_length(row["seq_len"]), f"{row['prefill_ms']:.1f}", f"{row['decode_ms']:.1f}",
+            f"{row['ms_per_token']:.2f}", f"{row['decode_tokens_per_s']:.1f}", f"{row['e2e_tokens_per_s']:.2f}",
+            _num(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""), _num(row.get("kept_fraction"), ".1%"),
+            "-" if same is None else f"{same}/{row['new_tokens']}",
+        )
+    return table
+
+
 def calibration_table(head_map, model: str, samples: int) -> Table:
     """A calibrated head map (elastic.headmap.HeadMap): each governed layer's modes and per-head scores."""
     cal = head_map.calibration

@@ -1,6 +1,17 @@
 """Decode profiling (`stem profile --decode`, runs/profiling.py writes the JSON): per-token decode attention latency per method and context length.
 
-What is timed. A synthetic KV cache with the attention shapes of the chosen model
+`stem profile --decode` has two sections. This module is the first ("rows" in the JSON):
+attention alone, on a synthetic cache, described below. The second ("generation",
+generation_profile.py; off with --no-generation) is generation end to end on the model
+itself: per length and decode method one pre-fill of a random prompt under the pre-fill
+method (CUDA events around it), a host sync outside the timed regions, then
+new_tokens - 1 greedy decode steps (one pair of CUDA events around the whole loop, no host
+read inside it, no stop at EOS), after one untimed warmup generation per length. It
+reports pre-fill ms, decode ms, ms/token, decode and end-to-end tokens/s, and the speed-up
+over dense decode; a length whose estimated memory exceeds the device's total is skipped
+with the reason.
+
+What is timed in this section. A synthetic KV cache with the attention shapes of the chosen model
 (default llama3-8b: 32 layers, 32 query / 8 KV heads, head dim 128; random values
 in the run's dtype, bf16 on a GPU), not a model: one decode step runs every
 layer's attention over its cache, so the numbers are attention only (no

@@ -1,0 +1,278 @@
+"""End-to-end generation profiling, the second section of `stem profile --decode` (profiling.py writes the JSON).
+
+What is timed. The model itself (--model; on a GPU usually random weights built from its
+config), not a synthetic cache. Per length n the prompt is n random token ids (the
+generator seeded with seed + n, as the pre-fill profile's). Per (length, decode method),
+one generation:
+- the pre-fill: one forward pass of the prompt under the pre-fill method (--prefill-method,
+  default stem) that fills a fresh transformers DynamicCache, logits for the last position
+  only; its argmax is the first new token. One pair of CUDA events around it.
+- a host synchronisation, outside both timed regions (a real pre-fill's token is read
+  before decoding goes on), so the decode loop starts with an empty launch queue and
+  none of its launches hide behind the pre-fill.
+- new_tokens - 1 greedy decode steps with the decode method (dense = transformers' own
+  SDPA over the cache, the other methods through the hook's decode runtime). No stop at
+  EOS, so every method makes exactly new_tokens tokens; the argmax stays on the device and
+  nothing in the loop reads a value on the host. One pair of CUDA events around the whole
+  loop (host clock on the CPU).
+DynamicCache appends each step's key and value to every layer's cache by concatenation, so
+a copy of the whole cache per step is part of every method's decode time, as it is in
+`model.generate` with the default cache. The numbers are the whole model (projections,
+MLP, norms, logits), so attention is one part of them; the first section of --decode
+(decode_profile.py) times attention alone.
+
+Warmup. Per length, one untimed generation at that length: one pre-fill, then
+WARMUP_TOKENS decode steps with each decode method in turn on the same cache. Kernels
+compile and autotune there; it runs at the timed length because some Triton launch
+parameters (power-of-two tile and chunk counts) follow the cache length. Those are the
+same for every cache length in (n, n + 128] when n is a multiple of a large power of two
+(32k, 128k); a length just below such a boundary could compile once inside a timed loop.
+
+Per row: prefill_ms, decode_ms, decode_steps (new_tokens - 1), ms_per_token =
+decode_ms / decode_steps, decode_tokens_per_s = batch x decode_steps / decode time,
+e2e_tokens_per_s = batch x new_tokens / (pre-fill + decode time), speedup = dense decode's
+decode_ms / this row's (same length, same run), e2e_speedup the same on pre-fill + decode,
+tokens (the first sequence's new token ids), matches_dense (how many leading tokens equal
+dense decode's), and the decode runtime's statistics (kept fraction, re-anchors).
+
+Memory. Before a length runs, what it needs is estimated (`needed_bytes`: the tensors
+already resident, the KV cache of n + new tokens, one layer's cache copy, the pre-fill's
+activations) and compared with the device's total memory (the CUDA device properties; the
+machine's physical memory on the CPU). A length that would not fit is recorded, per decode
+method, with status "skipped" and the reason; an out-of-memory during a run as "OOM".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import stem_cli
+from stem_cli.environment import failed_allocation_gib, is_oom
+from stem_cli.timing import Interval
+
+WARMUP_TOKENS = 16  # decode steps per method in the warmup: covers the cache length's residues mod 16 (Triton specialises on them)
+
+
+def prompt_ids(vocab: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The prompt of length n: (batch, n) random token ids, generator seeded with seed + n (CPU, then moved)."""
+    generator = torch.Generator().manual_seed(seed + n)
+    return torch.randint(0, vocab, (batch, n), generator=generator)
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    """The device's memory: CUDA device properties on a GPU, physical memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def needed_bytes(model, n: int, new_tokens: int, batch: int) -> dict[str, int]:
+    """What one generation of n + new_tokens tokens needs, by part (an estimate; the total under "total").
+
+    resident: the tensors allocated now (the weights, on a GPU torch's allocated bytes);
+    kv_cache: keys and values of every layer for n + new_tokens positions, plus one layer's
+    copy (DynamicCache concatenates); activations: the pre-fill's largest live set, about
+    2 hidden + 3 MLP intermediate + 3 (q + k + v) head widths per token, and on the CPU one
+    layer's (B, Hq, n, n) float32 scores (its SDPA materialises them)."""
+    text = _text_config(model)
+    param = next(model.parameters())
+    device, elem = param.device, param.element_size()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    layers = text.num_hidden_layers
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+    else:
+        resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_layer_kv = 2 * batch * kv_heads * head_dim * (n + new_tokens) * elem
+    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    width = 2 * text.hidden_size + 3 * intermediate + 3 * (heads + 2 * kv_heads) * head_dim
+    activations = batch * n * width * elem
+    if device.type != "cuda":
+        activations += batch * heads * n * n * 4
+    parts = {"resident": resident, "kv_cache": (layers + 1) * per_layer_kv, "activations": activations}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _forward_kwargs(model, cache) -> dict:
+    from stem_cli.generation import with_cache
+
+    return {**with_cache(model, cache), "use_cache": True}
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor):
+    """(cache, first token (B, 1) on the device, the pre-fill's Interval)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with Interval(ids.device) as interval:
+        out = model(input_ids=ids, **_forward_kwargs(model, cache), logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+    return cache, token, interval
+
+
+@torch.no_grad()
+def _decode(model, cache, token: torch.Tensor, steps: int):
+    """`steps` greedy steps from `token`: ((B, steps) new tokens, the loop's Interval). No host read inside."""
+    kwargs = _forward_kwargs(model, cache)
+    tokens = []
+    with Interval(token.device) as interval:
+        for _ in range(steps):
+            out = model(input_ids=token, **kwargs)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    return (torch.cat(tokens, dim=1) if tokens else token[:, :0]), interval
+
+
+def generate_timed(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """One timed generation: ((B, new_tokens) new token ids, pre-fill ms, decode ms); see the module docstring."""
+    cache, first, prefill = _prefill(model, ids)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)  # between the two timed regions: the decode loop starts with an empty queue
+    rest, decode = _decode(model, cache, first, new_tokens - 1)
+    tokens = torch.cat([first, rest], dim=1)
+    return tokens, prefill.ms(), decode.ms()
+
+
+def _spec(prefill_method: str, decode_method: str) -> str:
+    return prefill_method if decode_method == "dense" else f"{prefill_method}+{decode_method}"
+
+
+def time_generation(
+    model,
+    prefill_method: str,
+    decode_methods: list[str],
+    configs: dict[str, Any],
+    lengths: list[int],
+    *,
+    new_tokens: int = 128,
+    batch: int = 1,
+    seed: int = 0,
+    total_memory: int | None = None,
+    on_row: Callable[[dict], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Rows, one per (length, decode method); configs maps each decode method ("dense" too) to its
+    run config (the pre-fill method's config, combined with the decode method's for the others)."""
+    device = next(model.parameters()).device
+    vocab = _text_config(model).vocab_size
+    total_memory = total_memory if total_memory is not None else total_memory_bytes(device)
+    rows: list[dict] = []
+
+    def emit(row):
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    for n in lengths:
+        base = {"seq_len": n, "batch": batch, "prefill_method": prefill_method, "new_tokens": new_tokens}
+        need = needed_bytes(model, n, max(new_tokens, len(decode_methods) * WARMUP_TOKENS), batch)
+        if need["total"] > total_memory:
+            reason = (f"needs about {need['total'] / 2**30:.1f} GiB (resident {need['resident'] / 2**30:.1f}, KV cache "
+                      f"{need['kv_cache'] / 2**30:.1f}, pre-fill activations {need['activations'] / 2**30:.1f}) of the "
+                      f"device's {total_memory / 2**30:.1f} GiB")
+            for method in decode_methods:
+                emit({**base, "decode_method": method, "method": _spec(prefill_method, method), "status": "skipped",
+                      "reason": reason, "needed_gib": need["total"] / 2**30})
+            continue
+        ids = prompt_ids(vocab, n, batch, seed).to(device)
+        failed = None
+        try:
+            if progress:
+                progress(f"warmup at {n} tokens")
+            _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens)
+        except Exception as error:  # noqa: BLE001 - only OOM is recoverable; anything else is re-raised
+            if not is_oom(error):
+                raise
+            failed = {"status": "OOM", "stage": "warmup", "failed_allocation_gib": failed_allocation_gib(error),
+                      "error": str(error).splitlines()[0][:300]}
+        if failed is not None:  # outside the except block: its traceback no longer holds the cache
+            _free(device)
+            for method in decode_methods:
+                emit({**base, "decode_method": method, "method": _spec(prefill_method, method), **failed})
+            continue
+        by_method: dict[str, dict] = {}
+        for method in decode_methods:
+            if progress:
+                progress(f"{_spec(prefill_method, method)} at {n} tokens, {new_tokens} new")
+            runtime = stem_cli.apply(model, _spec(prefill_method, method), configs[method])
+            runtime.recorder.reset()
+            row: dict[str, Any] = {**base, "decode_method": method, "method": _spec(prefill_method, method)}
+            try:
+                tokens, prefill_ms, decode_ms = generate_timed(model, ids, new_tokens)
+                steps = new_tokens - 1
+                row.update(
+                    status="ok",
+                    prefill_ms=prefill_ms,
+                    decode_ms=decode_ms,
+                    decode_steps=steps,
+                    ms_per_token=decode_ms / steps,
+                    decode_tokens_per_s=batch * steps / (decode_ms / 1e3),
+                    e2e_ms=prefill_ms + decode_ms,
+                    e2e_tokens_per_s=batch * new_tokens / ((prefill_ms + decode_ms) / 1e3),
+                    bud=runtime.recorder.bud,
+                    tokens=tokens[0].tolist(),
+                )
+                if runtime.decode is not None:
+                    row["decode_stats"] = runtime.decode.stats()
+                    row["kept_fraction"] = row["decode_stats"]["kept_fraction"]
+                    row["reanchor_fraction"] = row["decode_stats"]["reanchor_fraction"]
+                else:
+                    row["kept_fraction"], row["reanchor_fraction"] = 1.0, None
+            except Exception as error:  # noqa: BLE001 - as above
+                if not is_oom(error):
+                    raise
+                row.update(status="OOM", failed_allocation_gib=failed_allocation_gib(error), error=str(error).splitlines()[0][:300])
+            _free(device)
+            by_method[method] = row
+            emit(row)
+        _compare_to_dense(by_method)
+    return rows
+
+
+def _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens) -> None:
+    """One untimed generation at this length: one pre-fill, then a few decode steps per decode method."""
+    stem_cli.apply(model, _spec(prefill_method, decode_methods[0]), configs[decode_methods[0]])
+    cache, token, _ = _prefill(model, ids)
+    for method in decode_methods:
+        stem_cli.apply(model, _spec(prefill_method, method), configs[method])  # a fresh decode state for this method
+        _, _ = _decode(model, cache, token, min(WARMUP_TOKENS, new_tokens))
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)
+    del cache
+    _free(ids.device)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _compare_to_dense(by_method: dict[str, dict]) -> None:
+    """Speed-ups and token agreement against dense decode of the same length and run (None without one)."""
+    dense = by_method.get("dense")
+    dense_ok = dense is not None and dense.get("status") == "ok"
+    for row in by_method.values():
+        ok = dense_ok and row.get("status") == "ok"
+        row["speedup"] = dense["decode_ms"] / row["decode_ms"] if ok else None
+        row["e2e_speedup"] = dense["e2e_ms"] / row["e2e_ms"] if ok else None
+        if ok:
+            same = 0
+            for a, b in zip(row["tokens"], dense["tokens"]):
+                if a != b:
+                    break
+                same += 1
+            row["matches_dense"] = same
+        else:
+            row["matches_dense"] = None
