@@ -90,22 +90,32 @@ def test_skipped_with_reason_when_memory_would_not_fit(tmp_path, monkeypatch):
     assert "skipped" in result.output
 
 
-def test_memory_estimate_covers_the_real_cache():
-    """needed_bytes' KV part against the cache a real generation leaves (its tensors' bytes)."""
+def test_preallocated_cache_equals_dynamic_cache_without_copies():
+    """The profile's cache against transformers' DynamicCache: the same logits at every step of a greedy
+    run (fresh random prompt), every layer's buffer never reallocated, and needed_bytes' KV part equal to
+    the buffers' bytes plus one layer's head room."""
     from transformers import DynamicCache
 
     from stem_cli.generation import with_cache
     from stem_cli.models import load_model
-    from stem_cli.runs.generation_profile import needed_bytes
+    from stem_cli.runs.generation_profile import needed_bytes, preallocated_cache
 
     model = load_model("tiny-llama", device="cpu", dtype="fp32").model
     n, new = 96, 5
-    cache = DynamicCache(config=model.config)
     ids = torch.randint(0, 259, (1, n))
+    ours, theirs = preallocated_cache(model, n + new), DynamicCache(config=model.config)
+    pointers = None
     with torch.no_grad():
-        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True)
-        for _ in range(new):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), **with_cache(model, cache), use_cache=True)
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        token = ids
+        for step in range(new + 1):
+            a = model(input_ids=token, **with_cache(model, ours), use_cache=True).logits[:, -1]
+            b = model(input_ids=token, **with_cache(model, theirs), use_cache=True).logits[:, -1]
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            now = [layer.key_buffer.data_ptr() for layer in ours.layers]
+            assert pointers is None or now == pointers, f"a buffer was reallocated at step {step}"
+            pointers = now
+            token = a.argmax(-1, keepdim=True)
+    assert ours.get_seq_length() == theirs.get_seq_length() == n + new
+    held = sum(t.numel() * t.element_size() for layer in ours.layers for t in (layer.key_buffer, layer.value_buffer))
     layers = model.config.num_hidden_layers
-    assert needed_bytes(model, n, new, 1)["kv_cache"] == held * (layers + 1) // layers  # n + new positions, plus one layer's copy
+    assert needed_bytes(model, n, new, 1)["kv_cache"] == held * (layers + 1) // layers  # n + new positions, plus one layer's head room

@@ -5,7 +5,7 @@ config), not a synthetic cache. Per length n the prompt is n random token ids (t
 generator seeded with seed + n, as the pre-fill profile's). Per (length, decode method),
 one generation:
 - the pre-fill: one forward pass of the prompt under the pre-fill method (--prefill-method,
-  default stem) that fills a fresh transformers DynamicCache, logits for the last position
+  default stem) that fills a fresh cache (below), logits for the last position
   only; its argmax is the first new token. One pair of CUDA events around it.
 - a host synchronisation, outside both timed regions (a real pre-fill's token is read
   before decoding goes on), so the decode loop starts with an empty launch queue and
@@ -15,9 +15,13 @@ one generation:
   EOS, so every method makes exactly new_tokens tokens; the argmax stays on the device and
   nothing in the loop reads a value on the host. One pair of CUDA events around the whole
   loop (host clock on the CPU).
-DynamicCache appends each step's key and value to every layer's cache by concatenation, so
-a copy of the whole cache per step is part of every method's decode time, as it is in
-`model.generate` with the default cache. The numbers are the whole model (projections,
+The cache is transformers' DynamicCache with its full-attention layers replaced by
+PreallocatedLayer: buffers for n + new_tokens positions made at the pre-fill, each step's key
+and value written in place, views of the filled prefix handed to attention. DynamicLayer
+itself concatenates, a copy of the whole cache per step (about 34 GB of traffic per token for
+Llama-3-8B at 128K, several ms on an H200), which would bury the attention methods'
+differences under a cost a long-context user would not pay. Sliding-window layers keep their
+own class. The numbers are the whole model (projections,
 MLP, norms, logits), so attention is one part of them; the first section of --decode
 (decode_profile.py) times attention alone.
 
@@ -36,7 +40,7 @@ tokens (the first sequence's new token ids), matches_dense (how many leading tok
 dense decode's), and the decode runtime's statistics (kept fraction, re-anchors).
 
 Memory. Before a length runs, what it needs is estimated (`needed_bytes`: the tensors
-already resident, the KV cache of n + new tokens, one layer's cache copy, the pre-fill's
+already resident, the KV cache of n + new tokens, one layer's spare copy, the pre-fill's
 activations) and compared with the device's total memory (the CUDA device properties; the
 machine's physical memory on the CPU). A length that would not fit is recorded, per decode
 method, with status "skipped" and the reason; an out-of-memory during a run as "OOM".
@@ -79,7 +83,7 @@ def needed_bytes(model, n: int, new_tokens: int, batch: int) -> dict[str, int]:
 
     resident: the tensors allocated now (the weights, on a GPU torch's allocated bytes);
     kv_cache: keys and values of every layer for n + new_tokens positions, plus one layer's
-    copy (DynamicCache concatenates); activations: the pre-fill's largest live set, about
+    copy (head room: the pre-fill writes a layer's keys before its buffer holds them); activations: the pre-fill's largest live set, about
     2 hidden + 3 MLP intermediate + 3 (q + k + v) head widths per token, and on the CPU one
     layer's (B, Hq, n, n) float32 scores (its SDPA materialises them)."""
     text = _text_config(model)
@@ -110,12 +114,41 @@ def _forward_kwargs(model, cache) -> dict:
     return {**with_cache(model, cache), "use_cache": True}
 
 
-@torch.no_grad()
-def _prefill(model, ids: torch.Tensor):
-    """(cache, first token (B, 1) on the device, the pre-fill's Interval)."""
+def preallocated_cache(model, capacity: int):
+    """A transformers DynamicCache whose full-attention layers are PreallocatedLayer(capacity)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """Keys and values in buffers of `capacity` positions, made at the first update (the pre-fill);
+        later updates write in place and return views of the filled prefix (strided along T, which the
+        decode kernels and SDPA read as they are): no copy of the cache per step."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.get_seq_length()
+            end = start + key_states.shape[-2]
+            if start == 0:
+                size = max(capacity, end)
+                self.key_buffer = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
+                self.value_buffer = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
+            if end > self.key_buffer.shape[-2]:
+                raise ValueError(f"the generation cache holds {self.key_buffer.shape[-2]} positions; {end} asked for")
+            self.key_buffer[..., start:end, :] = key_states
+            self.value_buffer[..., start:end, :] = value_states
+            self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+            return self.keys, self.values
 
     cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor, capacity: int):
+    """(cache, first token (B, 1) on the device, the pre-fill's Interval)."""
+    cache = preallocated_cache(model, capacity)
     with Interval(ids.device) as interval:
         out = model(input_ids=ids, **_forward_kwargs(model, cache), logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
@@ -137,7 +170,7 @@ def _decode(model, cache, token: torch.Tensor, steps: int):
 
 def generate_timed(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
     """One timed generation: ((B, new_tokens) new token ids, pre-fill ms, decode ms); see the module docstring."""
-    cache, first, prefill = _prefill(model, ids)
+    cache, first, prefill = _prefill(model, ids, ids.shape[1] + new_tokens)
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)  # between the two timed regions: the decode loop starts with an empty queue
     rest, decode = _decode(model, cache, first, new_tokens - 1)
@@ -244,7 +277,7 @@ def time_generation(
 def _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens) -> None:
     """One untimed generation at this length: one pre-fill, then a few decode steps per decode method."""
     stem_cli.apply(model, _spec(prefill_method, decode_methods[0]), configs[decode_methods[0]])
-    cache, token, _ = _prefill(model, ids)
+    cache, token, _ = _prefill(model, ids, ids.shape[1] + len(decode_methods) * min(WARMUP_TOKENS, new_tokens))
     for method in decode_methods:
         stem_cli.apply(model, _spec(prefill_method, method), configs[method])  # a fresh decode state for this method
         _, _ = _decode(model, cache, token, min(WARMUP_TOKENS, new_tokens))
