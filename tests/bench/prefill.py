@@ -374,6 +374,8 @@ def run_gqa(row: dict, q, k, v, kv_index, scale: float, opts: Options, attend) -
     want = timed(row, "attn_kv_ms", partial(current, q, k, v, kv_index, scale=scale), opts)
     for key, name, flags in GQA_VARIANTS:
         got = timed(row, key, partial(gqa.block_sparse_attention, q, k, v, kv_index, scale=scale, **flags), opts)
+        if opts.device == "cuda":  # the autotuner's pick for this variant (the last key it tuned)
+            row[f"{name}_config"] = str(getattr(gqa._tuned, "best_config", None))
         if got is not None and want is not None:
             err, worst = output_errors(got, want)
             row[f"check_{name}_rel_err"], row[f"check_{name}_worst_row_rel_err"] = err, worst
@@ -483,7 +485,7 @@ ATTN_KEYS = ["n", "bud", "kv_bud", "cudnn_ms", "cudnn_tflops"] + [
     f"{key}{suffix}" for key in ("attn", "attn_kv", "attn_packed", "attn_packed_lf")
     for suffix in ("_ms", "_tflops", "_tflops_over_cudnn")
 ] + ["flex_triton_ms", "flex_over_attn", "flex_triton_kv_ms", "flex_kv_over_packed", "flex_kv_over_packed_lf",
-     "check_packed_rel_err", "check_packed_worst_row_rel_err", "check_packed_lf_rel_err"]
+     "check_packed_rel_err", "check_packed_worst_row_rel_err", "check_packed_lf_rel_err", "packed_config", "packed_lf_config"]
 
 
 def print_attention_variants(rows: list[dict]) -> None:
