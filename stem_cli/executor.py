@@ -5,8 +5,10 @@ says, by the fastest path it has:
 - a full index (dense method, dense layers): PyTorch SDPA with native GQA
   (cuDNN / FlashAttention on GPU);
 - any other index on a GPU: the Triton block-sparse flash-attention kernel
-  (bf16/fp16, left padding); what it cannot take falls back to masked SDPA
-  with a one-time notice, since that is the slow path there;
+  (bf16/fp16, left padding); an index per KV head (gqa='kv') with a query-head
+  group >= 2 runs the GQA-packed kernel (kernels/block_sparse_attn_gqa.py: one
+  K/V tile load for the group's rows); what they cannot take falls back to masked
+  SDPA with a one-time notice, since that is the slow path there;
 - attn_dtype "fp8" (StemConfig.attn_dtype): the FP8 block-sparse kernel
   (kernels/block_sparse_attn_fp8.py) for every index that is not full, on a GPU of
   compute capability >= 8.9 or the CPU under TRITON_INTERPRET=1; anywhere else a
@@ -90,7 +92,7 @@ def attend(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Tensor 
         start = None if key_valid is None else left_padding_start(key_valid)
         reason = _kernel_unsupported(q, index, key_valid is not None and start is None)
         if reason is None:
-            return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
+            return sparse_kernel(q, k, v, index).block_sparse_attention(q, k, v, index, scale=scale, kv_start=start)
         notice_once(
             f"masked:{reason}",
             f"stem: {reason}; running masked SDPA on the GPU (exact, but it computes every causal pair: do not read its timings as the method's speed)",
@@ -143,14 +145,33 @@ def masked_sdpa(q, k, v, index: BlockIndex, *, scale: float, key_valid: torch.Te
     return out
 
 
-def sparse_kernel(q, k, v):
-    """The Triton attention module for these tensors.
+# The GQA-packed kernel for per-KV-head indices from this group size up, at head dims up to this.
+# Head dim 256 keeps the descriptor kernel (measured faster there); the packed kernel's 256-row
+# tiles need 16 warps at 128 registers each. Selection by shape only (see sparse_kernel).
+PACKED_MIN_GROUP = 2
+PACKED_MAX_HEAD_DIM = 128
+
+
+def sparse_kernel(q, k, v, index: BlockIndex | None = None, *, packed: bool | None = None):
+    """The Triton attention module for these tensors and this index.
 
     Descriptor (TMA) loads measured 10-15% faster at head dim 256 on an H100 and no better
     (within run-to-run spread) at 64 and 128: profiles/attn-tma-vs-pointers.md.
+    An index per KV head with a group of >= PACKED_MIN_GROUP query heads goes to the GQA-packed
+    kernel. `packed` forces it (True: a ValueError where it cannot run) or the per-head kernels
+    (False), for benchmarks; None chooses by shape.
     """
-    from stem_cli.kernels import block_sparse_attn, block_sparse_attn_tma
+    from stem_cli.kernels import block_sparse_attn, block_sparse_attn_gqa, block_sparse_attn_tma
 
+    if packed is None:
+        group = q.shape[1] // k.shape[1]
+        packed = (index is not None and index.num_heads == k.shape[1] and group >= PACKED_MIN_GROUP
+                  and q.shape[-1] <= PACKED_MAX_HEAD_DIM)
+    if packed:
+        reason = "no index given" if index is None else block_sparse_attn_gqa.unsupported_reason(q, k, index)
+        if reason is not None:
+            raise ValueError(f"the GQA-packed kernel cannot run this call: {reason}")
+        return block_sparse_attn_gqa
     if q.shape[-1] >= 256 and block_sparse_attn_tma.supported(q, k, v):
         return block_sparse_attn_tma
     return block_sparse_attn

@@ -289,9 +289,10 @@ def load_kernels(device: str) -> Kernels:
     from stem_cli.methods import score
 
     def attend(q, k, v, index, **kwargs):  # the kernel the executor would run for these tensors
-        return sparse_kernel(q, k, v).block_sparse_attention(q, k, v, index, **kwargs)
+        return sparse_kernel(q, k, v, index).block_sparse_attention(q, k, v, index, **kwargs)
 
-    return Kernels(score.block_logits, SCORE_IMPL, attend, "triton (tensor descriptors at head dim 256, pointers otherwise)")
+    return Kernels(score.block_logits, SCORE_IMPL, attend, "triton (tensor descriptors at head dim 256, pointers otherwise; "
+                   "GQA-packed for per-KV-head indices)")
 
 
 def select_index(logits: torch.Tensor, seq_len: int, config: StemConfig) -> BlockIndex:

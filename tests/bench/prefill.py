@@ -4,6 +4,7 @@ and Flex baselines, in one GPU run (< 8 minutes on an H200 at the defaults).
     python -m tests.bench.prefill                          # 32K,128K,256K at 32/8/128, bf16, on the CUDA GPU
     python -m tests.bench.prefill --only peers --lengths 32K,128K   # the peers' estimates only (< 2 minutes on an H200)
     python -m tests.bench.prefill --lengths 8K,32K,128K --skip torch,fa2,flex   # FP8 vs bf16 Stem and cuDNN (< 2 min)
+    python -m tests.bench.prefill --only attn --lengths 32K,128K --skip fa2,flash   # the attention variants (< 5 min)
     TRITON_INTERPRET=1 python -m tests.bench.prefill --device cpu --smoke   # tiny sizes on the CPU, kernels interpreted
 
 First, at small shapes, every new kernel against its reference (a failed check makes the exit
@@ -27,8 +28,15 @@ The peers' estimates (xattention, flexprefill, minference at their defaults): ea
 estimate + choice, fused (estimate_impl=triton) against torch, their indices compared, in rows
 <peer>_estimate_fused_ms / <peer>_estimate_torch_ms beside Stem's score + select (`--only peers` runs
 just these, with a fused-vs-torch index check at a small shape first). `--skip torch` leaves out the old torch
-estimate (Stem's and the peers'), `--skip fp8` the FP8 rows, `--skip peers` the peers. The variant not built yet (GQA-shared K/V tiles) appears as
-"n/a (not implemented)". JSON with the GPU, versions and command goes to
+estimate (Stem's and the peers'), `--skip fp8` the FP8 rows, `--skip peers` the peers.
+The attention variants (`--skip gqa` leaves out all but the first; `--only attn` runs just Stem's triton estimate for
+the indices, these, cuDNN, FA2 and Flex): the current kernel on the per-query-head index (attn_ms), the current kernel
+on the per-KV-head index (gqa='kv': the group's mean logits, attn_kv_ms), the GQA-packed kernel
+(kernels/block_sparse_attn_gqa.py) on that index in program order (attn_packed_ms) and longest rows first
+(attn_packed_lf_ms), each with TFLOP/s on its computed blocks (<key>_tflops) and that over cuDNN's dense TFLOP/s
+(<key>_tflops_over_cudnn, the issue's >= 0.95); FlexAttention on the per-KV-head index (flex_triton_kv_ms,
+flex_kv_over_packed, the issue's >= 1.3). The packed outputs are checked against the current kernel's on the same
+index first (check_packed*_rel_err <= 1e-2, else a failure). JSON with the GPU, versions and command goes to
 profiles/prefill-<date>-<gpu>.json, a PNG of time per stage vs length beside it.
 """
 
@@ -58,11 +66,12 @@ DEFAULT_SHAPE = "32/8/128"
 SMOKE_LENGTHS = "512,1K"
 SMOKE_SHAPE = "4/2/32"
 SMOKE_BLOCK = 16
-NOT_BUILT = "n/a (not implemented in this branch)"
 STAGES = ("score", "select", "attn")
 PEERS = {"xattention": xattention, "flexprefill": flexprefill, "minference": minference}
-ONLY = ("all", "peers")
-SKIPPABLE = ("cudnn", "fa2", "flex", "flash", "torch", "fp8", "peers")
+ONLY = ("all", "peers", "attn")
+SKIPPABLE = ("cudnn", "fa2", "flex", "flash", "torch", "fp8", "peers", "gqa")
+ONLY_ATTN_SKIPS = frozenset({"torch", "fp8", "peers"})  # --only attn: no old estimate, FP8 or peers
+PACKED_REL_TOL = 1e-2  # packed vs current kernel, both bf16 operands with float32 accumulation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up budget per measurement (ms)")
     parser.add_argument("--min-reps", type=int, default=2, help="timed calls at least when one call outlasts --rep-ms")
     parser.add_argument("--only", choices=ONLY, default="all",
-                        help="'peers': only the peers' estimates (fused vs torch) beside Stem's, no attention or baselines")
+                        help="'peers': only the peers' estimates (fused vs torch) beside Stem's, no attention or baselines; "
+                             "'attn': Stem's triton estimate, then the attention variants, cuDNN, FA2, Flex (no small-shape checks)")
     parser.add_argument("--skip", default="", help=f"comma list to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="profiles", help="folder for the JSON and PNG (default profiles/)")
@@ -115,6 +125,8 @@ def parse_options(argv) -> Options:
         config = StemConfig(block_size=SMOKE_BLOCK) if args.smoke else StemConfig()
     except (ValueError, ConfigError) as error:
         parser.error(str(error))
+    if args.only == "attn":
+        skip = skip | ONLY_ATTN_SKIPS
     on_gpu = args.device == "cuda"
     return Options(lengths, shape, config, args.device, torch.bfloat16 if on_gpu else torch.float32, args.smoke, args.only, skip,
                    args.seed, Path(args.output), kb.Timer(args.device, args.warmup_ms, args.rep_ms, args.min_reps))
@@ -254,6 +266,13 @@ def run_length(n: int, opts: Options, attend) -> dict:
             row["check_select_rows_identical"] = same["rows_identical"]
             row["check_select_rows_tie_explained"] = same["rows_explained"]
         del old_index
+    kv_index = None
+    if new_logits is not None and "gqa" not in opts.skip:
+        # Stem's gqa='kv' selection (methods/stem.py): one index per KV head from the group's mean logits.
+        kv_logits = new_logits.view(1, shape.hkv, shape.hq // shape.hkv, *new_logits.shape[-2:]).mean(2)
+        kv_index = timed(row, "select_kv_triton_ms", partial(select_from_logits, kv_logits, n, with_impl(cfg, "triton"), None),
+                         opts)
+        del kv_logits
     del new_logits
     kb.free_memory()
     if kb.is_num(row.get("score_triton_ms")) and kb.is_num(row.get("select_triton_ms")):
@@ -268,7 +287,7 @@ def run_length(n: int, opts: Options, attend) -> dict:
         kb.record_budget(row, index, n, shape, cfg, opts.device)
         out = timed(row, "attn_ms", partial(attend, q, k, v, index, scale=scale), opts)
     run_fp8(row, q, k, v, index, out, scale, opts)
-    row["attn_gqa_shared_ms"] = NOT_BUILT
+    run_gqa(row, q, k, v, kv_index, scale, opts, attend)
 
     on_gpu = opts.device == "cuda"
     for name in ("cudnn", "fa2"):
@@ -286,7 +305,13 @@ def run_length(n: int, opts: Options, attend) -> dict:
             continue
         kb.guarded(row, key, partial(run_flex, row, backend, q, k, v, out, index, scale, opts), ours=False)
         kb.free_memory()
-    del q, k, v, out, index
+    if on_gpu and "flex" not in opts.skip and kv_index is not None:
+        kb.guarded(row, "flex_triton_kv_ms", partial(run_flex, row, "triton", q, k, v, None, per_query_heads(kv_index, shape.hq),
+                                                     scale, opts, key="flex_triton_kv_ms"), ours=False)
+        kb.free_memory()
+    else:
+        row["flex_triton_kv_ms"] = kb.na("no GPU" if not on_gpu else "skipped" if kv_index is not None else "no index")
+    del q, k, v, out, index, kv_index
     kb.free_memory()
     return finish(row)
 
@@ -325,7 +350,50 @@ def output_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return kb.relative_error(got, want), worst
 
 
-def run_flex(row, backend: str, q, k, v, out, index, scale, opts: Options) -> None:
+GQA_VARIANTS = (("attn_packed_ms", "packed", {}), ("attn_packed_lf_ms", "packed_lf", {"longest_first": True}))
+
+
+def run_gqa(row: dict, q, k, v, kv_index, scale: float, opts: Options, attend) -> None:
+    """The per-KV-head index through the current kernel and the GQA-packed one (in program order and longest
+    rows first): times, computed pairs, and each packed output against the current kernel's."""
+    keys = ("attn_kv_ms",) + tuple(key for key, _, _ in GQA_VARIANTS)
+    if kv_index is None:
+        row.update(dict.fromkeys(keys, kb.na("skipped" if "gqa" in opts.skip else "no index")))
+        return
+    from stem_cli.kernels import block_sparse_attn_gqa as gqa
+
+    budget = {}
+    kb.record_budget(budget, kv_index, q.shape[2], opts.shape, opts.config, opts.device)
+    row.update({f"kv_{key}": value for key, value in budget.items()})
+    if opts.device == "cuda":
+        from stem_cli.executor import sparse_kernel
+
+        current = sparse_kernel(q, k, v, kv_index, packed=False).block_sparse_attention
+    else:
+        current = attend  # the CPU smoke: the reference stands in for the current kernel, as for attn_ms
+    want = timed(row, "attn_kv_ms", partial(current, q, k, v, kv_index, scale=scale), opts)
+    for key, name, flags in GQA_VARIANTS:
+        got = timed(row, key, partial(gqa.block_sparse_attention, q, k, v, kv_index, scale=scale, **flags), opts)
+        if opts.device == "cuda":  # the autotuner's pick for this variant (the last key it tuned)
+            row[f"{name}_config"] = str(getattr(gqa._tuned, "best_config", None))
+        if got is not None and want is not None:
+            err, worst = output_errors(got, want)
+            row[f"check_{name}_rel_err"], row[f"check_{name}_worst_row_rel_err"] = err, worst
+            row[f"check_{name}_ok"] = err <= PACKED_REL_TOL
+        del got
+        kb.free_memory()
+    del want
+    kb.free_memory()
+
+
+def per_query_heads(index, query_heads: int):
+    """A per-KV-head index repeated over each group's query heads (FlexAttention's block mask takes H = Hq)."""
+    group = query_heads // index.num_heads
+    return dataclasses.replace(index, counts=index.counts.repeat_interleave(group, 1),
+                               indices=index.indices.repeat_interleave(group, 1))
+
+
+def run_flex(row, backend: str, q, k, v, out, index, scale, opts: Options, key: str | None = None) -> None:
     flex = kb.compiled_flex_attention()
     mask = kb.flex_block_mask(index, "split")
     options = {"BACKEND": "FLASH"} if backend == "flash" else None
@@ -339,7 +407,7 @@ def run_flex(row, backend: str, q, k, v, out, index, scale, opts: Options) -> No
     if out is not None:
         row[f"check_attn_vs_flex_{backend}_rel_err"] = kb.relative_error(out, expected)
     del expected
-    row[f"flex_{backend}_ms"] = opts.timer(call)
+    row[key or f"flex_{backend}_ms"] = opts.timer(call)
 
 
 def finish(row: dict) -> dict:
@@ -361,6 +429,14 @@ def finish(row: dict) -> dict:
     row["cudnn_over_stem_fp8"] = kb.ratio(row.get("cudnn_ms"), row.get("stem_total_fp8_ms"))
     row["attn_over_attn_fp8"] = kb.ratio(row.get("attn_ms"), row.get("attn_fp8_ms"))
     row["flex_over_attn"] = kb.ratio(row.get("flex_triton_ms"), row.get("attn_ms"))
+    d = int(row["shape"].split("/")[2])
+    for key, pairs in (("attn", "computed_pairs"), ("attn_kv", "kv_computed_pairs"), ("attn_packed", "kv_computed_pairs"),
+                       ("attn_packed_lf", "kv_computed_pairs")):
+        if num(row.get(f"{key}_ms")) and num(row.get(pairs)):
+            row[f"{key}_tflops"] = kb.tflops(d, row[pairs], row[f"{key}_ms"])
+        row[f"{key}_tflops_over_cudnn"] = kb.ratio(row.get(f"{key}_tflops"), row.get("cudnn_tflops"))
+    row["flex_kv_over_packed"] = kb.ratio(row.get("flex_triton_kv_ms"), row.get("attn_packed_ms"))
+    row["flex_kv_over_packed_lf"] = kb.ratio(row.get("flex_triton_kv_ms"), row.get("attn_packed_lf_ms"))
     return row
 
 
@@ -405,12 +481,28 @@ PEER_KEYS = ["n", "stem_estimate_triton_ms"] + [f"{p}_estimate_{w}_ms" for p in 
     [f"{p}_over_stem_estimate" for p in PEERS] + [f"check_{p}_rows_identical" for p in PEERS]
 
 
+ATTN_KEYS = ["n", "bud", "kv_bud", "cudnn_ms", "cudnn_tflops"] + [
+    f"{key}{suffix}" for key in ("attn", "attn_kv", "attn_packed", "attn_packed_lf")
+    for suffix in ("_ms", "_tflops", "_tflops_over_cudnn")
+] + ["flex_triton_ms", "flex_over_attn", "flex_triton_kv_ms", "flex_kv_over_packed", "flex_kv_over_packed_lf",
+     "check_packed_rel_err", "check_packed_worst_row_rel_err", "check_packed_lf_rel_err", "packed_config", "packed_lf_config"]
+
+
+def print_attention_variants(rows: list[dict]) -> None:
+    """Issue 17's attention targets per length: TFLOP/s on computed blocks over cuDNN's (>= 0.95), Flex / ours (>= 1.3)."""
+    print(" | ".join(ATTN_KEYS))
+    for r in rows:
+        print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in ATTN_KEYS))
+
+
 def print_rows(rows: list[dict], only: str = "all") -> None:
     if only == "peers":
         print(" | ".join(PEER_KEYS))
         for r in rows:
             print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in PEER_KEYS))
         return
+    if only == "attn":
+        return  # its table is the attention variants' (print_attention_variants)
     keys = ["n", "score_torch_ms", "score_triton_ms", "select_torch_ms", "select_triton_ms", "attn_ms",
             "stem_total_torch_ms", "stem_total_triton_ms", "estimate_share_triton", "cudnn_ms", "fa2_ms",
             "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops",
@@ -452,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine['name']}: checks at small shapes", flush=True)
     checks = [("selection_kernel", partial(check_selection_kernel, opts.device, opts.seed, opts.smoke)),
               ("scoring_kernel", partial(check_scoring_kernel, opts)), ("peer_estimates", partial(check_peer_estimates, opts))]
-    for name, fn in checks[2:] if opts.only == "peers" else checks:
+    chosen = checks[2:] if opts.only == "peers" else [] if opts.only == "attn" else checks
+    for name, fn in chosen:
         result = kb.guarded(report["checks"], name, fn, ours=True)
         if result is not None:
             report["checks"][name] = result
@@ -474,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
             agree = row.get(f"check_{peer}_rows_identical")
             if kb.is_num(agree) and agree < 0.999:
                 report["failures"].append(f"N={format_length(n)}: {peer} fused and torch indices differ in {1 - agree:.4f} of rows")
+        for _, name, _ in GQA_VARIANTS:
+            if row.get(f"check_{name}_ok") is False:
+                report["failures"].append(f"N={format_length(n)}: the {name} kernel differs from the current one on the "
+                                          f"per-KV-head index by {row[f'check_{name}_rel_err']:.2e} > {PACKED_REL_TOL}")
         if row.get("check_select_rows_tie_explained", 1.0) != 1.0:
             report["failures"].append(f"N={format_length(n)}: triton and torch selections differ beyond ties on the same "
                                       f"logits ({row['check_select_rows_tie_explained']:.4f} of rows identical or tied)")
@@ -486,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     print_rows(report["rows"], opts.only)
     if full:
         print_fp8_target(report["rows"])
+        print_attention_variants(report["rows"])
     for problem in report["failures"]:
         print(f"FAILED: {problem}")
     print(f"wrote {path}" + (f" and {report['png']}" if full else ""))
