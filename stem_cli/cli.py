@@ -531,6 +531,7 @@ def train_router_cmd(
     tau: Annotated[float, typer.Option("--tau", min=1e-3, help="Gumbel-softmax temperature at the first step.")] = 1.0,
     tau_end: Annotated[float, typer.Option("--tau-end", min=1e-3, help="Temperature at the last step (geometric schedule).")] = 0.3,
     noise_fraction: Annotated[float, typer.Option("--noise-fraction", min=0.01, max=1.0, help="Gumbel noise falls linearly to 0 over this fraction of the steps; the rest train the noise-free routing.")] = 0.6,
+    calibrate_prompts: Annotated[int, typer.Option("--calibrate-prompts", min=0, help="After the last step, shift every routed head's dense logit by one number so the mean Omega of this many training prompts is the target (0: the router as trained).")] = 20,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Router file to write (and OUTPUT.json, OUTPUT.png beside it). Default: routers/MODEL.pt.")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write the checkpoint (OUTPUT.ckpt) every this many steps.")] = 25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt (same settings): the same router as an uninterrupted run.")] = False,
@@ -543,7 +544,8 @@ def train_router_cmd(
     """Train the Elastic Attention router (backbone frozen): per input, each KV head's mode from its pooled pre-RoPE keys.
 
     Loss = answer cross-entropy on synthetic RULER prompts under the straight-through Gumbel-softmax choice of the
-    three modes + an augmented Lagrangian that drives Omega to the target. Layers in default_dense_layers stay dense.
+    three modes + an augmented Lagrangian that drives Omega to the target; after the last step a final threshold (one
+    shift of every dense logit) puts the mean Omega of the training prompts on the target. Layers in default_dense_layers stay dense.
     Use the router with [b]--method elastic --set elastic.router=FILE[/b]; [b]stem elastic-omega[/b] shows its Omega per task.
 
     [b]Example:[/b] stem train-router --model smollm2-135m --seq-len 1k,2k --steps 300 --target-sparsity 0.7 --set block_size=32 -o r.pt
@@ -551,7 +553,8 @@ def train_router_cmd(
     from stem_cli.runs import train_router
 
     done = train_router(model, steps=steps, target_sparsity=target_sparsity, seq_len=seq_len, samples=samples, tasks=tasks, seed=seed,
-                        lr=lr, sparsity_weight=sparsity_weight, tau=tau, tau_end=tau_end, noise_fraction=noise_fraction, output=output,
+                        lr=lr, sparsity_weight=sparsity_weight, tau=tau, tau_end=tau_end, noise_fraction=noise_fraction,
+                        calibrate_prompts=calibrate_prompts, output=output,
                         checkpoint_every=checkpoint_every, resume=resume, config=config, overrides=set_, device=device, dtype=dtype,
                         random_weights=random_weights, console=err)
     router, info = done.router, done.router.training_info
@@ -566,8 +569,12 @@ def train_router_cmd(
     )
     console.print(
         f"last {info['final_steps']} steps: loss {fmt(info['final_loss'], '.3f')}, answer CE {fmt(info['final_lm'], '.3f')}, "
-        f"Omega {fmt(info['final_omega'], '.1%')} (target {target_sparsity:.0%}); {info['seconds']:.0f} s on {info['device']}"
+        f"Omega {fmt(info['training_final_omega'], '.1%')} (target {target_sparsity:.0%}); {info['seconds']:.0f} s on {info['device']}"
     )
+    if info.get("threshold"):
+        t = info["threshold"]
+        console.print(f"final threshold: dense logit {t['dense_logit_shift']:+.3f}, Omega {t['omega_before']:.1%} -> {t['omega']:.1%} "
+                      f"on {t['prompts']} training prompts")
     console.print(f"[green]saved[/] {escape(f'{done.path} (+ .json, .png)   use it: stem compare dense elastic --set elastic.router={done.path}')}", highlight=False)
 
 

@@ -87,6 +87,52 @@ def test_training_reaches_a_toy_omega_target(tiny, prompts, tmp_path):
         stem_cli.apply(tiny.model, "dense")
 
 
+def test_final_threshold_puts_a_short_run_on_its_target(tiny, prompts, tmp_path):
+    """Two steps leave the router at its prior, whose argmax is dense everywhere (Omega 0 against 0.3); the final
+    threshold moves the mean Omega of the training prompts, as the elastic method itself records it, within 0.05."""
+    target = 0.3
+    bare, _ = _train(tiny, prompts, settings={"steps": 2, "target_sparsity": target, "calibrate_prompts": 0})
+    router, _ = _train(tiny, prompts, settings={"steps": 2, "target_sparsity": target})
+    info = router.training_info
+    assert info["threshold"]["prompts"] == len(prompts) and info["final_omega"] == info["threshold"]["omega"]
+
+    def inference_omega(r) -> float:
+        path = r.save(tmp_path / "r.pt")
+        runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **SMALL)
+        try:
+            seen = []
+            for p in prompts:
+                runtime.recorder.reset()
+                with torch.no_grad():
+                    tiny.model(input_ids=p.input_ids[:, : p.answer_start], use_cache=False, logits_to_keep=1)
+                seen.append(runtime.recorder.elastic.omega)
+            return sum(seen) / len(seen)
+        finally:
+            stem_cli.apply(tiny.model, "dense")
+
+    assert abs(inference_omega(bare) - target) > 0.05  # without the threshold this run misses its target
+    assert inference_omega(router) == pytest.approx(target, abs=0.05)
+    assert inference_omega(router) == pytest.approx(info["final_omega"], abs=1e-9)
+    # Only the dense output bias moved, by one number in every routed layer.
+    shift = info["threshold"]["dense_logit_shift"]
+    for name, layer in router.layers.items():
+        before = bare.layers[name]
+        assert torch.equal(layer.mode[-1].weight, before.mode[-1].weight)
+        assert layer.mode[-1].bias[DENSE].item() == pytest.approx(before.mode[-1].bias[DENSE].item() + shift, abs=1e-6)
+        assert torch.equal(layer.mode[-1].bias[1:], before.mode[-1].bias[1:])
+
+
+def test_threshold_shift_leaves_the_asked_number_of_heads_sparse():
+    """Against counting by hand: random margins over forwards with a forced-dense layer (None)."""
+    gen = torch.Generator().manual_seed(4)
+    for target in (0.0, 0.2, 0.37, 0.5, 0.75, 1.0):
+        margins = [[None, *[torch.randn(3, generator=gen) for _ in range(3)]] for _ in range(5)]  # 5 forwards, 4 layers, 3 heads
+        d = train_module.threshold_shift(margins, target)
+        sparse = sum(int((m + d < 0).sum()) for f in margins for m in f if m is not None)
+        assert sparse == min(round(target * 5 * 4 * 3), 5 * 3 * 3), (target, sparse)
+        assert all(bool((m + d != 0).all()) for f in margins for m in f if m is not None)  # nothing on the boundary
+
+
 def test_resumed_run_gives_the_same_router_bit_for_bit(tiny, prompts, tmp_path, monkeypatch):
     whole, whole_curve = _train(tiny, prompts)
     calls = {"n": 0}
@@ -174,7 +220,9 @@ def test_budget_probe_routes_on_pre_rope_keys(tiny, prompts, tmp_path):
     BUD it measures at a knob value is the BUD a real run at that value records."""
     from stem_cli.runs.budget import bud_curve
 
-    router, _ = _train(tiny, prompts, settings={"steps": 2})
+    # No final threshold: this router's modes do not change between the probe's dense hidden states and the run's
+    # (with sparse heads in early layers they can, and then the BUDs differ by design: runs/budget.py).
+    router, _ = _train(tiny, prompts, settings={"steps": 2, "calibrate_prompts": 0})
     path = router.save(tmp_path / "r.pt")
     config = ElasticConfig(**SMALL, router=str(path))
     ids = torch.randint(3, 250, (1, 320), generator=torch.Generator().manual_seed(11))

@@ -41,6 +41,26 @@ earlier loss put the Lagrangian on each prompt's own s (W = 1, the needle-only c
 its minimum is s = target for every input, i.e. an input-independent router (measured:
 Omega 0.678 on retrieval, multi-hop and aggregation alike).
 
+The final threshold. Dual ascent moves the multiplier by at most eta (rho / W) |gap| per step,
+so in the step counts a run can afford (40-60 on a CPU, ~200 on a GPU) the noise-free mean
+Omega can still be off its target (measured: 31-37% against 50% after 40 CPU steps). So
+after the last step the dense logit of every routed head is shifted by one number b (added
+to each routed layer's dense output bias, so the file and inference stay as they are):
+
+    margin m = logit_dense - max(logit_stem, logit_streaming)      dense iff m + b >= 0
+    Omega(b) = #{routed heads and prompts with m + b < 0} / (prompts x governed layers x KV heads)
+
+over the first calibrate_prompts training prompts, each run noise-free through the routed
+model as inference runs it (prompt only, the chosen mode per head). With the margins sorted,
+b is the midpoint between the k-th and (k+1)-th, k = round(target x all heads): the mean
+Omega of those prompts is the target, up to one head. Shifting b changes the earlier layers'
+modes and so the later layers' inputs: the prompts are run again with the new b and b is
+re-solved from their margins, up to CALIBRATION_ROUNDS times, keeping the b whose measured
+Omega is nearest the target. A global b keeps the router's ranking of heads and inputs (the
+ones it prices highest stay dense): Omega per input still varies. It is a deterministic
+function of the trained router and the prompts, so a resumed run ends with the same b.
+calibrate_prompts = 0 leaves the router as trained.
+
 The router's input is pooled over the prompt only (not the appended answer): inference
 sees the prompt alone, and the answer must not leak into the routing decision.
 
@@ -82,6 +102,8 @@ CHECKPOINT_FORMAT = "stem-elastic-router-checkpoint"
 # multi-hop tracing, aggregation (common and frequent words): inputs that want different heads dense.
 TRAINING_TASKS = ("niah_single_2", "niah_multikey_1", "vt", "cwe", "fwe")
 ANSWER_MARGIN = 64  # tokens left free for the appended answer (cwe's ten words)
+CALIBRATION_ROUNDS = 4  # runs of the calibration prompts while solving the final threshold (module docstring)
+CALIBRATION_TOLERANCE = 0.01  # stop once the measured mean Omega is this close to the target (or half a head's step)
 
 
 # ------------------------------------------------------------------ prompts
@@ -155,6 +177,7 @@ class MixedAttention:
     sparsity: list = field(default_factory=list)  # per governed layer, this forward: sampled fraction not dense
     argmax_sparsity: list = field(default_factory=list)  # per governed layer: fraction not dense under noise-free argmax
     keys: PreRopeKeys = field(default_factory=PreRopeKeys)  # pre-RoPE keys, hooked by training_attention
+    margins: list | None = None  # a list: per governed layer this forward, (Hkv,) dense margins (None: layer not routed)
 
     def attend(self, call) -> torch.Tensor | None:
         """The hook handler: the layer's output as the routed mixture of its heads' modes."""
@@ -167,23 +190,35 @@ class MixedAttention:
         if not self.router.routes(layer):
             self.sparsity.append(torch.zeros((), device=query.device))
             self.argmax_sparsity.append(0.0)
+            if self.margins is not None:
+                self.margins.append(None)
             return dense
         feats = prompt_features(self.keys.take(layer), key, key_valid, self.pool_end)
         logits = self.router.logits(layer, feats)
+        if self.margins is not None:
+            self.margins.append(dense_margins(logits.detach())[0].float().cpu())
         y = relaxed_one_hot(logits, tau=self.tau, hard=self.hard, generator=self.generator, noise_scale=self.noise_scale)  # (B, Hkv, 3)
+        # Without gradients and noise (the final threshold's runs) only the modes some head chose are computed.
+        needed = set(y.argmax(-1).unique().tolist()) if self.generator is None and not torch.is_grad_enabled() else {0, 1, 2}
         cfg = self.config
         with torch.no_grad():
-            stem_index = _stem_select(query.detach(), key.detach(), value.detach(), cfg, scale, key_valid)
+            stem_index = _stem_select(query.detach(), key.detach(), value.detach(), cfg, scale, key_valid) if 1 in needed else None
         sink_b, window_b = cfg.streaming_blocks
-        stream_index = streaming_index(batch, hkv, n, cfg.block_size, sink_b, window_b, key_valid, query.device)
+        stream_index = streaming_index(batch, hkv, n, cfg.block_size, sink_b, window_b, key_valid, query.device) if 2 in needed else None
         # masked_sdpa is differentiable: the executor's CPU path serves training on any device.
-        outs = (dense, masked_sdpa(query, key, value, stem_index, scale=scale, key_valid=key_valid),
-                masked_sdpa(query, key, value, stream_index, scale=scale, key_valid=key_valid))
+        outs = (dense, None if stem_index is None else masked_sdpa(query, key, value, stem_index, scale=scale, key_valid=key_valid),
+                None if stream_index is None else masked_sdpa(query, key, value, stream_index, scale=scale, key_valid=key_valid))
         w = y.repeat_interleave(hq // hkv, dim=1).to(query.dtype)[..., None, None]  # (B, Hq, 3, 1, 1)
-        out = sum(w[:, :, m] * o for m, o in enumerate(outs))
+        out = sum(w[:, :, m] * o for m, o in enumerate(outs) if o is not None)
         self.sparsity.append((1 - y[..., DENSE]).mean())
         self.argmax_sparsity.append(float((logits.detach().argmax(-1) != DENSE).float().mean()))
         return out
+
+
+def dense_margins(logits: torch.Tensor) -> torch.Tensor:
+    """(..., 3) mode logits -> (...) logit_dense - max(logit_stem, logit_streaming): the head is dense iff >= 0
+    (argmax takes the first of equal logits, and dense is mode 0)."""
+    return logits[..., DENSE] - logits[..., DENSE + 1:].max(-1).values
 
 
 def prompt_features(pre_rope, key, key_valid, end: int | None) -> torch.Tensor:
@@ -272,6 +307,74 @@ def training_attention(model, mixed: MixedAttention):
         mixed.keys.remove_hooks(handles)
 
 
+# ------------------------------------------------------------------ the final threshold
+
+
+def routed_margins(model, mixed: MixedAttention, prompts) -> tuple[list[list], list[float]]:
+    """Per prompt: its governed layers' dense margins (None: not routed) and its Omega, from noise-free routed
+    forwards of the prompt alone (as inference pools it); call inside training_attention(model, mixed)."""
+    saved = mixed.generator, mixed.margins
+    mixed.generator = None
+    margins, omegas = [], []
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                mixed.sparsity, mixed.argmax_sparsity, mixed.margins = [], [], []
+                model(input_ids=p.input_ids[:, :p.answer_start].to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
+                margins.append(mixed.margins)
+                omegas.append(sum(mixed.argmax_sparsity) / len(mixed.argmax_sparsity))
+    finally:
+        mixed.generator, mixed.margins = saved
+    return margins, omegas
+
+
+def threshold_shift(margins: list[list], target: float) -> float:
+    """The shift d of every dense margin that leaves round(target x all heads) of these forwards' routed heads sparse
+    (m + d < 0): the midpoint between the k-th and (k+1)-th smallest margin, so no margin sits on the boundary.
+    All heads = forwards x governed layers x KV heads: forced-dense layers count, and cap what is reachable."""
+    routed = [m for forward in margins for m in forward if m is not None]
+    if not routed:
+        return 0.0
+    every = torch.cat(routed).double().sort().values
+    heads = routed[0].numel() * sum(len(forward) for forward in margins)
+    k = min(max(int(round(target * heads)), 0), every.numel())
+    if k == 0:
+        return float(1.0 - every[0])  # every head dense, the nearest by a logit of 1
+    if k == every.numel():
+        return float(-1.0 - every[-1])
+    return float(-(every[k - 1] + every[k]) / 2)
+
+
+def calibrate_threshold(model, mixed: MixedAttention, prompts, target: float) -> dict:
+    """Shift the router's dense logit so the mean Omega over `prompts` is the target (module docstring); the
+    router is left with the best shift found, bit for bit the biases that were measured. Returns what was done."""
+    router = mixed.router
+
+    def biases() -> dict:
+        return {name: r.mode[-1].bias.detach().clone() for name, r in router.layers.items()}
+
+    total, rounds = 0.0, []
+    margins, omegas = routed_margins(model, mixed, prompts)
+    heads = sum(len(forward) for forward in margins) * router.num_kv_heads
+    tolerance = max(CALIBRATION_TOLERANCE, 0.5 / max(1, heads))  # Omega moves in steps of one head of one prompt
+    for i in range(CALIBRATION_ROUNDS + 1):
+        rounds.append({"shift": total, "omega": sum(omegas) / len(omegas), "biases": biases()})
+        if abs(rounds[-1]["omega"] - target) <= tolerance or i == CALIBRATION_ROUNDS:
+            break
+        step = threshold_shift(margins, target)
+        total += step
+        with torch.no_grad():
+            for r in router.layers.values():
+                r.mode[-1].bias[DENSE] += step
+        margins, omegas = routed_margins(model, mixed, prompts)
+    best = min(rounds, key=lambda r: (abs(r["omega"] - target), abs(r["shift"])))
+    with torch.no_grad():
+        for name, r in router.layers.items():
+            r.mode[-1].bias.copy_(best["biases"][name])
+    return {"prompts": len(prompts), "target": target, "dense_logit_shift": best["shift"], "omega": best["omega"],
+            "omega_before": rounds[0]["omega"], "rounds": [{"shift": r["shift"], "omega": r["omega"]} for r in rounds]}
+
+
 # ------------------------------------------------------------------ settings, router, checkpoints
 
 
@@ -294,6 +397,7 @@ class TrainSettings:
     dual_rate: float = 0.1  # eta: the multiplier's step relative to rho / W (1 overshoots: one router step per dual step)
     task_loss: str = "distill"  # "distill": KL to the dense model at the answer; "ce": the answer's cross-entropy
     feature_prompts: int = 4  # per task: prompts whose pooled keys give the router's input statistics (mu, sigma)
+    calibrate_prompts: int = 20  # training prompts the final threshold is solved on (module docstring); 0: none
 
     def __post_init__(self):
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
@@ -306,6 +410,8 @@ class TrainSettings:
             raise ValueError(f"steps={self.steps}, samples={self.samples} and lengths={self.lengths} must be >= 1 / non-empty")
         if self.task_loss not in ("distill", "ce"):
             raise ValueError(f"task_loss must be 'distill' or 'ce', got {self.task_loss!r}")
+        if self.calibrate_prompts < 0:
+            raise ValueError(f"calibrate_prompts must be >= 0, got {self.calibrate_prompts}")
         if self.feature_prompts < 1:
             raise ValueError(f"feature_prompts must be >= 1, got {self.feature_prompts}")
         if not (0 < self.tau_end and 0 < self.tau_start) or not 0 < self.noise_fraction <= 1:
@@ -453,6 +559,12 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
                 h = history[-1]
                 progress.update(task, advance=1, description=f"router {model_name}: loss {h['loss']:.3f} CE {h['lm']:.3f} "
                                 f"Omega {h['omega']:.2f} (target {s.target_sparsity:.2f})")
+        threshold = None
+        if s.calibrate_prompts:  # the final threshold: the mean Omega of the training prompts on its target
+            if progress:
+                progress.update(task, description=f"router {model_name}: solving the final threshold on "
+                                f"{min(s.calibrate_prompts, len(prompts))} training prompts")
+            threshold = calibrate_threshold(model, mixed, prompts[: s.calibrate_prompts], s.target_sparsity)
     router.eval().requires_grad_(False)
     tail = history[-max(1, min(len(history), max(10, s.steps // 10))):]
     router.target_sparsity = s.target_sparsity
@@ -461,7 +573,9 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
         "prompts": len(prompts), "prompt_tokens": sorted({int(p.input_ids.shape[1]) for p in prompts}),
         "final_loss": _mean(h["loss"] for h in tail), "final_lm": _mean(h["lm"] for h in tail),
         "final_task_loss": _mean(h["task_loss"] for h in tail),
-        "final_omega": _mean(h["omega"] for h in tail), "final_steps": len(tail),
+        # final_omega: the saved router's (after the final threshold, on its prompts); training_final_omega: the curve's tail
+        "final_omega": threshold["omega"] if threshold else _mean(h["omega"] for h in tail),
+        "training_final_omega": _mean(h["omega"] for h in tail), "threshold": threshold, "final_steps": len(tail),
         "seconds": round(seconds_before + time.perf_counter() - t0, 2), "resumed_at": start if resume else None,
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "elastic_config": config_fields(config), "curve": history,

@@ -35,6 +35,15 @@ SOLVER_VERSION = 1  # bump when a change to the solver changes the knob it finds
 Progress = Callable[[str, int, int], None]
 
 
+class BudgetOutOfReach(ConfigError):
+    """A method whose knob cannot reach the asked BUD at a length (its forced blocks, dense layers or dense heads
+    set a floor): `method`, `seq_len` and the reachable `low`, `high` say which, for callers that drop it."""
+
+    def __init__(self, message: str, *, method: str, seq_len: int, low: float, high: float):
+        super().__init__(message)
+        self.method, self.seq_len, self.low, self.high = method, seq_len, low, high
+
+
 def knob_grid(low: float, high: float, count: int, integer: bool) -> list[float]:
     if integer:
         return sorted({int(round(x)) for x in np.linspace(low, high, count)})
@@ -131,10 +140,10 @@ def solve_budget(model, method: str, config, probes: torch.Tensor | list[torch.T
         values, buds = values[::-1], buds[::-1]
     low_bud, high_bud = min(buds), max(buds)
     if target < low_bud - TOLERANCE or target > high_bud + TOLERANCE:
-        raise ConfigError(
+        raise BudgetOutOfReach(
             f"--budget {target:g} is out of reach for {method!r} at {_length(probes)} tokens: its {knob.name} from "
-            f"{knob.low:g} to {knob.high:g} gives BUD {low_bud:.1%} to {high_bud:.1%} (forced blocks and dense layers set the floor)"
-        )
+            f"{knob.low:g} to {knob.high:g} gives BUD {low_bud:.1%} to {high_bud:.1%} (forced blocks and dense layers set the floor)",
+            method=method, seq_len=_length(probes), low=low_bud, high=high_bud)
     # Monotone in principle; take the last value at or below the target and its successor.
     below = max((i for i, b in enumerate(buds) if b <= target), default=0)
     above = min(below + 1, len(values) - 1)

@@ -88,12 +88,13 @@ def router_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
 
 def train_router(model: str = "smollm2-135m", *, steps: int = 300, target_sparsity: float = 0.7, seq_len="2k", samples: int = 8,
                  seed: int = 0, lr: float = 1e-2, sparsity_weight: float = 10.0, tau: float = 1.0, tau_end: float = 0.3,
-                 noise_fraction: float = 0.6, tasks: str | Iterable[str] = "auto", output: str | Path | None = None,
+                 noise_fraction: float = 0.6, calibrate_prompts: int = 20, tasks: str | Iterable[str] = "auto", output: str | Path | None = None,
                  checkpoint: str | Path | None = None, checkpoint_every: int = 25, resume: bool = False,
                  config: str | Path | None = None, overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto",
                  random_weights: bool = False, console=None) -> TrainedRouter:
     """The Elastic Attention router trained with the backbone frozen (stem_cli/elastic/train.py), saved to `output`
-    (default routers/MODEL.pt) with its settings, model identity and curve; beside it OUTPUT.json (the same record and
+    (default routers/MODEL.pt) with its settings, model identity and curve, its dense logits shifted at the end so the
+    mean Omega of the first `calibrate_prompts` training prompts is the target (0: as trained); beside it OUTPUT.json (the same record and
     the curve, readable without torch) and OUTPUT.png (loss and Omega per step). `checkpoint` (default OUTPUT.ckpt)
     is written every `checkpoint_every` steps; `resume` continues from it."""
     import json
@@ -114,7 +115,8 @@ def train_router(model: str = "smollm2-135m", *, steps: int = 300, target_sparsi
     elastic = plan.methods_and_configs(["elastic"], config, overrides)[1]["elastic"]
     try:
         settings = TrainSettings(steps=steps, target_sparsity=target_sparsity, lengths=lengths, samples=samples, tasks=names, seed=seed,
-                                 lr=lr, sparsity_weight=sparsity_weight, tau_start=tau, tau_end=tau_end, noise_fraction=noise_fraction)
+                                 lr=lr, sparsity_weight=sparsity_weight, tau_start=tau, tau_end=tau_end, noise_fraction=noise_fraction,
+                                 calibrate_prompts=calibrate_prompts)
     except ValueError as e:
         raise UsageError(str(e)) from None
     loaded = load_model(model, dtype=dtype, device=device, random_weights=random_weights, console=console)
