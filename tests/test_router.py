@@ -283,6 +283,25 @@ def test_bench_smoke_run_writes_router_curve_and_timings(tmp_path):
     router = Path(record["training"]["router"])
     assert router.is_file() and router.with_suffix(".png").stat().st_size > 1000
     assert json.loads(router.with_suffix(".json").read_text())["training"]["steps"] == 4
+    assert record["training"]["threshold"]["prompts"] == 1 and record["training"]["final_omega"] == record["training"]["threshold"]["omega"]
+    # The comparison stage: matched Omega, then matched BUD at the BUD the router's run reached, paired deltas of the router.
+    compare = record["compare"]
+    omega_rows = {r["method"]: r for r in compare["matched_omega"]["rows"]}
+    assert set(omega_rows) == {"dense", "stem", "elastic", "elastic-router"}
+    assert omega_rows["elastic"]["omega"] == pytest.approx(omega_rows["elastic-router"]["omega"], abs=0.13)  # matched, up to one head
+    (bud,) = compare["matched_bud"]
+    assert bud["budget"] == pytest.approx(omega_rows["elastic-router"]["bud"], abs=1e-3)
+    for row in bud["rows"]:
+        if row["method"] != "dense":
+            assert row["bud"] == pytest.approx(bud["budget"], abs=0.05), row
+    assert set(bud["methods"]) | set(bud["dropped"]) == {"dense", "stem", "elastic", "elastic-router"}
+    for stage in (compare["matched_omega"], bud):
+        deltas = {d["router_vs"] for d in stage["router_deltas"]}
+        assert deltas == set(m for m in stage.get("methods", compare["methods"]) if m != "elastic-router")
+        assert all(d["head_to_head"] == "inconclusive" for d in stage["router_deltas"])  # one sample cannot carry a verdict
+        for kind in ("json", "png"):
+            assert Path(stage["files"][kind]).is_file() and Path(stage["files"][kind]).parent == tmp_path / "compare"
+    assert Path(compare["json"]).is_file()
 
 
 def _pooled_by_hand(model, ids) -> dict[int, torch.Tensor]:

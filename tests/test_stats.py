@@ -94,6 +94,23 @@ def test_verdict_thresholds(low, high, kind):
     assert stats.verdict(stats.Interval(-1.0, -4.0, 2.0, 50, "bootstrap"), margin=5.0)[0] == stats.KEEPS
 
 
+@pytest.mark.parametrize("low,high,kind", [
+    (0.1, 9.0, stats.BETTER), (0.0, 9.0, stats.INCONCLUSIVE), (-3.0, 2.0, stats.INCONCLUSIVE),
+    (-9.0, -0.1, stats.WORSE), (-9.0, 0.0, stats.INCONCLUSIVE),
+])
+def test_head_to_head_thresholds(low, high, kind):
+    assert stats.head_to_head(stats.Interval((low + high) / 2, low, high, 20, "bound"))[0] == kind
+
+
+def test_head_to_head_of_a_few_paired_samples():
+    """Three samples a task, A ahead on each by 100 or 0: too few to call; thirty of each, A better."""
+    few = stats.paired_task_average({"a": [100.0, 100.0, 0.0]}, {"a": [0.0, 0.0, 0.0]})
+    assert stats.head_to_head(few)[0] == stats.INCONCLUSIVE
+    many = stats.paired_task_average({"a": [100.0] * 20 + [0.0] * 10}, {"a": [0.0] * 30})
+    assert stats.head_to_head(many)[0] == stats.BETTER
+    assert stats.head_to_head(stats.NONE)[0] == stats.INCONCLUSIVE
+
+
 def test_one_sample_quick_start_is_inconclusive():
     """The README quick start's case: dense 90, stem 20 from one sample per task."""
     delta = stats.paired_task_average({"a": [0.0], "b": [40.0]}, {"a": [100.0], "b": [80.0]})

@@ -21,6 +21,9 @@ The verdict on a delta at margin X points (default 2):
 - "keeps accuracy (within X points, 95%)": the delta's interval lies above -X;
 - "loses accuracy": the delta's interval lies below -X;
 - "inconclusive (n too small)": the interval straddles -X.
+Head to head (one method against another, neither the dense baseline: does A beat B?):
+- "better (95%)": the delta's interval lies above 0; "worse (95%)": below 0;
+- "inconclusive (n too small)": it contains 0.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ MARGIN = 2.0  # points of accuracy a method may lose and still "keep" it
 SEED = 0
 MIN_BOOTSTRAP = 20  # samples per group below which a bootstrap's spread is not trusted
 KEEPS, LOSES, INCONCLUSIVE = "keeps", "loses", "inconclusive"
+BETTER, WORSE = "better", "worse"
 
 
 @dataclass(frozen=True)
@@ -138,4 +142,15 @@ def verdict(delta: Interval, margin: float = MARGIN) -> tuple[str, str]:
         return KEEPS, f"keeps accuracy (within {margin:g} points, 95%)"
     if delta.high < -margin:
         return LOSES, "loses accuracy"
+    return INCONCLUSIVE, "inconclusive (n too small)"
+
+
+def head_to_head(delta: Interval) -> tuple[str, str]:
+    """(kind, text) for a paired delta of method A minus method B: better / worse / inconclusive (module docstring)."""
+    if delta.n == 0 or math.isnan(delta.low):
+        return INCONCLUSIVE, "inconclusive (no paired samples)"
+    if delta.low > 0:
+        return BETTER, "better (95%)"
+    if delta.high < 0:
+        return WORSE, "worse (95%)"
     return INCONCLUSIVE, "inconclusive (n too small)"

@@ -49,6 +49,7 @@ class EvalRun:
     store: Any  # store.ResultStore
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)  # what was written: "results", "summary", ...
     primary: bool = True  # False on ranks other than 0 of a multi-process run: no rows, nothing written or printed
+    records: list = dataclasses.field(default_factory=list)  # the run's per-sample results (paired deltas against any method)
 
 
 def default_console():
@@ -250,7 +251,7 @@ def _run_tasks(world, *, model, tasks, methods, lengths, limit, budget, output, 
         "rows": rows,
         "averages": [{"method": m, "seq_len": n, **v} for (m, n), v in avg.items()],
     }
-    return EvalRun(loaded, model, rows, avg, summary, stamp, jobs, store, {"results": store.path})
+    return EvalRun(loaded, model, rows, avg, summary, stamp, jobs, store, {"results": store.path}, records=records)
 
 
 def evaluate(model: str | None = None, tasks: str | Iterable[str] = ("ruler",), methods: str | Iterable[str] = "dense,stem",

@@ -1,7 +1,7 @@
 """Elastic Attention's router on the GPU, in one run: train it, measure its Omega per task, time its overhead.
 
-    python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # on a CUDA GPU, < 6 minutes
-    python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --quick   # < 4 minutes: 70 s of training
+    python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # on a CUDA GPU, < 10 minutes
+    python -m tests.bench.router --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --quick   # < 5 minutes: 60 s of training
     python -m tests.bench.router --model tiny-llama --device cpu --smoke           # seconds, no GPU (tests)
 
 A benchmark, not part of the package (it imports stem_cli, never the other way round).
@@ -9,12 +9,18 @@ A benchmark, not part of the package (it imports stem_cli, never the other way r
 1. Training (stem_cli/elastic/train.py, backbone frozen, bf16): SmolLM2-135M on the default
    RULER mix at --lengths (4K and 8K), block size 32, target Omega --target. The steps are
    --steps, or fewer when a timed first step says they would not fit in --train-seconds
-   (said so in the JSON: "steps_planned", "steps"). Router file, its JSON and the curve PNG
-   go to OUTPUT/elastic/router-<model>-<lengths>-<gpu>.{pt,json,png}.
+   (said so in the JSON: "steps_planned", "steps"), then the final threshold puts the mean Omega of the
+   first 20 training prompts on the target (train.py; "threshold" in the JSON: the Omega before and after).
+   Router file, its JSON and the curve PNG go to OUTPUT/elastic/router-<model>-<lengths>-<gpu>.{pt,json,png}.
 2. Adaptivity: Omega the router chooses on held-out RULER prompts (seed + 1000) per task and
    family (retrieval niah_*, multi-hop vt, aggregation cwe/fwe), beside a head map calibrated
    at the router's own final Omega (matched Omega; stem_cli.runs.elastic.elastic_omega).
-3. Overhead per pre-fill at --time-lengths: CUDA events around (a) the router alone: per
+3. Comparison (tests/bench/router_compare.py, --compare-samples N per task, 0 skips it): dense, stem, the
+   calibrated map and the router through `stem compare` on held-out RULER prompts at the training lengths
+   (--quick: the first length, 4 tasks), (a) at matched Omega, (b) at matched BUD (stem, map and router solved
+   to the BUD the router's run (a) reached), with paired deltas of the router against each, intervals and
+   verdicts: OUTPUT/compare/compare-<name>-matched-{omega,bud-LENGTH}.{json,md,csv,png} and router-compare-<name>.json.
+4. Overhead per pre-fill at --time-lengths: CUDA events around (a) the router alone: per
    routed layer, pooling the layer's real pre-RoPE keys (first / last 100 tokens) + the two
    MLPs + argmax, the modes left on the device (as a run leaves them), and one copy of all
    layers' modes to the host at the end (as reading Omega after a pre-fill does); (b) the
@@ -69,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="training prompts per length and task")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--omega-limit", type=int, default=2, help="held-out prompts per task for the Omega table")
+    p.add_argument("--compare-samples", type=int, default=None,
+                   help="held-out prompts per task in the comparison stage (default 10; --quick 3; --smoke 1; 0: no comparison)")
+    p.add_argument("--compare-tasks", default=None, help="RULER tasks compared (default niah_single_2,niah_multikey_1,vt,cwe,fwe; "
+                   "--quick the first four)")
+    p.add_argument("--batch-size", type=int, default=None, help="decoding batch of the comparison (default 8 on a GPU, 1 on the CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--output", default="profiles")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (the tests run this)")
-    p.add_argument("--quick", action="store_true", help="70 s of training, pre-fills at 4k-16k, 3 repeats: < 4 minutes on an H200")
+    p.add_argument("--quick", action="store_true", help="60 s of training, comparison at the first length (4 tasks, 3 prompts "
+                   "each), pre-fills at 4k-16k, 3 repeats: < 5 minutes on an H200")
     return p
 
 
@@ -208,10 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     steps, omega_limit = args.steps, args.omega_limit
     config = ElasticConfig(block_size=args.block_size)
     train_seconds, repeat = args.train_seconds, args.repeat
+    from tests.bench import router_compare
+
+    compare_samples = args.compare_samples if args.compare_samples is not None else 3 if args.quick else 10
+    compare_tasks = tuple(t.strip().removeprefix("ruler/") for t in args.compare_tasks.split(",") if t.strip()) if args.compare_tasks \
+        else router_compare.QUICK_TASKS if args.quick else router_compare.TASKS
+    compare_lengths, max_new_tokens = None, None  # None: the training lengths (after any dropped for memory)
     if args.quick:
-        time_lengths, train_seconds, repeat = [n for n in time_lengths if n <= 16384] or time_lengths[:1], min(train_seconds, 70.0), min(repeat, 3)
+        time_lengths, train_seconds, repeat = [n for n in time_lengths if n <= 16384] or time_lengths[:1], min(train_seconds, 60.0), min(repeat, 3)
     if args.smoke:
         lengths, time_lengths, steps, omega_limit = [512], [512, 1024], min(steps, 4), 1
+        # The byte tokenizer's RULER prompts need a little more than 512 tokens; two answer tokens are enough to score.
+        compare_lengths, compare_tasks, max_new_tokens = [640], ("niah_single_1",), 2
+        compare_samples = min(compare_samples, 1) if args.compare_samples is None else compare_samples
         config = ElasticConfig(block_size=16, k_start=3, sink_blocks=1, window_blocks=1, streaming_sink_tokens=16,
                                streaming_window_tokens=32, default_dense_layers=(0,))
     out_dir = Path(args.output) / "elastic"
@@ -236,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts = training_prompts(tokenizer, lengths, settings["samples"], 0, tasks or TrainSettings().tasks)
         probe = [max(prompts, key=lambda p: p.input_ids.shape[1])]
         try:
-            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 1}), prompts=probe)
+            probing = {**settings, "calibrate_prompts": 0}  # a step's time, without the final threshold
+            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**probing, "steps": 1}), prompts=probe)
             tic = time.perf_counter()
-            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**settings, "steps": 2}), prompts=probe)
+            train_router(model, tokenizer, model_name=args.model, config=config, settings=TrainSettings(**{**probing, "steps": 2}), prompts=probe)
             per_step = (time.perf_counter() - tic) / 2
             break
         except torch.cuda.OutOfMemoryError:
@@ -267,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_router_curve(curve, path.with_suffix(".png"), f"router of {args.model} at {', '.join(map(format_length, lengths))}: {steps} steps, "
                       f"target {args.target:.0%}, final Omega {info['final_omega']:.1%} ({where}, {info['seconds']:.0f} s)", args.target)
     record["training"].update({"router": str(path), "seconds": info["seconds"], "final_omega": info["final_omega"],
+                               "training_final_omega": info["training_final_omega"], "threshold": info["threshold"],
                                "final_lm": info["final_lm"], "omega_within_0.05": abs(info["final_omega"] - args.target) <= 0.05})
-    print(f"trained in {info['seconds']:.0f} s: final Omega {info['final_omega']:.3f} (target {args.target})", flush=True)
+    threshold = info["threshold"] or {}
+    print(f"trained in {info['seconds']:.0f} s: Omega {info['training_final_omega']:.3f} over the last steps; final threshold "
+          f"{threshold.get('omega_before', float('nan')):.3f} -> {info['final_omega']:.3f} on {threshold.get('prompts', 0)} training "
+          f"prompts (target {args.target})", flush=True)
 
     # Adaptivity: Omega per task family on held-out prompts, beside a map calibrated at the router's Omega.
     from stem_cli.elastic.calibrate import calibrate
@@ -294,6 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         spread = max(f["omega"] for f in table.families) - min(f["omega"] for f in table.families)
         record["adaptivity"]["family_spread"] = spread
         print(f"router Omega spread over families: {spread:.3f} (0: input-independent)", flush=True)
+
+    # The comparison: dense, stem, the map and the router at matched Omega and at matched BUD.
+    if compare_samples > 0:
+        record["compare"] = router_compare.run_compare(
+            model=args.model, name=name.removeprefix("router-"), config=config, head_map=map_path, router=path,
+            lengths=compare_lengths or (lengths[:1] if args.quick else lengths), tasks=compare_tasks,
+            samples=compare_samples, seed=0, output=Path(args.output), device=str(device), dtype=args.dtype,
+            max_new_tokens=max_new_tokens, batch_size=args.batch_size or (8 if device.type == "cuda" else 1))
+        router_compare.print_record(record["compare"])
+    else:
+        record["compare"] = {"skipped": "--compare-samples 0"}
 
     # Overhead per pre-fill.
     rows, ok = [], True
