@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{threshold.get('omega_before', float('nan')):.3f} -> {info['final_omega']:.3f} on {threshold.get('prompts', 0)} training "
           f"prompts (target {args.target})", flush=True)
 
+    stages = {"load_and_training": round(time.perf_counter() - t_start, 1)}  # seconds per stage: where a run's time went
+    tic = time.perf_counter()
     # Adaptivity: Omega per task family on held-out prompts, beside a map calibrated at the router's Omega.
     from stem_cli.elastic.calibrate import calibrate
     from stem_cli.elastic.headmap import save_head_map
@@ -321,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         record["adaptivity"]["family_spread"] = spread
         print(f"router Omega spread over families: {spread:.3f} (0: input-independent)", flush=True)
 
+    stages["map_and_adaptivity"], tic = round(time.perf_counter() - tic, 1), time.perf_counter()
     # The comparison: dense, stem, the map and the router at matched Omega and at matched BUD.
     if compare_samples > 0:
         record["compare"] = router_compare.run_compare(
@@ -332,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         record["compare"] = {"skipped": "--compare-samples 0"}
 
+    stages["compare"], tic = round(time.perf_counter() - tic, 1), time.perf_counter()
     # Overhead per pre-fill.
     rows, ok = [], True
     for n in time_lengths:
@@ -350,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['device_reads_elastic_router']}", flush=True)
     record["overhead"] = rows
     record["checks"] = {"router_modes_match_the_run": ok}
+    stages["overhead"] = round(time.perf_counter() - tic, 1)
+    record["stage_seconds"] = stages
     record["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     bench = out_dir / f"router-bench-{stamp}-{where}.json"
     bench.write_text(json.dumps(record, indent=1, default=str))
