@@ -223,8 +223,9 @@ def plot_fidelity_positions(rows: list[dict], path: str | Path, title: str) -> P
     return _save(fig, path)
 
 
-def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: float) -> Path:
-    """Router training: loss and answer cross-entropy per step (left); Omega per step against its target (right)."""
+def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: float, threshold: dict | None = None) -> Path:
+    """Router training: loss and answer cross-entropy per step (left); Omega per step against its target (right), and
+    with `threshold` (training_info["threshold"]) the mean Omega of its prompts before and after the final threshold."""
     if not curve:
         raise ValueError("plot_router_curve: no training steps to plot")
     path = Path(path)
@@ -246,6 +247,11 @@ def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: f
     noise_end = next((h["step"] for h in curve if h.get("noise", 1) == 0), None)
     if noise_end is not None:
         right.axvline(noise_end, color="#a0a0a0", linewidth=1, linestyle="-.", label="Gumbel noise off")
+    if threshold and steps:
+        after = steps[-1] + 1
+        right.plot([after, after], [100 * threshold["omega_before"], 100 * threshold["omega"]], color="C3", linewidth=1)
+        right.plot([after], [100 * threshold["omega"]], "o", color="C3", markersize=4,
+                   label=f"final threshold: {threshold['omega_before']:.1%} -> {threshold['omega']:.1%} ({threshold['prompts']} prompts)")
     right.set_xlabel("step")
     right.set_ylabel("heads not dense (%)")
     right.set_ylim(0, 100)

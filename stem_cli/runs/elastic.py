@@ -142,7 +142,8 @@ def train_router(model: str = "smollm2-135m", *, steps: int = 300, target_sparsi
     info = router.training_info
     plot_router_curve(history, output.with_suffix(".png"), f"router of {model} at {', '.join(map(str, lengths))} tokens: "
                       f"{steps} steps, target Omega {target_sparsity:.0%}, final {info['final_omega']:.1%} "
-                      f"({info['device']}, {info['seconds']:.0f} s)", target_sparsity)
+                      f"({info['device']}, {info['seconds']:.0f} s)", target_sparsity,
+                      info.get("threshold"))
     return TrainedRouter(router, history, path)
 
 

@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     info = router.training_info
     path.with_suffix(".json").write_text(json.dumps(router_record(router), indent=1, default=str))
     plot_router_curve(curve, path.with_suffix(".png"), f"router of {args.model} at {', '.join(map(format_length, lengths))}: {steps} steps, "
-                      f"target {args.target:.0%}, final Omega {info['final_omega']:.1%} ({where}, {info['seconds']:.0f} s)", args.target)
+                      f"target {args.target:.0%}, final Omega {info['final_omega']:.1%} ({where}, {info['seconds']:.0f} s)", args.target,
+                      info["threshold"])
     record["training"].update({"router": str(path), "seconds": info["seconds"], "final_omega": info["final_omega"],
                                "training_final_omega": info["training_final_omega"], "threshold": info["threshold"],
                                "final_lm": info["final_lm"], "omega_within_0.05": abs(info["final_omega"] - args.target) <= 0.05})
