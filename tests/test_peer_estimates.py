@@ -285,3 +285,20 @@ def test_flexprefill_fused_choice_with_mixed_heads_equals_torch():
     got = flexprefill.choose({name: on(x) for name, x in est.items()}, seq_len=q.shape[2], config=kernel_cfg,
                              key_valid=on(valid))
     same_index(got, want)
+
+
+@pytest.mark.parametrize("d, stride, dtype", [(128, 8, torch.bfloat16), (64, 8, torch.bfloat16), (128, 16, torch.bfloat16),
+                                              (128, 8, torch.float32), (64, 16, torch.float32)])
+def test_xattention_configs_kept_fit_shared_memory(d, stride, dtype):
+    # Sizes compiled for sm_90 by Triton 3.6 (bf16, d 128, s 8 and 16): the model stays within 8 KB above them.
+    measured = {(64, 64, 1, 8): 136, (64, 128, 1, 8): 144, (32, 64, 2, 8): 72, (32, 128, 1, 8): 80, (64, 64, 1, 16): 264}
+    for (ba, bc, st, s), kb in measured.items():
+        assert 0 <= xattn_mass.shared_bytes(ba, bc, st, s, 128, 64, 2) / 1024 - kb <= 8
+    tiles = 128 // stride
+    kept = xattn_mass._prune(xattn_mass._configs(), {"Q": torch.empty(1, dtype=dtype)}, TILES=tiles, STRIDE=stride,
+                             HEAD_DIM=d, BLOCK_D=min(d, 64))
+    assert kept
+    for c in kept:
+        assert c.kwargs["BLOCK_A"] % tiles == 0
+        assert xattn_mass.shared_bytes(c.kwargs["BLOCK_A"], c.kwargs["BLOCK_C"], c.num_stages, stride, d, min(d, 64),
+                                       torch.empty(1, dtype=dtype).element_size()) <= xattn_mass.SHARED_BYTES
