@@ -114,15 +114,36 @@ def _configs():
         # Shared memory for sm_90 with bf16 inputs, 16-aligned strides (compiled by Triton 3.6, the H200's): the
         # STRIDE x HEAD_DIM/BLOCK_D unrolled loads are multi-buffered per stage, so 64 x 64 tiles need 139 KB at
         # one stage but 524 KB at two and 786 KB at three (an H200 SM holds 227 KB: those failed on the GPU).
-        for ba, bc, w, st in [(64, 64, 4, 1), (64, 128, 4, 1), (64, 64, 8, 1), (64, 128, 8, 1), (32, 64, 4, 2), (32, 128, 4, 1)]
+        # _prune keeps those that shared_bytes fits: stride 16 at d 128 (or float32 inputs) takes 32- or 16-row tiles.
+        for ba, bc, w, st in [(64, 64, 4, 1), (64, 128, 4, 1), (64, 64, 8, 1), (64, 128, 8, 1), (32, 64, 4, 2), (32, 128, 4, 1),
+                               (16, 64, 4, 1), (16, 128, 4, 1)]
     ]
 
 
+SHARED_BYTES = 200 << 10  # below an H200 SM's 227 KB, with room for the layout conversions (~8 KB measured)
+
+
+def shared_bytes(block_a: int, block_c: int, stages: int, stride: int, head_dim: int, block_d: int, elem: int) -> int:
+    """Shared memory of one config, as Triton 3.6 lays it out for sm_90: the query tiles do not depend on the key
+    chunk, so all STRIDE x HEAD_DIM / BLOCK_D of them are hoisted out of the key loop and stay resident
+    (BLOCK_A x STRIDE x HEAD_DIM elements), plus one key tile per stage. Matches the compiled sizes within 8 KB
+    (bf16, d 128, s 8: 64 rows 136 KB, 32 rows 72-80 KB; s 16: 64 rows 264 KB, which failed)."""
+    return block_a * stride * head_dim * elem + block_c * block_d * elem * max(1, stages)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Tiles of whole blocks: BLOCK_A and BLOCK_C multiples of T."""
-    t = kwargs["TILES"]
-    kept = [c for c in configs if c.kwargs["BLOCK_A"] % t == 0 and c.kwargs["BLOCK_C"] % t == 0]
-    return kept or [triton.Config({"BLOCK_A": t, "BLOCK_C": t}, num_warps=4, num_stages=2)]
+    """Tiles of whole blocks (BLOCK_A and BLOCK_C multiples of T) whose shared memory fits (shared_bytes)."""
+    t, stride, d, bd = kwargs["TILES"], kwargs["STRIDE"], kwargs["HEAD_DIM"], kwargs["BLOCK_D"]
+    elem = named_args["Q"].element_size()
+
+    def fits(c):
+        return shared_bytes(c.kwargs["BLOCK_A"], c.kwargs["BLOCK_C"], c.num_stages, stride, d, bd, elem) <= SHARED_BYTES
+
+    kept = [c for c in configs if c.kwargs["BLOCK_A"] % t == 0 and c.kwargs["BLOCK_C"] % t == 0 and fits(c)]
+    if not kept:
+        raise ValueError(f"xattn_mass: no tile config fits shared memory at stride {stride}, head dim {d}, "
+                         f"{elem}-byte inputs ({t} tiles per block); use estimate_impl='torch'")
+    return kept
 
 
 # Keyed on shapes only: tile count, stride, tiles per block, head dim and dtype-driven precision.

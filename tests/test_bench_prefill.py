@@ -72,5 +72,6 @@ def test_peers_only_run_checks_and_times_the_fused_estimates(tmp_path):
     (row,) = report["rows"]
     for peer in prefill.PEERS:
         assert row[f"{peer}_estimate_fused_ms"] > 0 and row[f"check_{peer}_rows_identical"] == 1.0
+        assert row[f"{peer}_estimate_only_fused_ms"] > 0
         assert row[f"{peer}_over_stem_estimate"] > 0
     assert "attn_ms" not in row and "cudnn_ms" not in row  # attention and baselines not run

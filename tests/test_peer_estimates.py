@@ -179,7 +179,10 @@ def test_minference_selector_triton_equals_torch(case, budget_scale):
 def test_flexprefill_selector_triton_equals_torch(case, granularity):
     q, k, v, valid = row_inputs(case, seeded())
     # tau 0.3 splits the cases: the GQA-4 heads come out query-aware (divergence ~0.1), the GQA-1 ones vertical-slash (~0.3).
-    base = FlexPrefillConfig(block_size=32, gamma=0.8, tau=0.3, min_budget=32, granularity=granularity, dense_layers=())
+    # gamma 0.83: gamma x (valid rows) is no whole number, so no head's target falls exactly on the mass of whole
+    # rows (the first rows' few large masses rank first; at 0.8 x 5 rows the sorted cumulative mass hits 4.0 exactly
+    # and float32 rounding decides the last pick).
+    base = FlexPrefillConfig(block_size=32, gamma=0.83, tau=0.3, min_budget=32, granularity=granularity, dense_layers=())
     torch_cfg, kernel_cfg = (dataclasses.replace(base, estimate_impl=impl) for impl in ("torch", "triton"))
     want_est = flexprefill.estimate(q, k, v, layer=3, config=torch_cfg, scale=0.3, key_valid=valid)
     got_est = flexprefill.estimate(on(q), on(k), on(v), layer=3, config=kernel_cfg, scale=0.3, key_valid=on(valid))
@@ -209,3 +212,93 @@ def test_estimate_impl_is_checked_and_said(monkeypatch):
         FlexPrefillConfig(estimate_impl="fast")
     with pytest.raises(ConfigError, match="estimate_impl='fast' is not allowed"):
         MInferenceConfig(estimate_impl="fast")
+
+
+# ------------------------------------------------------------------ flexprefill: the fused choice's pieces
+
+
+@interpreted
+@pytest.mark.parametrize("case", CASES[:2])
+def test_pooled_block_softmax_kernel_equals_the_torch_definition(case):
+    from stem_cli.kernels import pooled_block_softmax
+
+    q, k, _, valid = inputs(case, seeded())
+    batch, hq, hkv, n, d, bs, _, _ = case
+    p = -(-n // bs)
+    ok = blocks.valid_keys(valid, batch, n, "cpu")
+    q_bar, k_bar = flexprefill._block_mean(q.double(), ok, bs), flexprefill._block_mean(k.double(), ok, bs)
+    logits = torch.einsum("bhid,bhjd->bhij", q_bar, k_bar.repeat_interleave(hq // hkv, 1)) * 0.3
+    want = torch.softmax(logits.masked_fill(~blocks.choosable(ok, bs), float("-inf")), -1).nan_to_num(0.0)
+    got = pooled_block_softmax.block_softmax(on(q_bar.float()), on(k_bar.float()), on(blocks.block_valid(ok, bs)), 0.3)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    assert got.shape == (batch, hq, p, p)
+
+
+@interpreted
+@pytest.mark.parametrize("m", [1, 77, 200])
+def test_coverage_threshold_count_equals_the_sort_rule(m):
+    from stem_cli.kernels import coverage_threshold
+
+    gen = seeded()
+    x = torch.rand(4, m, generator=gen) ** 4  # distinct masses, a few large ones
+    allowed = torch.rand(2, m, generator=gen) > 0.2
+    active = torch.tensor([True, False, True, True])
+    for threshold in (0.0, 0.37, 0.95):
+        got = coverage_threshold.threshold_rows(on(x), on(allowed), threshold, active=on(active))
+        want = blocks.coverage(x, threshold, allowed.repeat_interleave(2, 0)).sum(-1)
+        assert torch.equal(got["count"].cpu()[active], want[active]), threshold
+
+
+@interpreted
+def test_coverage_threshold_ties_follow_the_stable_order():
+    from stem_cli.kernels import coverage_threshold
+
+    gen = seeded()
+    rows, seg, n_seg = 4, 9, 7
+    x = ((torch.rand(rows, seg * n_seg, generator=gen) * 4).round() / 4) ** 2  # a handful of values: ties everywhere
+    allowed = torch.ones(1, seg * n_seg, dtype=torch.bool)
+    allowed[0, ::5] = False
+    for threshold in (0.2, 0.5, 0.8):
+        got = coverage_threshold.threshold_rows(on(x), on(allowed), threshold, segment=seg)
+        keep = stable_coverage(x, threshold, allowed.expand(rows, -1), torch.zeros_like(allowed).expand(rows, -1))
+        assert torch.equal(got["count"].cpu(), keep.sum(-1)), threshold
+        # The entries equal to t in earlier segments: the rank offset the index kernel adds.
+        t = got["key"].cpu()
+        keys = torch.where(allowed & (x > 0), x, 0.0).view(torch.int32).long().masked_fill(~allowed, -1)
+        ties = (keys == t[:, None]).view(rows, n_seg, seg).sum(-1)
+        assert torch.equal(got["ties_before"].cpu(), ties.cumsum(-1) - ties), threshold
+
+
+@interpreted
+def test_flexprefill_fused_choice_with_mixed_heads_equals_torch():
+    """Query-aware and vertical-slash heads in one call (tau at the median divergence), padding, GQA 2, odd N."""
+    q, k, v, valid = inputs((2, 4, 2, 149, 16, 16, 8, 37), seeded())
+    base = FlexPrefillConfig(block_size=16, gamma=0.87, tau=0.0, min_budget=16, dense_layers=())
+    torch_cfg = dataclasses.replace(base, estimate_impl="torch")
+    est = flexprefill.estimate(q, k, v, layer=3, config=torch_cfg, scale=0.3, key_valid=valid)
+    tau = float(est["divergence"].median())
+    torch_cfg = dataclasses.replace(torch_cfg, tau=tau)
+    kernel_cfg = dataclasses.replace(torch_cfg, estimate_impl="triton")
+    aware = est["divergence"] < tau
+    assert aware.any() and not aware.all()
+    want = flexprefill.choose(est, seq_len=q.shape[2], config=torch_cfg, key_valid=valid)
+    got = flexprefill.choose({name: on(x) for name, x in est.items()}, seq_len=q.shape[2], config=kernel_cfg,
+                             key_valid=on(valid))
+    same_index(got, want)
+
+
+@pytest.mark.parametrize("d, stride, dtype", [(128, 8, torch.bfloat16), (64, 8, torch.bfloat16), (128, 16, torch.bfloat16),
+                                              (128, 8, torch.float32), (64, 16, torch.float32)])
+def test_xattention_configs_kept_fit_shared_memory(d, stride, dtype):
+    # Sizes compiled for sm_90 by Triton 3.6 (bf16, d 128, s 8 and 16): the model stays within 8 KB above them.
+    measured = {(64, 64, 1, 8): 136, (64, 128, 1, 8): 144, (32, 64, 2, 8): 72, (32, 128, 1, 8): 80, (64, 64, 1, 16): 264}
+    for (ba, bc, st, s), kb in measured.items():
+        assert 0 <= xattn_mass.shared_bytes(ba, bc, st, s, 128, 64, 2) / 1024 - kb <= 8
+    tiles = 128 // stride
+    kept = xattn_mass._prune(xattn_mass._configs(), {"Q": torch.empty(1, dtype=dtype)}, TILES=tiles, STRIDE=stride,
+                             HEAD_DIM=d, BLOCK_D=min(d, 64))
+    assert kept
+    for c in kept:
+        assert c.kwargs["BLOCK_A"] % tiles == 0
+        assert xattn_mass.shared_bytes(c.kwargs["BLOCK_A"], c.kwargs["BLOCK_C"], c.num_stages, stride, d, min(d, 64),
+                                       torch.empty(1, dtype=dtype).element_size()) <= xattn_mass.SHARED_BYTES

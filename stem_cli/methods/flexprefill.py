@@ -35,8 +35,16 @@ estimates once per layer and chooses for every knob value.
 
 Estimate paths (estimate_impl): "triton" (auto on CUDA) computes the last block's column and
 diagonal sums with kernels/last_rows.py (the exact attention never stored; up to 128 rows, i.e.
-block_size <= 128, else torch with a notice under auto); the pooled block logits (P x P), the
-divergence and the coverage choices stay vectorised torch on both paths.
+block_size <= 128, else torch with a notice under auto) and the pooled block softmax (P x P) with
+kernels/pooled_block_softmax.py (the logits never stored); the divergence stays torch (O(P d) per
+head). The choice on that path, for granularity "block": the coverage counts of the N column and
+N diagonal scores (vertical-slash heads) and the head-wide coverage of the P x P masses
+(query-aware heads) with kernels/coverage_threshold.py (a radix search of the threshold, no sort),
+then the index straight from kernels/flexprefill_index.py (no P x P mask, no sort); the only host
+read is the index width at the end. granularity "token" chooses with torch sorts on both paths.
+What the definition costs beyond Stem's pooled estimate: the exact attention of the last block
+(B x N x d x 2 per head, two passes), and for query-aware heads a coverage over all P^2 block pairs
+of the head (not per row): nine passes over the P^2 masses (4 MB per head at 128K).
 
 Deviations / simplifications: no max_budget (the
 released default is unbounded); GQA scored per query head with K/V broadcast (the released
@@ -70,7 +78,7 @@ from stem_cli.methods.blocks import (
     vertical_slash_blocks,
     work_dtype,
 )
-from stem_cli.methods.estimate_path import last_rows_path
+from stem_cli.methods.estimate_path import estimate_path, last_rows_path
 from stem_cli.methods.knob import Knob
 
 
@@ -137,10 +145,12 @@ def sqrt_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * kl(p) + 0.5 * kl(q)).clamp_min(0).sqrt()
 
 
-def head_divergence(q, k, *, block_size: int, scale: float, key_valid: torch.Tensor | None, impl: str = "torch"):
+def head_divergence(q, k, *, block_size: int, scale: float, key_valid: torch.Tensor | None, impl: str = "torch",
+                    k_bar: torch.Tensor | None = None):
     """(D, a_hat, a_bar, columns, diagonals): the pattern statistic per (batch, query head),
     its two distributions (B, Hq, P), and the mean column and diagonal scores (B, Hq, N) of
-    the last min(block_size, N) queries' exact attention."""
+    the last min(block_size, N) queries' exact attention. k_bar: the keys' block means, if
+    the caller has them (one pass over K fewer)."""
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
     work = work_dtype(q)
@@ -153,7 +163,8 @@ def head_divergence(q, k, *, block_size: int, scale: float, key_valid: torch.Ten
     a_bar = _block_sum(columns, block_size)  # (B, Hq, P)
 
     q_last = (q[:, :, n - rows :].to(work) * row_ok[:, None, :, None]).sum(2) / nrows[..., None]  # (B, Hq, d)
-    k_bar = _block_mean(k, valid, block_size, key_valid is not None)  # (B, Hkv, P, d)
+    if k_bar is None:
+        k_bar = _block_mean(k, valid, block_size, key_valid is not None)  # (B, Hkv, P, d)
     logits = torch.matmul(q_last.view(batch, hkv, hq // hkv, 1, d), k_bar[:, :, None].transpose(-1, -2))
     logits = logits.view(batch, hq, -1) * scale
     logits = logits.masked_fill(~block_valid(valid, block_size)[:, None], NEG_INF)
@@ -199,11 +210,17 @@ def estimate(q, k, v, *, layer: int, config: FlexPrefillConfig, scale: float, ke
     p = -(-n // bs)
     valid = valid_keys(key_valid, batch, n, q.device)
     impl = last_rows_path(config, q.device, "flexprefill", min(bs, n))
-    div, _, _, columns, diagonals = head_divergence(q, k, block_size=bs, scale=scale, key_valid=key_valid, impl=impl)
-    q_bar = _block_mean(q, valid, bs, key_valid is not None)  # (B, Hq, P, d)
     k_bar = _block_mean(k, valid, bs, key_valid is not None)  # (B, Hkv, P, d)
-    logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)
-    blocks = torch.softmax((logits * scale).masked_fill(~choosable(valid, bs), NEG_INF), dim=-1).nan_to_num_(0.0)
+    div, _, _, columns, diagonals = head_divergence(q, k, block_size=bs, scale=scale, key_valid=key_valid, impl=impl,
+                                                    k_bar=k_bar)
+    q_bar = _block_mean(q, valid, bs, key_valid is not None)  # (B, Hq, P, d)
+    if estimate_path(config, q.device, "flexprefill") == "triton":
+        from stem_cli.kernels import pooled_block_softmax
+
+        blocks = pooled_block_softmax.block_softmax(q_bar, k_bar, block_valid(valid, bs), scale)
+    else:
+        logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)
+        blocks = torch.softmax((logits * scale).masked_fill(~choosable(valid, bs), NEG_INF), dim=-1).nan_to_num_(0.0)
     return {"divergence": div, "columns": columns, "diagonals": diagonals, "blocks": blocks}
 
 
@@ -219,6 +236,8 @@ def choose(estimated: dict, *, seq_len: int, config: FlexPrefillConfig, key_vali
         return BlockIndex.from_mask(allowed.expand(batch, hq, p, p), bs, n)
     first_block = first_valid_block(key_valid, batch, bs, columns.device)
     query_aware = estimated["divergence"] < config.tau  # (B, Hq)
+    if config.granularity == "block" and estimate_path(config, columns.device, "flexprefill") == "triton":
+        return _choose_fused(estimated, query_aware, first_block, valid, config=config, seq_len=n)
 
     need_col = coverage(columns, config.gamma, valid[:, None]).sum(-1)  # tokens
     need_diag = coverage(diagonals, config.gamma, reachable_offsets(valid)[:, None]).sum(-1)
@@ -241,6 +260,45 @@ def choose(estimated: dict, *, seq_len: int, config: FlexPrefillConfig, key_vali
         qa = top_count(flat.masked_fill(~flat_allowed, NEG_INF), count).view(batch, hq, p, p) | vs_min
         vs = torch.where(query_aware[:, :, None, None], qa, vs)
     return finish(vs, key_valid, valid, bs, n)
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim, largest first (top_count(x, c) = ranks < c where x > -inf)."""
+    order = x.argsort(dim=-1, descending=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+
+
+def _choose_fused(estimated: dict, query_aware, first_block, valid, *, config: FlexPrefillConfig, seq_len: int) -> BlockIndex:
+    """choose on the kernels (granularity 'block'): coverage counts without a sort, the index without a mask."""
+    from stem_cli.kernels import coverage_threshold, flexprefill_index
+
+    columns, diagonals, blocks = estimated["columns"], estimated["diagonals"], estimated["blocks"]
+    batch, hq, n = columns.shape
+    bs = config.block_size
+    p = -(-n // bs)
+    reachable = reachable_offsets(valid)
+    # Columns and diagonals of the vertical-slash heads in one call: rows (2, B, H), masks (2, B).
+    scores = torch.stack([columns, diagonals]).view(2 * batch * hq, n)
+    vs_heads = (~query_aware).reshape(1, -1).expand(2, -1).reshape(-1)
+    need = coverage_threshold.threshold_rows(scores, torch.cat([valid, reachable]), config.gamma,
+                                             active=vs_heads)["count"].view(2, batch, hq)
+    floor = min(-(-config.min_budget // bs), p)  # blocks
+    n_col, n_diag = (need[0] // bs + 1).clamp(floor, p), (need[1] // bs + 1).clamp(floor, p)
+
+    ids = torch.arange(p, device=columns.device)
+    col_b = _block_sum(columns, bs).masked_fill((ids == first_block[:, None])[:, None], float("inf"))
+    col_b = col_b.masked_fill(~block_valid(valid, bs)[:, None], NEG_INF)
+    diag_b = _block_sum(diagonals, bs).masked_fill(ids == 0, float("inf"))
+    diag_b = diag_b.masked_fill(~block_valid(reachable, bs)[:, None], NEG_INF)
+    col_rank, diag_rank = _ranks(col_b), _ranks(diag_b)
+    col_ok, diag_ok = col_b > NEG_INF, diag_b > NEG_INF
+    keeps = {"col": (col_rank < n_col[..., None]) & col_ok, "diag": (diag_rank < n_diag[..., None]) & diag_ok,
+             "col_min": (col_rank < floor) & col_ok, "diag_min": (diag_rank < floor) & diag_ok}
+
+    qa = coverage_threshold.threshold_rows(blocks.reshape(batch * hq, p * p), choosable(valid, bs).reshape(batch, p * p),
+                                           config.gamma, active=query_aware.reshape(-1), segment=p)
+    return flexprefill_index.build(blocks, query_aware, qa, keeps, block_valid(valid, bs), first_block,
+                                   block_size=bs, seq_len=seq_len)
 
 
 DEFAULTS = FlexPrefillConfig()

@@ -26,9 +26,12 @@ Then per length, batch 1, random inputs (v scaled per token so value norms vary)
   Triton backend; FLASH where the installed torch offers it, else the row says why not).
 The peers' estimates (xattention, flexprefill, minference at their defaults): each selector's whole
 estimate + choice, fused (estimate_impl=triton) against torch, their indices compared, in rows
-<peer>_estimate_fused_ms / <peer>_estimate_torch_ms beside Stem's score + select (`--only peers` runs
-just these, with a fused-vs-torch index check at a small shape first). `--skip torch` leaves out the old torch
-estimate (Stem's and the peers'), `--skip fp8` the FP8 rows, `--skip peers` the peers.
+<peer>_estimate_fused_ms / <peer>_estimate_torch_ms beside Stem's score + select, <peer>_estimate_only_fused_ms
+the fused estimate without the choice (`--only peers` runs just these, with a fused-vs-torch index check at a
+small shape first, and at every length, before the timing, check_<peer>_rows_identical: the fused index against
+the torch one on that length's inputs, one untimed call each). `--skip torch` leaves out timing the old torch
+estimate (Stem's and the peers'; the peers' check still runs it once), `--skip peer-check` that check, `--skip fp8`
+the FP8 rows, `--skip peers` the peers.
 The attention variants (`--skip gqa` leaves out all but the first; `--only attn` runs just Stem's triton estimate for
 the indices, these, cuDNN, FA2 and Flex): the current kernel on the per-query-head index (attn_ms), the current kernel
 on the per-KV-head index (gqa='kv': the group's mean logits, attn_kv_ms), the GQA-packed kernel
@@ -69,7 +72,7 @@ SMOKE_BLOCK = 16
 STAGES = ("score", "select", "attn")
 PEERS = {"xattention": xattention, "flexprefill": flexprefill, "minference": minference}
 ONLY = ("all", "peers", "attn")
-SKIPPABLE = ("cudnn", "fa2", "flex", "flash", "torch", "fp8", "peers", "gqa")
+SKIPPABLE = ("cudnn", "fa2", "flex", "flash", "torch", "fp8", "peers", "peer-check", "gqa")
 ONLY_ATTN_SKIPS = frozenset({"torch", "fp8", "peers"})  # --only attn: no old estimate, FP8 or peers
 PACKED_REL_TOL = 1e-2  # packed vs current kernel, both bf16 operands with float32 accumulation
 
@@ -203,25 +206,38 @@ def check_peer_estimates(opts: Options) -> dict:
 
 
 def run_peers(row: dict, q, k, v, opts: Options) -> None:
-    """Each peer's estimate + choice, fused and torch, and the share of rows where the two indices agree."""
+    """Each peer's estimate + choice, fused and torch. First, untimed, on this length's inputs: the fused index
+    against the torch one (the share of (head, query block) rows that agree; `--skip peer-check` leaves it out at
+    long lengths); then the fused select (estimate + choice), the fused estimate alone and the torch select."""
     scale = opts.shape.d**-0.5
     if "peers" in opts.skip:
         row.update({f"{peer}_estimate_{name}_ms": kb.na("skipped") for peer in PEERS for name in ("fused", "torch")})
         return
     for peer, module in PEERS.items():
-        picked = {}
-        for impl, name in (("triton", "fused"), ("torch", "torch")):
-            if impl == "torch" and "torch" in opts.skip:
-                row[f"{peer}_estimate_torch_ms"], picked[impl] = kb.na("skipped"), None
-                continue
-            call = partial(module.select, q, k, v, layer=3, config=peer_config(peer, opts, impl), scale=scale, key_valid=None)
-            picked[impl] = timed(row, f"{peer}_estimate_{name}_ms", call, opts)
+        configs = {impl: peer_config(peer, opts, impl) for impl in ("triton", "torch")}
+        select = {impl: partial(module.select, q, k, v, layer=3, config=cfg, scale=scale, key_valid=None)
+                  for impl, cfg in configs.items()}
+        check = f"check_{peer}_rows_identical"
+        if "peer-check" in opts.skip:
+            row[check] = kb.na("skipped")
+        else:
+            fused = kb.guarded(row, check, select["triton"], ours=True)
+            want = kb.guarded(row, check, select["torch"], ours=True) if fused is not None else None
+            if fused is not None and want is not None:
+                row[check] = rows_identical(fused, want)
+            del fused, want
             kb.free_memory()
-        if picked["triton"] is not None and picked["torch"] is not None:
-            row[f"check_{peer}_rows_identical"] = rows_identical(picked["triton"], picked["torch"])
-        row[f"{peer}_over_stem_estimate"] = kb.ratio(row.get(f"{peer}_estimate_fused_ms"), row.get("stem_estimate_triton_ms"))
-        del picked
+        timed(row, f"{peer}_estimate_fused_ms", select["triton"], opts)
         kb.free_memory()
+        estimate_only = partial(module.estimate, q, k, v, layer=3, config=configs["triton"], scale=scale, key_valid=None)
+        timed(row, f"{peer}_estimate_only_fused_ms", estimate_only, opts)
+        kb.free_memory()
+        if "torch" in opts.skip:
+            row[f"{peer}_estimate_torch_ms"] = kb.na("skipped")
+        else:
+            timed(row, f"{peer}_estimate_torch_ms", select["torch"], opts)
+            kb.free_memory()
+        row[f"{peer}_over_stem_estimate"] = kb.ratio(row.get(f"{peer}_estimate_fused_ms"), row.get("stem_estimate_triton_ms"))
 
 
 # --------------------------------------------------------------------------- one length
@@ -477,7 +493,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-PEER_KEYS = ["n", "stem_estimate_triton_ms"] + [f"{p}_estimate_{w}_ms" for p in PEERS for w in ("fused", "torch")] + \
+PEER_KEYS = ["n", "stem_estimate_triton_ms"] + [f"{p}_estimate_{w}_ms" for p in PEERS for w in ("fused", "only_fused", "torch")] + \
     [f"{p}_over_stem_estimate" for p in PEERS] + [f"check_{p}_rows_identical" for p in PEERS]
 
 
