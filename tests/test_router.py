@@ -302,6 +302,15 @@ def test_bench_smoke_run_writes_router_curve_and_timings(tmp_path):
         for kind in ("json", "png"):
             assert Path(stage["files"][kind]).is_file() and Path(stage["files"][kind]).parent == tmp_path / "compare"
     assert Path(compare["json"]).is_file()
+    # --router: the same router measured again without training; its knobs and lengths come from the file.
+    again = tmp_path / "again"
+    assert bench.main(["--model", "tiny-llama", "--device", "cpu", "--smoke", "--repeat", "1", "--warmup", "0",
+                       "--router", str(router), "--compare-samples", "0", "--output", str(again)]) == 0
+    (reused,) = [json.loads(p.read_text()) for p in (again / "elastic").glob("router-bench-*.json")]
+    assert reused["training"]["reused"] is True and reused["training"]["lengths"] == record["training"]["lengths"]
+    assert reused["training"]["final_omega"] == record["training"]["final_omega"]
+    assert reused["elastic_config"] == record["elastic_config"]  # the smoke knobs, read back from the file
+    assert [r["omega"] for r in reused["overhead"]] == [r["omega"] for r in record["overhead"]]  # same router, same routing
 
 
 def _pooled_by_hand(model, ids) -> dict[int, torch.Tensor]:

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--output", default="profiles")
+    p.add_argument("--router", default=None, help="a trained router file: skip training and measure it (its elastic knobs "
+                   "and training lengths come from the file; --lengths, --block-size, --target, --steps are ignored)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (the tests run this)")
     p.add_argument("--quick", action="store_true", help="60 s of training, comparison at the first length (4 tasks, 3 prompts "
                    "each), pre-fills at 4k-16k, 3 repeats: < 5 minutes on an H200")
@@ -209,49 +211,26 @@ def _fields(config: ElasticConfig) -> dict:
     return config_fields(config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    t_start = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu --smoke", file=sys.stderr)
-        return 2
-    lengths, time_lengths = _lengths(args.lengths), _lengths(args.time_lengths)
-    steps, omega_limit = args.steps, args.omega_limit
-    config = ElasticConfig(block_size=args.block_size)
-    train_seconds, repeat = args.train_seconds, args.repeat
-    from tests.bench import router_compare
+def _trained(file: str, record: dict):
+    """(path, training info, elastic config, lengths) of a router trained earlier (--router): nothing is trained."""
+    from stem_cli.elastic.router import load_router
 
-    compare_samples = args.compare_samples if args.compare_samples is not None else 3 if args.quick else 10
-    compare_tasks = tuple(t.strip().removeprefix("ruler/") for t in args.compare_tasks.split(",") if t.strip()) if args.compare_tasks \
-        else router_compare.QUICK_TASKS if args.quick else router_compare.TASKS
-    compare_lengths, max_new_tokens = None, None  # None: the training lengths (after any dropped for memory)
-    if args.quick:
-        time_lengths, train_seconds, repeat = [n for n in time_lengths if n <= 16384] or time_lengths[:1], min(train_seconds, 60.0), min(repeat, 3)
-    if args.smoke:
-        lengths, time_lengths, steps, omega_limit = [512], [512, 1024], min(steps, 4), 1
-        # The byte tokenizer's RULER prompts need a little more than 512 tokens; two answer tokens are enough to score.
-        compare_lengths, compare_tasks, max_new_tokens = [640], ("niah_single_1",), 2
-        compare_samples = min(compare_samples, 1) if args.compare_samples is None else compare_samples
-        config = ElasticConfig(block_size=16, k_start=3, sink_blocks=1, window_blocks=1, streaming_sink_tokens=16,
-                               streaming_window_tokens=32, default_dense_layers=(0,))
-    out_dir = Path(args.output) / "elastic"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.model, dtype=args.dtype, device=str(device))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    env = environment(device, None)
-    where = slug(env.get("gpu", {}).get("name", "cpu") if isinstance(env.get("gpu"), dict) else str(env.get("gpu", "cpu")))
-    record = {"bench": "router", "command": list(sys.argv), "argv": list(argv) if argv is not None else list(sys.argv[1:]),
-              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": env, "versions": software(),
-              "model": args.model, "weights": weights_identity(loaded), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-              "elastic_config": _fields(config)}
-    tasks = ("needle",) if args.smoke else None
-    settings = dict(target_sparsity=args.target, lengths=lengths, samples=1 if args.smoke else args.samples, seed=0,
-                    **({"tasks": tasks} if tasks else {}))
-    # Plan the steps: one timed step of a throwaway run (per length: the longest prompts cost the most).
+    path = Path(file).expanduser()
+    info = load_router(path).training_info
+    config = ElasticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["elastic_config"].items()})
+    lengths = list(info["lengths"])
+    record["training"] = {"router": str(path), "reused": True, "lengths": lengths, "steps": info.get("steps"),
+                          "final_omega": info["final_omega"], "target": info.get("target_sparsity"),
+                          "omega_within_0.05": abs(info["final_omega"] - info["target_sparsity"]) <= 0.05}
+    print(f"router {path}: trained earlier ({info.get('steps')} steps at {', '.join(map(format_length, lengths))}), "
+          f"Omega {info['final_omega']:.3f} against {info['target_sparsity']}", flush=True)
+    return path, info, config, lengths
+
+
+def _train(args, model, tokenizer, config, lengths, settings, tasks, steps, train_seconds, device, record, where, out_dir):
+    """Train the router (steps planned to fit --train-seconds): (path, training info, config, lengths, file name)."""
     from stem_cli.elastic.train import training_prompts
 
-    timer = Events(device)
     dropped = []
     while True:
         prompts = training_prompts(tokenizer, lengths, settings["samples"], 0, tasks or TrainSettings().tasks)
@@ -297,12 +276,65 @@ def main(argv: list[str] | None = None) -> int:
           f"{threshold.get('omega_before', float('nan')):.3f} -> {info['final_omega']:.3f} on {threshold.get('prompts', 0)} training "
           f"prompts (target {args.target})", flush=True)
 
+    return path, info, config, lengths, name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --smoke", file=sys.stderr)
+        return 2
+    lengths, time_lengths = _lengths(args.lengths), _lengths(args.time_lengths)
+    steps, omega_limit = args.steps, args.omega_limit
+    config = ElasticConfig(block_size=args.block_size)
+    train_seconds, repeat = args.train_seconds, args.repeat
+    from tests.bench import router_compare
+
+    compare_samples = args.compare_samples if args.compare_samples is not None else 3 if args.quick else 10
+    compare_tasks = tuple(t.strip().removeprefix("ruler/") for t in args.compare_tasks.split(",") if t.strip()) if args.compare_tasks \
+        else router_compare.QUICK_TASKS if args.quick else router_compare.TASKS
+    compare_lengths, max_new_tokens = None, None  # None: the training lengths (after any dropped for memory)
+    if args.quick:
+        time_lengths, train_seconds, repeat = [n for n in time_lengths if n <= 16384] or time_lengths[:1], min(train_seconds, 60.0), min(repeat, 3)
+    if args.smoke:
+        lengths, time_lengths, steps, omega_limit = [512], [512, 1024], min(steps, 4), 1
+        # The byte tokenizer's RULER prompts need a little more than 512 tokens; two answer tokens are enough to score.
+        compare_lengths, compare_tasks, max_new_tokens = [640], ("niah_single_1",), 2
+        compare_samples = min(compare_samples, 1) if args.compare_samples is None else compare_samples
+        config = ElasticConfig(block_size=16, k_start=3, sink_blocks=1, window_blocks=1, streaming_sink_tokens=16,
+                               streaming_window_tokens=32, default_dense_layers=(0,))
+    out_dir = Path(args.output) / "elastic"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model, dtype=args.dtype, device=str(device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    env = environment(device, None)
+    where = slug(env.get("gpu", {}).get("name", "cpu") if isinstance(env.get("gpu"), dict) else str(env.get("gpu", "cpu")))
+    record = {"bench": "router", "command": list(sys.argv), "argv": list(argv) if argv is not None else list(sys.argv[1:]),
+              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": env, "versions": software(),
+              "model": args.model, "weights": weights_identity(loaded), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "elastic_config": _fields(config)}
+    tasks = ("needle",) if args.smoke else None
+    settings = dict(target_sparsity=args.target, lengths=lengths, samples=1 if args.smoke else args.samples, seed=0,
+                    **({"tasks": tasks} if tasks else {}))
+    if args.router:
+        path, info, config, lengths = _trained(args.router, record)
+        name = path.stem if path.stem.endswith(where) else f"{path.stem}-on-{where}"  # where this run measured it
+        record["elastic_config"] = _fields(config)
+        map_dir = out_dir
+    else:
+        path, info, config, lengths, name = _train(args, model, tokenizer, config, lengths, settings, tasks, steps, train_seconds,
+                                                   device, record, where, out_dir)
     stages = {"load_and_training": round(time.perf_counter() - t_start, 1)}  # seconds per stage: where a run's time went
     tic = time.perf_counter()
     # Adaptivity: Omega per task family on held-out prompts, beside a map calibrated at the router's Omega.
     from stem_cli.elastic.calibrate import calibrate
     from stem_cli.elastic.headmap import save_head_map
+    from stem_cli.elastic.router import load_router
 
+    router = load_router(path)
+    timer = Events(device)
     cal_len = lengths[0]
     head_map = calibrate(model, tokenizer, model_name=args.model, config=config, target_sparsity=round(info["final_omega"], 3),
                          seq_len=cal_len, samples=1 if args.smoke else 4, source="needle" if args.smoke else None)
@@ -362,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     bench = out_dir / f"router-bench-{stamp}-{where}.json"
     bench.write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {bench}, {path} (+ .json, .png), {map_path}; {record['elapsed_s']:.0f} s", flush=True)
+    made = f"{path} (reused)" if args.router else f"{path} (+ .json, .png)"
+    print(f"wrote {bench}, {made}, {map_path}; {record['elapsed_s']:.0f} s", flush=True)
     return 0 if ok else 1
 
 
