@@ -12,49 +12,36 @@ anchor_topk (the anchor branch of prhs.select, for max_delta = 0 and no audit):
    rounded to the inputs' dtype first (as torch's bf16 q @ k^T), -inf where the key
    is padding or frozen (j < freeze_end); per part the online (max, sum exp).
    lse_h = log sum_parts sum exp (computed by step 2's programs from the parts; the first stores it).
-2. _topk_chunk level 0 (grid rows x chunks of CHUNK positions): the score
+2. _topk_tree, level 0 (grid rows x chunks of CHUNK positions): the score
    s_j = mean_h exp(l_hj - lse_h) (the group's mean softmax probability) on the
    candidates (valid, not forced, outside [sink_end, excl_end)), packed with its
    position into one int64 key (score bits << 32 | (2^31 - 1 - j): bigger score
    first, then lower position); each chunk sorts its keys and keeps its best KEEP.
-3. _topk_chunk merge levels: the best KEEP of the union of chunks' bests is the
-   best KEEP overall (exact, no approximation), CHUNK / KEEP chunks per program,
-   until one chunk is left; the last level unpacks positions, -1 past the row's
+3. _topk_tree, merge levels, in the same launch: the best KEEP of the union of chunks'
+   bests is the best KEEP overall (exact, no approximation); of each FAN = CHUNK / KEEP
+   nodes the last program to finish (a ticket, row_sort._arrive) merges them, level by
+   level, until one node is left; its program unpacks positions, -1 past the row's
    count k_row and for non-candidates: topk_rows(scores, k_rows, width) exactly,
-   ties to the lower position.
+   ties to the lower position. The same groups as one launch per level had, so the
+   same result; a step where no row re-anchors runs the tickets only.
+anchor_select (prhs.select_fused): the same two launches with, in the program that
+finishes a re-anchoring row, its index, delta and stored set (kernels/prhs_anchor_rows.py),
+and in the last row's program the step's counts summed over rows (and added to the
+runtime's counters): no launch of its own for either.
 sort_rows: each row sorted in one program (compact: descending, cut to a width;
 with dedupe, repeats dropped first: compact(dedupe(x), width)).
 """
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-BIG = tl.constexpr(2**62)  # beyond every position: pads that sort last in ascending order
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from stem_cli.kernels.prhs_anchor_rows import _anchor_row
+from stem_cli.kernels.row_sort import BIG, INTERPRET, MAX_SORT, _arrive, _sort  # noqa: F401 (BIG, INTERPRET: re-exported)
 
-if INTERPRET:
-    # The interpreter runs tl.sort's bitonic network op by op in Python (seconds per 1024 keys): the CPU tests
-    # sort with numpy instead, so they check everything around the sort; the compiled tl.sort is checked on
-    # the GPU by tests/bench/decode.py against the same PyTorch definitions.
-    def _sort(x, descending=False):
-        from triton.runtime.interpreter import TensorHandle
-
-        data = np.sort(x.handle.data, kind="stable")
-        if descending:
-            data = np.ascontiguousarray(data[::-1])
-        return tl.core.tensor(TensorHandle(data, x.handle.dtype), x.type)
-else:
-    @triton.jit
-    def _sort(x, descending: tl.constexpr = False):
-        return tl.sort(x, descending=descending)
 MAX_KEEP = 4096  # the widest salient set the chunked top-k serves (a sort of 4 * MAX_KEEP keys per program)
-MAX_SORT = 8192  # the widest row sort_rows sorts in one program
 
 
 @triton.jit
@@ -109,62 +96,110 @@ def _anchor_logits(
 
 
 @triton.jit
-def _topk_chunk(
-    Logits, PartM, PartS, Lse, Active, KeyValid, Start, SinkEnd, ExclEnd, KRows, In, Out, Ranked,
+def _topk_tree(
+    Logits, PartM, PartS, Lse, Active, KeyValid, Start, SinkEnd, ExclEnd, KRows, Buf, Tickets, Ranked,
     svb,
-    n_kv_heads, group, lo, n_cols, n_parts, window_start, sinks, n_in, in_stride, out_stride, width,
-    LEVEL0: tl.constexpr, FINAL: tl.constexpr, HAS_VALID: tl.constexpr,
-    CHUNK: tl.constexpr, KEEP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    n_rows, n_kv_heads, group, lo, n_cols, n_parts, window_start, sinks, n_chunks, buf_stride, tickets_per_row, width,
+    Info, Prev, Index, Static, Scratch, Delta, Flags, Counts, Accum,
+    s_prev, s_index, s_static, s_scr, n_keys, n_forced, salient_width, ranked_div, prev_width, n_inherit, r,
+    N_MERGE: tl.constexpr, HAS_VALID: tl.constexpr, CHUNK: tl.constexpr, KEEP: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    ANCHOR_ROWS: tl.constexpr, USE_TIME: tl.constexpr, HAS_PREV: tl.constexpr, HAS_LOGITS: tl.constexpr,
+    HAS_ACCUM: tl.constexpr, BLOCK_PREV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr, SHARE_ITERS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     row = tl.program_id(0)
     c = tl.program_id(1)
     offs = tl.arange(0, CHUNK)
-    live = tl.load(Active + row).to(tl.int32)
-    if live != 0:
-        if LEVEL0:
-            b = (row // n_kv_heads).to(tl.int64)
-            offs_h = tl.arange(0, BLOCK_H)
-            h_ok = offs_h < group
-            j = c * CHUNK + offs
-            j_ok = j < n_cols
-            pos = lo + j
-            rows_h = row.to(tl.int64) * group + offs_h
-            # lse_h from the scoring parts' (max, sum exp), in every program (the first one stores it)
-            offs_p = tl.arange(0, BLOCK_P)
-            p_ok = h_ok[:, None] & (offs_p < n_parts)[None, :]
-            part_m = tl.load(PartM + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=float("-inf"))
-            part_s = tl.load(PartS + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=0.0)
-            m_max = tl.max(part_m, 1)
-            m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-            total = tl.sum(part_s * tl.exp(part_m - m_safe[:, None]), 1)
-            lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-            if c == 0:
-                tl.store(Lse + rows_h, lse, mask=h_ok)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            logit = tl.load(Logits + rows_h[:, None] * n_cols + j[None, :], mask=h_ok[:, None] & j_ok[None, :], other=float("-inf"))
-            score = tl.sum(tl.exp(logit - lse[:, None]), 0) / group
-            cand = j_ok
-            if HAS_VALID:
-                cand = cand & (tl.load(KeyValid + b * svb + pos, mask=j_ok, other=0) != 0)
-            rank = pos - tl.load(Start + b)
-            sink_end = tl.load(SinkEnd + row)
-            excl_end = tl.load(ExclEnd + row)
-            cand = cand & ~((rank >= 0) & (rank < sinks)) & (pos < window_start) & ~((pos >= sink_end) & (pos < excl_end))
-            bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # a score >= 0: its bits order as it does
-            key = tl.where(cand, (bits << 32) | (0x7FFFFFFF - pos.to(tl.int64)), -1)
-        else:
-            at = c * CHUNK + offs
-            key = tl.load(In + row.to(tl.int64) * in_stride + at, mask=at < n_in, other=-1)
-        key = _sort(key, descending=True)
-        if FINAL:
-            k_row = tl.load(KRows + row)
-            got = tl.where((key >= 0) & (offs < k_row), 0x7FFFFFFF - (key & 0x7FFFFFFF), -1)
-            tl.store(Ranked + row.to(tl.int64) * width + offs, got, mask=offs < width)
-        else:
-            tl.store(Out + row.to(tl.int64) * out_stride + c * KEEP + offs, key, mask=offs < KEEP)
-    else:
-        if FINAL:
-            tl.store(Ranked + row.to(tl.int64) * width + offs, tl.full([CHUNK], -1, tl.int64), mask=offs < width)
+    live = tl.load(Active + row).to(tl.int32) != 0
+    row64 = row.to(tl.int64)
+    key = tl.full([CHUNK], -1, tl.int64)
+    if live:  # level 0: this chunk's candidates, scored and packed, its best KEEP kept
+        b = (row // n_kv_heads).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        h_ok = offs_h < group
+        j = c * CHUNK + offs
+        j_ok = j < n_cols
+        pos = lo + j
+        rows_h = row64 * group + offs_h
+        # lse_h from the scoring parts' (max, sum exp), in every program (the first one stores it)
+        offs_p = tl.arange(0, BLOCK_P)
+        p_ok = h_ok[:, None] & (offs_p < n_parts)[None, :]
+        part_m = tl.load(PartM + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=float("-inf"))
+        part_s = tl.load(PartS + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=0.0)
+        m_max = tl.max(part_m, 1)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        total = tl.sum(part_s * tl.exp(part_m - m_safe[:, None]), 1)
+        lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+        if c == 0:
+            tl.store(Lse + rows_h, lse, mask=h_ok)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        logit = tl.load(Logits + rows_h[:, None] * n_cols + j[None, :], mask=h_ok[:, None] & j_ok[None, :], other=float("-inf"))
+        score = tl.sum(tl.exp(logit - lse[:, None]), 0) / group
+        cand = j_ok
+        if HAS_VALID:
+            cand = cand & (tl.load(KeyValid + b * svb + pos, mask=j_ok, other=0) != 0)
+        rank = pos - tl.load(Start + b)
+        sink_end = tl.load(SinkEnd + row)
+        excl_end = tl.load(ExclEnd + row)
+        cand = cand & ~((rank >= 0) & (rank < sinks)) & (pos < window_start) & ~((pos >= sink_end) & (pos < excl_end))
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # a score >= 0: its bits order as it does
+        key = _sort(tl.where(cand, (bits << 32) | (0x7FFFFFFF - pos.to(tl.int64)), -1), descending=True)
+        if N_MERGE > 0:
+            tl.store(Buf + row64 * buf_stride + c * KEEP + offs, key, mask=offs < KEEP)
+
+    # merge levels: the last program to finish of each FAN nodes merges them (the best KEEP of the union of
+    # the chunks' bests is the best KEEP overall), so the whole tree is one launch; the row's last survivor ranks
+    go = c >= 0
+    node = c
+    n_nodes = n_chunks
+    in_off = 0
+    t_off = 0
+    for lvl in tl.static_range(N_MERGE):
+        grp = node // (CHUNK // KEEP)
+        members = tl.minimum(CHUNK // KEEP, n_nodes - grp * (CHUNK // KEEP))
+        last = go
+        if go:
+            last = _arrive(Tickets + row64 * tickets_per_row + t_off + grp, members)
+            if last & live:
+                at = grp * CHUNK + offs
+                key = tl.load(Buf + row64 * buf_stride + in_off + at, mask=at < n_nodes * KEEP, other=-1, cache_modifier=".cg")
+                key = _sort(key, descending=True)
+                if lvl < N_MERGE - 1:
+                    tl.store(Buf + row64 * buf_stride + in_off + n_nodes * KEEP + grp * KEEP + offs, key, mask=offs < KEEP)
+        go = last
+        in_off += n_nodes * KEEP
+        t_off += (n_nodes + CHUNK // KEEP - 1) // (CHUNK // KEEP)
+        n_nodes = (n_nodes + CHUNK // KEEP - 1) // (CHUNK // KEEP)
+        node = grp
+
+    if go:  # the row's top-k: positions best first, -1 past the row's count (and on rows that share)
+        k_row = tl.load(KRows + row)
+        got = tl.where((key >= 0) & (offs < k_row), 0x7FFFFFFF - (key & 0x7FFFFFFF), -1)
+        tl.store(Ranked + row64 * width + offs, got, mask=offs < width)
+        if ANCHOR_ROWS:  # the re-anchoring row's index, delta and stored set (kernels/prhs_anchor_rows.py)
+            if live:
+                tl.debug_barrier()
+                _anchor_row(row, Info, Ranked, Prev, KeyValid, Logits, Lse, Index, Static, Scratch, Delta, Flags,
+                            width, s_prev, svb, s_index, s_static, s_scr,
+                            n_rows, n_kv_heads, group, n_keys, n_forced, salient_width, width, ranked_div, prev_width,
+                            n_inherit, n_cols, r,
+                            USE_TIME=USE_TIME, HAS_VALID=HAS_VALID, HAS_PREV=HAS_PREV, HAS_LOGITS=HAS_LOGITS,
+                            BLOCK_P=BLOCK_PREV, BLOCK_A=BLOCK_A, BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+                            SHARE_ITERS=SHARE_ITERS)
+            # the step's counts (anchors, cosine re-anchors, kept) summed over rows by the last row to finish
+            if _arrive(Tickets + n_rows * tickets_per_row, n_rows):
+                tot = tl.zeros([4], tl.int32)
+                offs_c = tl.arange(0, 4)
+                for r0 in range(0, n_rows, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    f = tl.load(Flags + rr[:, None] * 3 + offs_c[None, :], mask=(rr < n_rows)[:, None] & (offs_c < 3)[None, :],
+                                other=0, cache_modifier=".cg")
+                    tot += tl.sum(f, 0)
+                tl.store(Counts + offs_c, tot, mask=offs_c < 3)
+                if HAS_ACCUM:  # the runtime's running counters, in place (no add launch per layer)
+                    acc = tl.load(Accum + offs_c, mask=offs_c < 3, other=0.0)
+                    tl.store(Accum + offs_c, acc + tot.to(tl.float64), mask=offs_c < 3)
 
 
 def topk_plan(n_cols: int, width: int) -> tuple[int, int, list[int]] | None:
@@ -182,11 +217,13 @@ def topk_plan(n_cols: int, width: int) -> tuple[int, int, list[int]] | None:
 
 
 def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze_end, sink_end, excl_end,
-                window_start: int, sinks: int, k_rows, width: int):
+                window_start: int, sinks: int, k_rows, width: int, tickets=None, epilogue: dict | None = None):
     """q (B, Hkv, g, d), k (B, Hkv, T, d), active (R,) bool (R = B * Hkv), key_valid (B, T) bool or None,
     start (B,), freeze_end (R,) or None (nothing masked before softmax), sink_end / excl_end / k_rows (R,) ->
     (ranked (R, min(width, T - lo)) positions best first (lo included, -1 past k_row and for non-candidates),
-    logits (R, g, T - lo) float32, lse (R, g)). Inactive rows: ranked all -1, logits and lse undefined."""
+    logits (R, g, T - lo) float32, lse (R, g)). Inactive rows: ranked all -1, logits and lse undefined.
+    tickets: tickets_size(R, levels) int32 zeros kept by the caller (left zero; None: made here, one launch);
+    epilogue: prhs_anchor_rows.epilogue(...)'s arguments, run by the program that finishes each row."""
     b, hkv, g, d = q.shape
     rows = b * hkv
     n_cols = k.shape[2] - lo
@@ -217,21 +254,35 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
     lse = torch.empty(rows, g, dtype=torch.float32, device=dev)  # written by the first level-0 program of a row
     ranked = torch.empty(rows, out_width, dtype=torch.long, device=dev)
     start_l, sink_l, excl_l, k_l = (x.to(device=dev, dtype=torch.long).contiguous() for x in (start, sink_end, excl_end, k_rows))
+    n_merge = len(levels) - 1
+    buf = torch.empty(rows, max(sum(levels[:-1]) * keep, 1), dtype=torch.long, device=dev)
+    per_row = sum(levels[1:])
+    if tickets is None:
+        tickets = torch.zeros(tickets_size(rows, levels), dtype=torch.int32, device=dev)
+    elif tickets.numel() < tickets_size(rows, levels) or tickets.dtype != torch.int32:
+        raise ValueError(f"tickets: {tickets_size(rows, levels)} int32 zeros needed, got {tickets.numel()} {tickets.dtype}")
+    ep = epilogue or {}
+    none = flags  # placeholder pointers, never read
     # no dot product here: the group's heads need no padding to 16 (a CHUNK x 16 float32 tile would spill)
-    common = dict(HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)),
-                  BLOCK_P=max(2, triton.next_power_of_2(n_parts)), num_warps=8)
-    bufs = [torch.empty(rows, n * keep, dtype=torch.long, device=dev) for n in levels[:-1]]
-    src, n_in = ranked, 0  # level 0 reads the logits
-    for level, programs in enumerate(levels):
-        final = level == len(levels) - 1
-        dst = ranked if final else bufs[level]
-        _topk_chunk[(rows, programs)](
-            logits, part_m, part_s, lse, flags, valid, start_l, sink_l, excl_l, k_l, src, dst, ranked, svb,
-            hkv, g, lo, n_cols, n_parts, window_start, sinks, n_in, src.stride(0), dst.stride(0), out_width,
-            LEVEL0=level == 0, FINAL=final, **common,
-        )
-        src, n_in = dst, programs * keep
+    _topk_tree[(rows, levels[0])](
+        logits, part_m, part_s, lse, flags, valid, start_l, sink_l, excl_l, k_l, buf, tickets, ranked, svb,
+        rows, hkv, g, lo, n_cols, n_parts, window_start, sinks, levels[0], buf.stride(0), per_row, out_width,
+        *(ep.get(name, none) for name in ("info", "prev", "index", "static", "scratch", "delta", "flags", "counts", "accum")),
+        *(ep.get(name, 0) for name in ("s_prev", "s_index", "s_static", "s_scr", "n_keys", "n_forced", "salient_width",
+                                       "ranked_div", "prev_width", "n_inherit", "r")),
+        N_MERGE=n_merge, HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)),
+        BLOCK_P=max(2, triton.next_power_of_2(n_parts)), ANCHOR_ROWS=epilogue is not None,
+        **{name: ep.get(name, False) for name in ("USE_TIME", "HAS_PREV", "HAS_LOGITS", "HAS_ACCUM")},
+        **{name: ep.get(name, 2) for name in ("BLOCK_PREV", "BLOCK_A", "BLOCK_S", "BLOCK_K", "SHARE_ITERS")},
+        BLOCK_R=max(2, min(64, triton.next_power_of_2(rows))), num_warps=8,
+    )
     return ranked, logits, lse
+
+
+def tickets_size(rows: int, levels: list[int]) -> int:
+    """int32 counters _topk_tree needs (zeros before a launch, zeros after it): one per merge group per row,
+    and one for the rows' count."""
+    return rows * sum(levels[1:]) + 1
 
 
 @triton.jit

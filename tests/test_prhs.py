@@ -841,9 +841,10 @@ class LaunchCounter:
 
 @pytest.mark.parametrize("layer,padded", [(2, False), (6, True)])  # layer 6 of 8 freezes (lo > 0) and inherits
 def test_fused_prhs_step_launches_few_kernels_per_layer(monkeypatch, layer, padded):
-    """A PrHS layer-step on the Triton path (every row shares, or every row re-anchors) costs at most 6
-    launches: 4 Triton kernels, the counters' sum and (padded) the mask as int8; the same step on the
-    PyTorch path is ~200 (its fixed cost on the GPU was ~0.43 ms per layer, whatever the length)."""
+    """A PrHS layer-step on the Triton path (every row shares, or every row re-anchors) is 3 Triton launches
+    (prhs_share, _anchor_logits, _topk_tree with the re-anchoring rows' epilogue and the step's counts) and,
+    padded, the mask as int8; before issue 18's launch cut it was 4 kernels + the counters' sum (+ the merge
+    levels' launches on long caches); the same step on the PyTorch path is ~200."""
     pytest.importorskip("triton")
     monkeypatch.setattr(prhs, "TRITON_SELECT", True)
     g = torch.Generator().manual_seed(layer)
@@ -874,7 +875,43 @@ def test_fused_prhs_step_launches_few_kernels_per_layer(monkeypatch, layer, padd
         with counter:
             sel = prhs.select(ctx, cfg, state)
         assert int(sel.anchors) == anchors, name
-        assert counter.total <= 6, (name, dict(counter.ops), dict(counter.kernels))
-        assert sum(counter.kernels.values()) == 4, dict(counter.kernels)
+        assert dict(counter.kernels) == {"_prhs_share": 1, "_anchor_logits": 1, "_topk_tree": 1}, dict(counter.kernels)
+        assert dict(counter.ops) == ({"aten._to_copy": 1} if padded else {}), (name, dict(counter.ops))
     shared = step(q, 2)  # the stored sets again (the anchor step above re-anchored to -q; q is now far from it)
     assert int(shared.anchors) == b * hkv
+
+
+@pytest.mark.parametrize("t", [400, 2300])  # 2300: the top-k tree has a merge level (its tickets, reset every launch)
+def test_whole_sparse_layer_step_launches(monkeypatch, t):
+    """A sparse layer of DecodeRuntime.forward on the fused path, counted whole (selection, the Triton sparse decode
+    run in the interpreter, the runtime's counters): 5 launches and no torch op, whatever the cache length
+    (before: 8, plus one per top-k merge level: 11 at 128K), and the counts the kernel adds equal the host's."""
+    pytest.importorskip("triton")
+    from stem_cli.decode import runtime as runtime_module
+    from stem_cli.kernels import sparse_decode as kernel
+
+    monkeypatch.setattr(prhs, "TRITON_SELECT", True)
+    monkeypatch.setattr(runtime_module, "sparse_decode", lambda q, k, v, idx, scale: kernel.sparse_decode_attention(q, k, v, idx, scale=scale))
+    g = torch.Generator().manual_seed(t)
+    b, hkv, grp, d = 1, 2, 4, 16
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    q = torch.randn(b, hkv * grp, 1, d, generator=g)
+    cfg = PrhsConfig(budget=64, sink_tokens=4, window_tokens=16, dense_decode_layers=(0,))
+    rt = DecodeRuntime(get_decode_method("prhs"), cfg, num_layers=4)
+    layers = [SimpleNamespace(layer_idx=i) for i in range(4)]
+    for _ in range(2):  # state, tickets and counters made
+        for m in layers:
+            rt.forward(m, q, k, v, None, 0.25)
+    counter = LaunchCounter(monkeypatch)
+    kept = []
+    for name, query in (("shared", q), ("anchor", -q)):
+        counter.ops.clear(), counter.kernels.clear()
+        before = rt.counter("kept")
+        with counter:
+            rt.forward(layers[2], query, k, v, None, 0.25)
+        assert dict(counter.ops) == {}, (name, dict(counter.ops))
+        assert dict(counter.kernels) == {"_prhs_share": 1, "_anchor_logits": 1, "_topk_tree": 1, "_sparse_decode_partial": 1,
+                                         "_sparse_decode_combine": 1}, (name, dict(counter.kernels))
+        kept.append(rt.counter("kept") - before)
+    assert kept[1] == int((rt._prev[2] >= 0).sum())  # the kernel's count of the last step's kept positions
+    assert rt.anchors == 3 * hkv + hkv  # the first step (layers 1-3 re-anchor every row), then the anchor step above

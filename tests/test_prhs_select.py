@@ -42,7 +42,8 @@ def as_sorted_sets(x):
 
 @pytest.mark.parametrize(
     "t,lo,width,padded,freeze",
-    [(300, 0, 40, False, False), (3000, 0, 100, True, False), (2600, 37, 20, True, True), (9000, 5, 8, False, True)],
+    [(300, 0, 40, False, False), (3000, 0, 100, True, False), (2600, 37, 20, True, True), (9000, 5, 8, False, True),
+     (17000, 3, 1000, False, False)],  # 17000: 5 chunks -> 2 nodes (one of a single chunk) -> 1: two merge levels
 )
 def test_anchor_topk_equals_the_torch_definition(t, lo, width, padded, freeze):
     g = torch.Generator().manual_seed(t + lo)
@@ -79,6 +80,8 @@ def test_anchor_topk_equals_the_torch_definition(t, lo, width, padded, freeze):
     torch.testing.assert_close(lse[active].double(), want_lse[active], rtol=1e-5, atol=1e-5)
     if t >= 9000:
         assert len(levels) >= 2  # the merge level ran
+    if t >= 17000:
+        assert levels == [5, 2, 1]
 
 
 def test_chunked_topk_plan_is_exact_and_bounded():

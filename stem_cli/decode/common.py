@@ -40,6 +40,9 @@ class StepContext:
     window: int
     step: int = 0  # decode steps this layer has run since the pre-fill
     prev_indices: torch.Tensor | None = None  # (B * Hkv, K) what the previous sparse layer kept at this step
+    # (3,) float64 on the device, the runtime's running (anchors, cosine re-anchors, kept): a selector that counts
+    # in a kernel adds its step's counts here in place (and says so: Selection.counted), saving the add's launch
+    count_into: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -295,6 +298,7 @@ class Selection:
     fallbacks: int | torch.Tensor = 0
     over_bound: int | torch.Tensor = 0
     device_counts: torch.Tensor | None = None  # (anchors, cosine_reanchors, kept positions) in one vector: one add per step
+    counted: bool = False  # device_counts were already added to StepContext.count_into (the runtime adds nothing)
 
 
 def salient_width(ctx: StepContext, budget: int, fraction: float) -> int:

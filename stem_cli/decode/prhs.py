@@ -39,12 +39,13 @@ re-anchors (also a fallback). Only exact top-k itself can then exceed the bound
   row falls back), but loose: large query drifts always fall back;
 - 'anchor': 1 - m, the anchor query's view of the set (cheap, no guarantee).
 
-On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, a layer-step is four Triton launches and a few
-torch ops (select_fused): kernels/prhs_share.py decides every row and writes the sharing rows' index,
-kernels/prhs_select.py scores and ranks the re-anchoring rows (a row that shares reads nothing there), and
-kernels/prhs_anchor_rows.py writes their index, dropped mass and stored set. The PyTorch path of select()
-was ~190 ops per layer-step, a fixed cost at every length. The same sets as the PyTorch path, which serves
-every other case (TRITON_SELECT switches).
+On a CUDA bf16/fp16 cache with max_delta = 0 and no audit, a layer-step's selection is three Triton launches and
+no torch op (select_fused): kernels/prhs_share.py decides every row and writes the sharing rows' index,
+kernels/prhs_select.py scores the re-anchoring rows (a row that shares reads nothing there) and ranks them in one
+launch whose tree of merges runs on tickets, its last program per row writing the index, dropped mass and stored
+set (kernels/prhs_anchor_rows.py) and its last row the step's counts, added to the runtime's counters in place.
+The PyTorch path of select() was ~190 ops per layer-step, a fixed cost at every length. The same sets as the
+PyTorch path, which serves every other case (TRITON_SELECT switches).
 """
 
 from __future__ import annotations
@@ -209,12 +210,13 @@ def _row_state(state: dict, n_rows: int, g: int, d: int, width: int, device) -> 
 def select_fused(ctx: StepContext, config: PrhsConfig, state: dict, *, width: int, lo: int, frozen: int,
                  fractions: tuple[float, float]) -> Selection:
     """select() for max_delta = 0 without audit on the Triton path: one kernel decides every row (share or
-    re-anchor, kernels/prhs_share.py) and writes the sharing rows' index; the gated scoring and exact top-k
-    (kernels/prhs_select.py) and one kernel for the re-anchoring rows' index, dropped mass and stored set
-    (kernels/prhs_anchor_rows.py) follow. A step where every row shares launches these few kernels and
-    reads O(budget) of the cache, whatever its length. Same sets, deltas and state as select()."""
-    from stem_cli.kernels.prhs_anchor_rows import prhs_anchor_rows
-    from stem_cli.kernels.prhs_select import anchor_topk
+    re-anchor, kernels/prhs_share.py) and writes the sharing rows' index; the gated scoring, then one launch of
+    the exact top-k (kernels/prhs_select.py) whose program finishing each re-anchoring row writes its index,
+    dropped mass and stored set (kernels/prhs_anchor_rows.py), and whose last row sums the step's counts (into
+    ctx.count_into too, when the runtime gives it). Three launches whatever the cache length, reading O(budget)
+    of the cache on a step where every row shares. Same sets, deltas and state as select()."""
+    from stem_cli.kernels.prhs_anchor_rows import epilogue
+    from stem_cli.kernels.prhs_select import anchor_topk, tickets_size, topk_plan
     from stem_cli.kernels.prhs_share import prhs_share
 
     b, h, t = ctx.batch, ctx.kv_heads, ctx.n_keys
@@ -224,6 +226,9 @@ def select_fused(ctx: StepContext, config: PrhsConfig, state: dict, *, width: in
     if state.get("fractions_key") != key:  # made once per layer (a host-to-device copy: not inside a graph)
         state["fractions"] = torch.tensor([*fractions, config.budget_fraction], dtype=torch.float64, device=ctx.device)
         state["fractions_key"] = key
+    need = tickets_size(n_rows, topk_plan(t - lo, width)[2])
+    if state.get("tickets") is None or state["tickets"].numel() < need:  # zeros once; every launch leaves them zero
+        state["tickets"] = torch.zeros(need, dtype=torch.int32, device=ctx.device)
     valid = ctx.key_valid.to(torch.int8) if ctx.key_valid is not None else None
     prev = ctx.prev_indices if frozen > 0 else None
     cap = min(frozen, width)
@@ -233,16 +238,17 @@ def select_fused(ctx: StepContext, config: PrhsConfig, state: dict, *, width: in
         prev, state["fractions"], n_keys=t, sinks=ctx.sinks, window=ctx.window, budget=config.budget, tau=config.tau,
         inherit_cap=cap, salient_width=max(width, state["static"].shape[-1]), use_time=use_time,
         use_fraction=config.budget_fraction > 0, scored_all=lo == 0)
-    ranked, logits, lse = anchor_topk(
-        ctx.q, ctx.k, anchor, lo=lo, scale=ctx.scale, key_valid=valid, start=ctx.start,
-        freeze_end=info[2] if lo > 0 else None, sink_end=info[0], excl_end=info[3],
-        window_start=ctx.window_start(), sinks=ctx.sinks, k_rows=info[4], width=width)
-    prhs_anchor_rows(anchor, info, ranked, prev, valid, logits if lo == 0 else None, lse if lo == 0 else None,
-                     index, state["static"], delta, flags, n_keys=t, kv_heads=h, n_forced=ctx.sinks + ctx.window,
-                     width=width, inherit_cap=cap, r=config.r, use_time=use_time)
-    counts = flags.sum(0)  # (anchors, cosine re-anchors, kept positions), on the device: one launch
+    counts = torch.empty(3, dtype=torch.int32, device=ctx.device)  # (anchors, cosine re-anchors, kept positions)
+    ep = epilogue(info, min(width, t - lo), prev, valid, None, lo == 0, index, state["static"], delta, flags, counts,
+                  ctx.count_into, n_keys=t, n_forced=ctx.sinks + ctx.window, width=width, inherit_cap=cap, r=config.r,
+                  use_time=use_time)
+    anchor_topk(ctx.q, ctx.k, anchor, lo=lo, scale=ctx.scale, key_valid=valid, start=ctx.start,
+                freeze_end=info[2] if lo > 0 else None, sink_end=info[0], excl_end=info[3],
+                window_start=ctx.window_start(), sinks=ctx.sinks, k_rows=info[4], width=width,
+                tickets=state["tickets"], epilogue=ep)
     return Selection(index.view(b, h, -1), delta.view(b, h, g), known.view(b, h), None,
-                     decisions=n_rows, anchors=counts[0], cosine_reanchors=counts[1], fallbacks=0, device_counts=counts)
+                     decisions=n_rows, anchors=counts[0], cosine_reanchors=counts[1], fallbacks=0, device_counts=counts,
+                     counted=ctx.count_into is not None)
 
 
 def select(ctx: StepContext, config: PrhsConfig, state: dict) -> Selection:

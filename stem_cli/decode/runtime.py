@@ -123,6 +123,12 @@ class DecodeRuntime:
         else:  # in place, as _count
             self._vector.add_(counts)
 
+    def _vector_for(self, device) -> torch.Tensor:
+        """The running device_counts (made as zeros once after reset_stats), for selectors to add into in place."""
+        if self._vector is None:
+            self._vector = torch.zeros(3, dtype=torch.float64, device=device)
+        return self._vector
+
     def counter(self, name: str) -> float:
         """A counter's value (reads the device part: a sync; for stats() and tests, not the step)."""
         dev = self._device.get(name)
@@ -180,6 +186,7 @@ class DecodeRuntime:
             unpadded = self._unpadded[1]
         ctx = context_from(layer, self.num_layers, query, key, value, key_valid, scale,
                            sinks=cfg.sink_tokens, window=cfg.window_tokens, step=step, unpadded=unpadded)
+        ctx.count_into = self._vector_for(key.device)
         prev = self._prev
         if prev is not None and prev[0] < layer and prev[1] == step and prev[2].shape[0] == b * hkv:
             ctx.prev_indices = prev[2]
@@ -200,8 +207,9 @@ class DecodeRuntime:
                 self._count("over_bound", ((delta.amax(-1) > max_delta) & known).sum())
         for name in ("valid", "valid_sparse"):
             self._count(name, valid * hkv)
-        if sel.device_counts is not None:  # anchors, cosine re-anchors and kept positions: one launch
-            self._count_vector(sel.device_counts)
+        if sel.device_counts is not None:  # anchors, cosine re-anchors and kept positions: one launch, or none
+            if not sel.counted:  # (counted: the selector's kernel added them to ctx.count_into)
+                self._count_vector(sel.device_counts)
             for name in ("decisions", "fallbacks"):
                 self._count(name, getattr(sel, name))
         else:
