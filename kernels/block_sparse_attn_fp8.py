@@ -41,7 +41,7 @@ import torch
 
 from stem_cli.index import BlockIndex
 from stem_cli.kernels.block_sparse_attn import INTERPRET, launch, launch_buffers
-from stem_cli.kernels.fp8_quantize import quantize_blocks
+from stem_cli.kernels.fp8_quantize import channel_means, quantize_blocks
 
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core dots: Ada (8.9) and Hopper (9.0) onward
 
@@ -71,11 +71,14 @@ def block_sparse_attention(
     return_lse: bool = False,
     out: torch.Tensor | None = None,
     pv_fp8: bool = True,
+    smooth: str = "q",
 ):
     """q (B, Hq, N, d), k/v (B, Hkv, N, d) bf16/fp16 -> (B, Hq, N, d) in q's dtype; index per query or KV head.
 
-    Quantises Q, K (and V with pv_fp8) to e4m3 per (batch, head, index block), then runs the
-    kernel; kv_start (B,) int: first valid key of each sequence (left padding).
+    Quantises Q, K (and V with pv_fp8) to e4m3 per (batch, head, index block), first centring the operands
+    named in `smooth` on their channel means ("q", the default: Q, with the exact per-key term qbar.(k - kbar)
+    added to the logits; "k", "v" likewise; "" the plain per-block variant), then runs the kernel;
+    kv_start (B,) int: first valid key of each sequence (left padding).
     """
     n, d = q.shape[2:]
     reason = unsupported_reason(q.device)
@@ -85,11 +88,45 @@ def block_sparse_attention(
         raise ValueError(f"block_size={index.block_size} is too small for FP8 dots: use a power of two >= 32")
     buffers = launch_buffers(q, index, scale, kv_start, return_lse, out)
     block = index.block_size
-    q8, q_scales = quantize_blocks(q, block)
-    k8, k_scales = quantize_blocks(k, block)
+    if set(smooth) - set("qkv"):
+        raise ValueError(f"smooth={smooth!r}: the operands to centre are letters of 'qkv' ('' for none)")
+    k_mean = channel_means(k) if "k" in smooth else None
+    q_mean = channel_means(q) if "q" in smooth else None
+    key_bias = _key_bias(k, q_mean, k_mean, buffers[0]) if "q" in smooth else None
+    q8, q_scales = quantize_blocks(q, block, mean=q_mean)
+    k8, k_scales = quantize_blocks(k, block, mean=k_mean)
+    v_mean = None
     if pv_fp8:
-        v_op, v_scales = quantize_blocks(v, block, transpose=True)
+        smooth_v = "v" in smooth
+        v_mean = channel_means(v) if smooth_v else torch.zeros(v.shape[0], v.shape[1], d, dtype=torch.float32, device=v.device)
+        v_op, v_scales = quantize_blocks(v, block, transpose=True, mean=v_mean if smooth_v else None)
     else:
         v_op, v_scales = v, k_scales  # unused scales: any float32 (B, Hkv, P) tensor
-    return launch(q8, k8, v_op, (q_scales, k_scales, v_scales), index, buffers, n=n, d=d,
-                  has_start=kv_start is not None, return_lse=return_lse, pv_fp8=pv_fp8)
+    result = launch(q8, k8, v_op, (q_scales, k_scales, v_scales), index, buffers, n=n, d=d,
+                    has_start=kv_start is not None, return_lse=return_lse, pv_fp8=pv_fp8, v_mean=v_mean,
+                    key_bias=key_bias)
+    if return_lse and k_mean is not None:  # the logits lost the row's constant c q_m . kbar
+        _add_key_mean_logits(result[1], q, k_mean, buffers[0])
+    return result
+
+
+def _key_bias(k: torch.Tensor, q_mean: torch.Tensor, k_mean: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """(B, Hq, N) float32: c log2(e) qbar_h . (k_n - kbar), the logits' part that Q's centring takes out of the
+    dot (kbar = K's centring mean, 0 when K is not centred; float32 from the unrounded K, one KV head at a time:
+    a float32 copy of K is 0.5 GiB at 128K x 8 heads)."""
+    batch, hkv, n, d = k.shape
+    group = q_mean.shape[1] // hkv
+    bias = torch.empty(batch, hkv, group, n, dtype=torch.float32, device=k.device)
+    q_groups = q_mean.view(batch, hkv, group, d)
+    for h in range(hkv):
+        centred = k[:, h].float() if k_mean is None else k[:, h].float() - k_mean[:, h, None, :]
+        bias[:, h] = torch.matmul(q_groups[:, h], centred.transpose(-1, -2))
+    return bias.view(batch, hkv * group, n).mul_(scale * 1.4426950408889634)
+
+
+def _add_key_mean_logits(lse: torch.Tensor, q: torch.Tensor, k_mean: torch.Tensor, scale: float) -> None:
+    """lse (B, Hq, N) of the centred keys += c q_m . kbar: the lse of the keys as given (one head at a time:
+    a float32 copy of all of q would be 2 GiB at 128K x 32 heads)."""
+    group = q.shape[1] // k_mean.shape[1]
+    for h in range(q.shape[1]):
+        lse[:, h] += scale * (q[:, h].float() @ k_mean[:, h // group, :, None])[..., 0]
