@@ -17,6 +17,23 @@ scales leave the dots:
 one scalar multiply per tile, folded into the exponent's scale (base 2, log2 e included).
 The online softmax then runs in fp32 exactly as in the bf16 kernel (running max, sum, rescale).
 
+Centring (`smooth`, letters of "qkv"; attn_dtype=fp8 runs "q"): e4m3's error is relative to the value
+rounded, and real queries and keys carry a large mean over tokens (SmolLM2-135M: the mean query and key
+are 60-85% of a row's norm), so rounding q - qbar instead of q rounds far smaller numbers. With
+qbar, kbar the (batch, head)'s channel means over the N tokens (float32; kbar = 0 unless "k"):
+
+    c q_m . k_n = c (q_m - qbar) . (k_n - kbar) + c qbar . (k_n - kbar) + c q_m . kbar
+                ~= (c s^Q_i s^K_j) (q~8_m . k~8_n) + b_n                      + (a constant of row m)
+
+The first term is the tile's dot of the centred, quantised operands; b_n = c log2(e) qbar_h . (k_n - kbar)
+(B, Hq, N) float32 from the unrounded K, computed once before the kernel, is added to the tile's logits
+(KEY_BIAS: one BLOCK_N load and one add per logit); the row constant cancels in the softmax (the lse,
+when returned, gets c q_m . kbar back). "v": V is quantised as V - vbar and, the weights summing to 1,
+O = sum_n w_n (v_n - vbar) + vbar: the kernel adds l vbar to the accumulator before dividing by l.
+All three keep the kernel one pass; what the study found (tests/bench/fp8_error.py): "q" halves the
+error on SmolLM2's activations; "k" helps some layers and hurts others (RoPE rotates the keys, so their
+mean is a poor centre for many); "v" changes nothing measurable; none helps on random inputs.
+
 P and V (PV_FP8=True, what the executor runs): p = exp2(logit - running max) lies in [0, 1];
 it enters the dot as e4m3 with the fixed scale 2^8 (a power of two, so the scaling itself is
 exact: P 2^8 spans [0, 256], normals down to p = 2^-14, below that subnormals to 2^-17; smaller
@@ -29,7 +46,7 @@ its own). V is stored transposed, (B, H, d, N), so both dots read their reductio
 contiguously, as Hopper's FP8 tensor-core instructions need. PV_FP8=False keeps P and V in
 the input dtype (bf16) and quantises only Q and K: the benchmark times both.
 
-Error (per element, relative, before accumulation): Q, K, V and P each carry <= 2^-4 rounding,
+Error (per element, relative, before accumulation): Q, K, V and P (centred or not) each carry <= 2^-4 rounding,
 independent across elements, so the output's relative error is a few 2^-4 / sqrt(3) in RMS on
 random data and smaller where few keys dominate (tests/bench/prefill.py measures it against
 the bf16 kernel on the same index). Needs FP8 tensor cores: compute capability >= 8.9.

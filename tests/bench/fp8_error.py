@@ -58,17 +58,20 @@ class Variant:
 VARIANTS = {v.name: v for v in [
     Variant("bf16", bf16=True),
     Variant("fp8 (per block)"),
-    Variant("qk only: P, V bf16", pv="bf16"),
-    Variant("Q, K only: P, V exact", pv="fp32"),
+    Variant("qk only: PV bf16", pv="bf16"),
+    Variant("QK only: PV exact", pv="fp32"),
     Variant("Q per token", q_rows=1),
     Variant("K per 16 rows", k_rows=16),
     Variant("V per channel", v_channel=True),
     Variant("P scale 448", p_scale=E4M3_MAX),
+    Variant("Q smooth (attn_dtype=fp8)", q_smooth=True),
+    Variant("Q+V smooth", q_smooth=True, v_smooth=True),
+    Variant("Q+K smooth", q_smooth=True, k_smooth=True),
     Variant("K smooth", k_smooth=True),
     Variant("K+V smooth", k_smooth=True, v_smooth=True),
-    Variant("K+V smooth, Q per token", k_smooth=True, v_smooth=True, q_rows=1),
+    Variant("K+V smooth + Q per token", k_smooth=True, v_smooth=True, q_rows=1),
     Variant("Q+K+V smooth", q_smooth=True, k_smooth=True, v_smooth=True),
-    Variant("K smooth, qk only", k_smooth=True, pv="bf16"),
+    Variant("K smooth + PV bf16", k_smooth=True, pv="bf16"),
 ]}
 
 
@@ -236,7 +239,7 @@ def study(case: dict, variants) -> dict:
 
 
 def kernel_errors(case: dict, device: str) -> dict:
-    """The real FP8 kernel (attn_dtype=fp8's default and pv_fp8=False) against float64 attention."""
+    """The real FP8 kernel (attn_dtype=fp8's default, other centrings, pv_fp8=False) against float64 attention."""
     from stem_cli.kernels import block_sparse_attn_fp8 as fp8
 
     q, k, v = bf16_inputs(case["q"], case["k"], case["v"])
@@ -245,8 +248,10 @@ def kernel_errors(case: dict, device: str) -> dict:
     index = BlockIndex(case["index"].counts.to(device), case["index"].indices.to(device), case["index"].block_size,
                        case["index"].seq_len)
     got = {}
-    for name, pv_fp8 in (("kernel: attn_dtype=fp8", True), ("kernel: pv_fp8=False", False)):
-        out = fp8.block_sparse_attention(*(x.to(device, dt) for x in (q, k, v)), index, scale=case["scale"], pv_fp8=pv_fp8)
+    for name, pv_fp8, smooth in (("kernel: attn_dtype=fp8 (smooth q)", True, "q"), ("kernel: smooth qkv", True, "qkv"),
+                                 ("kernel: plain per block", True, ""), ("kernel: smooth q, pv_fp8=False", False, "q")):
+        out = fp8.block_sparse_attention(*(x.to(device, dt) for x in (q, k, v)), index, scale=case["scale"], pv_fp8=pv_fp8,
+                                         smooth=smooth)
         got[name] = errors(out.double().cpu(), want)
     return got
 
@@ -275,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--real-length", default="4K", help="prompt tokens for the SmolLM2 activations (default 4K; 0: none)")
     parser.add_argument("--layers", default="2,8,15,22,29", help="SmolLM2 layers to capture (sparse ones: >= 2)")
     parser.add_argument("--shape", default="32/8/128", help="random inputs: query heads/KV heads/head dim")
-    parser.add_argument("--variants", default="all", help="comma-separated variant names, or all")
+    parser.add_argument("--variants", default="all", help="comma-separated variant names (the table's rows), or all")
     parser.add_argument("--kernel", action="store_true", help="also run the real FP8 kernel (CPU: TRITON_INTERPRET=1)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model and the index run")
     parser.add_argument("--seed", type=int, default=0)
