@@ -48,14 +48,21 @@ def _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2):
 
 
 @triton.jit
-def _online_softmax_step_fp8(s, v, m_i, l_i, acc, logit_scale_log2, v_scale, PV_FP8: tl.constexpr,
-                             PRE_ROUND: tl.constexpr):
+def _online_softmax_step_fp8(s, v, m_i, l_i, acc, logit_scale_log2, v_scale, key_bias, PV_FP8: tl.constexpr,
+                             PRE_ROUND: tl.constexpr, KEY_BIAS: tl.constexpr):
     """The step for raw e4m3 products s = q8.k8: logit_scale_log2 = c s^Q s^K log2(e) of this tile, v_scale
-    = s^V of its key block; with PV_FP8, P enters the dot as e4m3(2^8 p), undone with v_scale 2^-8."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * logit_scale_log2)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    = s^V of its key block, key_bias (BLOCK_N,) = c log2(e) qbar.(k_n - kbar) with KEY_BIAS (Q smoothing);
+    with PV_FP8, P enters the dot as e4m3(2^8 p), undone with v_scale 2^-8."""
+    if KEY_BIAS:
+        t = s * logit_scale_log2 + key_bias[None, :]  # -inf stays -inf
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(t - m_safe[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * logit_scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(s * logit_scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s * logit_scale_log2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if PV_FP8:
         pv = tl.dot(to_e4m3(p * 256.0, PRE_ROUND), v) * (v_scale * 0.00390625)
@@ -66,12 +73,12 @@ def _online_softmax_step_fp8(s, v, m_i, l_i, acc, logit_scale_log2, v_scale, PV_
 
 
 @triton.jit
-def _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, kb, FP8: tl.constexpr, PV_FP8: tl.constexpr,
-               PRE_ROUND: tl.constexpr):
+def _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, kb, key_bias, FP8: tl.constexpr,
+               PV_FP8: tl.constexpr, PRE_ROUND: tl.constexpr, KEY_BIAS: tl.constexpr):
     """One key tile of block kb into the running state, by the bf16 or the FP8 step."""
     if FP8:
         m_i, l_i, acc = _online_softmax_step_fp8(s, v, m_i, l_i, acc, qk_scale_log2 * tl.load(ks_base + kb),
-                                                 tl.load(vs_base + kb), PV_FP8, PRE_ROUND)
+                                                 tl.load(vs_base + kb), key_bias, PV_FP8, PRE_ROUND, KEY_BIAS)
     else:
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, qk_scale_log2)
     return m_i, l_i, acc
@@ -111,17 +118,18 @@ def _program_rows(Counts, Indices, scb, sch, scp, sib, sih, sip, sik, n_q_heads,
 
 @triton.jit
 def _block_sparse_attn_fwd(
-    Q, K, V, Out, Lse, Counts, Indices, Start, QS, KS, VS,
+    Q, K, V, Out, Lse, Counts, Indices, Start, QS, KS, VS, VM, KB,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
-    sqsb, sqsh, sksb, sksh, svsb, svsh,
+    sqsb, sqsh, sksb, sksh, svsb, svsh, svmb, svmh, skbb, skbh,
     scb, sch, scp,
     sib, sih, sip, sik,
     n_ctx, qk_scale_log2, n_q_heads, group, index_head_div, head_dim,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     STORE_LSE: tl.constexpr, HAS_START: tl.constexpr, FP8: tl.constexpr, PV_FP8: tl.constexpr, PRE_ROUND: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
 ):
     b, h, kvh, q_block, offs_m, count, row, n_plain = _program_rows(
         Counts, Indices, scb, sch, scp, sib, sih, sip, sik, n_q_heads, group, index_head_div, BLOCK, BLOCK_M)
@@ -146,6 +154,7 @@ def _block_sparse_attn_fwd(
     v_base = V + b * svb + kvh * svh
     ks_base = KS + b * sksb + kvh * sksh
     vs_base = VS + b * svsb + kvh * svsh
+    kbias_base = KB + b * skbb + h * skbh  # (B, Hq, N) float32, read with KEY_BIAS only
     TILES: tl.constexpr = BLOCK // BLOCK_N
     for step in range(0, n_plain * TILES):
         kb = tl.load(row + (step // TILES) * sik)
@@ -155,7 +164,9 @@ def _block_sparse_attn_fwd(
         if HAS_START:
             s = tl.where(offs_n[None, :] >= start, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, kb, FP8, PV_FP8, PRE_ROUND)
+        key_bias = tl.load(kbias_base + offs_n) if KEY_BIAS else offs_n  # offs_n: a placeholder, unread
+        m_i, l_i, acc = _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, kb, key_bias, FP8, PV_FP8,
+                                   PRE_ROUND, KEY_BIAS)
     for step in range(n_plain * TILES, count * TILES):  # the diagonal block: causal, N and padding masks
         offs_n = q_block * BLOCK + (step % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_ctx
@@ -164,9 +175,13 @@ def _block_sparse_attn_fwd(
         keep = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & (offs_n[None, :] >= start)
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, q_block, FP8, PV_FP8,
-                                   PRE_ROUND)
+        key_bias = tl.load(kbias_base + offs_n, mask=n_ok, other=0.0) if KEY_BIAS else offs_n
+        m_i, l_i, acc = _fold_tile(s, v, m_i, l_i, acc, qk_scale_log2, ks_base, vs_base, q_block, key_bias, FP8, PV_FP8,
+                                   PRE_ROUND, KEY_BIAS)
 
+    if PV_FP8:  # V was quantised centred, V - mu: O = acc / l + mu, as (acc + l mu) / l (0 where no key: l = 0)
+        v_mean = tl.load(VM + b * svmb + kvh * svmh + offs_d, mask=d_ok, other=0.0)
+        acc += l_i[:, None] * v_mean[None, :]
     out_ptrs = Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     _write_output(acc, m_i, l_i, out_ptrs, (offs_m[:, None] < n_ctx) & d_ok[None, :], Lse + (b * n_q_heads + h) * n_ctx + offs_m, offs_m < n_ctx, STORE_LSE)
 
@@ -186,7 +201,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "BLOCK", "STORE_LSE", "FP8", "PV_FP8"], prune_configs_by={"early_config_prune": _prune}
+    configs=_configs(), key=["HEAD_DIM", "BLOCK", "STORE_LSE", "FP8", "PV_FP8", "KEY_BIAS"], prune_configs_by={"early_config_prune": _prune}
 )(_block_sparse_attn_fwd)
 
 
@@ -228,24 +243,31 @@ def block_sparse_attention(
 
 
 def launch(q, k, v, scales, index: BlockIndex, buffers, *, n: int, d: int, has_start: bool, return_lse: bool,
-           pv_fp8: bool = False):
+           pv_fp8: bool = False, v_mean: torch.Tensor | None = None, key_bias: torch.Tensor | None = None):
     """Run the kernel on operands q, k, v (bf16/fp16, or e4m3 with `scales` = (Q's, K's, V's) float32
-    (B, H, P) per-block scales: the FP8 variant, P and V in e4m3 too with pv_fp8)."""
+    (B, H, P) per-block scales: the FP8 variant, P and V in e4m3 too with pv_fp8, V quantised as V - v_mean,
+    v_mean (B, Hkv, d) float32, added back to the output; key_bias (B, Hq, N) float32: c log2(e) qbar.(k_n - kbar),
+    added to every logit of key n, Q smoothing)."""
     scale, out, lse, counts, indices, start = buffers
     batch, hq = q.shape[:2]
     hkv = k.shape[1]
     fp8 = scales is not None
     q_scales, k_scales, v_scales = scales if fp8 else (counts, counts, counts)  # unread without FP8
+    if fp8 and pv_fp8 and v_mean is None:
+        raise ValueError("the FP8 P.V path adds V's channel means back: pass v_mean (zeros for an uncentred V)")
+    v_mean = v_mean if fp8 and pv_fp8 else counts  # unread without PV_FP8
+    has_bias = fp8 and key_bias is not None
+    key_bias = key_bias if has_bias else counts  # unread without KEY_BIAS
     head_dim = triton.next_power_of_2(max(d, 32 if fp8 else 16))  # an e4m3 dot reduces over >= 32
     args = (
-        q, k, v, out, lse, counts, indices, start, q_scales, k_scales, v_scales,
+        q, k, v, out, lse, counts, indices, start, q_scales, k_scales, v_scales, v_mean, key_bias,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *q_scales.stride()[:2], *k_scales.stride()[:2], *v_scales.stride()[:2],
+        *q_scales.stride()[:2], *k_scales.stride()[:2], *v_scales.stride()[:2], *v_mean.stride()[:2], *key_bias.stride()[:2],
         *counts.stride(), *indices.stride(),
         n, scale * 1.4426950408889634, hq, hq // hkv, hq // index.num_heads, d,
     )
     meta = dict(BLOCK=index.block_size, HEAD_DIM=head_dim, STORE_LSE=return_lse, HAS_START=has_start, FP8=fp8,
-                PV_FP8=fp8 and pv_fp8, PRE_ROUND=fp8 and pv_fp8 and INTERPRET)
+                PV_FP8=fp8 and pv_fp8, PRE_ROUND=fp8 and pv_fp8 and INTERPRET, KEY_BIAS=has_bias)
     if INTERPRET:
         # The interpreter runs on the CPU: one config, no autotuning.
         bm = min(64, index.block_size)

@@ -19,8 +19,9 @@ Then per length, batch 1, random inputs (v scaled per token so value norms vary)
   compared), block-sparse attention on the new index, Stem total old and new with the
   estimate's share;
 - FP8 attention (kernels/block_sparse_attn_fp8.py) on the same index: attn_fp8_ms (e4m3 Q, K, P, V,
-  what attn_dtype=fp8 runs, its quantisation included; fp8_quantize_ms alone), attn_fp8_qk_ms (e4m3
-  Q and K only, bf16 P and V), each output against the bf16 kernel's (relative error ||o8 - o|| / ||o||
+  what attn_dtype=fp8 runs: Q centred on its channel means, its quantisation included; fp8_quantize_ms
+  alone), attn_fp8_qk_ms (e4m3 Q and K only, bf16 P and V), attn_fp8_plain_ms (no centring: the variant
+  before the error study, tests/bench/fp8_error.py), each output against the bf16 kernel's (relative error ||o8 - o|| / ||o||
   and the worst row's), stem_total_fp8_ms and cudnn_over_stem_fp8 (the target: >= 6.5 at 128K, error <= 3%);
 - dense causal SDPA on cuDNN and FlashAttention-2, FlexAttention on the same index (the
   Triton backend; FLASH where the installed torch offers it, else the row says why not).
@@ -334,7 +335,7 @@ def run_length(n: int, opts: Options, attend) -> dict:
 
 def run_fp8(row: dict, q, k, v, index, out, scale: float, opts: Options) -> None:
     """The FP8 kernel on the bf16 kernel's index: times, and its output against the bf16 output `out`."""
-    keys = ("attn_fp8_ms", "attn_fp8_qk_ms", "fp8_quantize_ms")
+    keys = ("attn_fp8_ms", "attn_fp8_qk_ms", "attn_fp8_plain_ms", "fp8_quantize_ms")
     if "fp8" in opts.skip or index is None or out is None:
         row.update(dict.fromkeys(keys, kb.na("skipped" if "fp8" in opts.skip else "no index")))
         return
@@ -345,11 +346,14 @@ def run_fp8(row: dict, q, k, v, index, out, scale: float, opts: Options) -> None
         row.update(dict.fromkeys(keys, kb.na(reason)))
         return
     block = index.block_size
-    timed(row, "fp8_quantize_ms", lambda: [fp8.quantize_blocks(q, block), fp8.quantize_blocks(k, block),
+    timed(row, "fp8_quantize_ms", lambda: [fp8.quantize_blocks(q, block, mean=fp8.channel_means(q)), fp8.quantize_blocks(k, block),
                                            fp8.quantize_blocks(v, block, transpose=True)], opts)
     kb.free_memory()
-    for key, pv_fp8, name in (("attn_fp8_ms", True, "fp8"), ("attn_fp8_qk_ms", False, "fp8_qk")):
-        got = timed(row, key, partial(fp8.block_sparse_attention, q, k, v, index, scale=scale, pv_fp8=pv_fp8), opts)
+    # attn_dtype=fp8's default (Q centred), the same with bf16 P and V, and the plain per-block variant (no centring).
+    for key, pv_fp8, smooth, name in (("attn_fp8_ms", True, "q", "fp8"), ("attn_fp8_qk_ms", False, "q", "fp8_qk"),
+                                      ("attn_fp8_plain_ms", True, "", "fp8_plain")):
+        got = timed(row, key, partial(fp8.block_sparse_attention, q, k, v, index, scale=scale, pv_fp8=pv_fp8, smooth=smooth),
+                    opts)
         if got is not None:
             row[f"check_{name}_rel_err"], row[f"check_{name}_worst_row_rel_err"] = output_errors(got, out)
         del got
@@ -523,7 +527,8 @@ def print_rows(rows: list[dict], only: str = "all") -> None:
             "stem_total_torch_ms", "stem_total_triton_ms", "estimate_share_triton", "cudnn_ms", "fa2_ms",
             "flex_triton_ms", "flex_flash_ms", "cudnn_over_stem_triton", "flex_over_attn", "attn_tflops", "cudnn_tflops",
             "fp8_quantize_ms", "attn_fp8_qk_ms", "attn_fp8_ms", "attn_over_attn_fp8", "stem_total_fp8_ms", "cudnn_over_stem_fp8",
-            "check_fp8_rel_err", "check_fp8_worst_row_rel_err", "check_fp8_qk_rel_err", "check_fp8_qk_worst_row_rel_err"]
+            "check_fp8_rel_err", "check_fp8_worst_row_rel_err", "check_fp8_qk_rel_err", "check_fp8_qk_worst_row_rel_err",
+            "attn_fp8_plain_ms", "check_fp8_plain_rel_err", "check_fp8_plain_worst_row_rel_err"]
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(format_length(r["n"]) if key == "n" else kb.cell(r.get(key, "n/a")) for key in keys))
