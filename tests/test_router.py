@@ -426,3 +426,13 @@ def test_router_prefill_reads_nothing_back_per_layer(tiny, prompts, tmp_path, mo
     assert offending == [], offending
     assert runtime.recorder.elastic.calls == router.num_layers  # every layer went through the selector
     stem_cli.apply(tiny.model, "dense")
+
+
+def test_router_compare_drops_the_settings_of_a_method_left_out():
+    """A method dropped from the matched-BUD run takes its scoped --set items along (compare refuses an item naming a
+    method it does not run); bare knobs and the other methods' items stay."""
+    from tests.bench.router_compare import for_methods
+
+    items = ["block_size=32", "k_scale=0.5", "elastic.head_map=/m.json", "elastic-router.router=/r.pt"]
+    assert for_methods(items, ["dense", "stem", "elastic", "elastic-router"]) == items
+    assert for_methods(items, ["dense", "stem", "elastic-router"]) == ["block_size=32", "k_scale=0.5", "elastic-router.router=/r.pt"]

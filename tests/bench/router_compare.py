@@ -50,6 +50,12 @@ def overrides(config, head_map: Path, router: Path) -> list[str]:
     return [*bare, f"elastic.head_map={head_map}", f"elastic-router.router={router}"]
 
 
+def for_methods(items: list[str], methods: list[str]) -> list[str]:
+    """The --set items that apply to `methods`: a method-scoped item (elastic.head_map=...) of a method left out of the
+    run would be refused by compare (it names a method not run), so it is dropped with that method."""
+    return [item for item in items if "." not in item.partition("=")[0] or item.partition(".")[0] in methods]
+
+
 def router_deltas(run, methods: list[str], margin: float | None = None) -> list[dict]:
     """The router minus each other method, per length and over all lengths: paired delta (points), interval, verdicts."""
     from stem_cli.report import stats
@@ -124,7 +130,8 @@ def run_compare(*, model: str, name: str, config, head_map: Path, router: Path, 
         methods, dropped = list(METHODS), {}
         while True:
             try:
-                solved = stem_cli.compare(model, methods, lengths=[n], budget=target, **common)
+                solved = stem_cli.compare(model, methods, lengths=[n], budget=target,
+                                          **{**common, "overrides": for_methods(common["overrides"], methods)})
                 break
             except BudgetOutOfReach as e:  # the map's dense heads (or Stem's forced blocks) floor its BUD above the target
                 if e.method not in methods or e.method == "dense":
