@@ -32,15 +32,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _coverage_select(
-    Mass, Valid, First, Counts, Indices,
-    smb, smh, smi, smj,
-    svb, svj,
-    scb, sch, sci,
-    sib, sih, sii, sik,
-    n_heads, p, threshold, sink,
-    BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
-):
+def _row_tile(Valid, First, svb, svj, n_heads, p, BLOCK_P: tl.constexpr, ROWS: tl.constexpr):
+    """This program's ROWS query blocks i against all key blocks j of its (batch, head): the causal block pairs
+    whose both blocks hold a valid token (`allowed`), and the sequence's first valid block fb. Shared with
+    kernels/flexprefill_index.py, which launches over the same (row tile, batch x head) grid."""
     bh = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
@@ -52,6 +47,20 @@ def _coverage_select(
     vi = tl.load(Valid + b * svb + i * svj, mask=row_ok, other=0) != 0
     fb = tl.load(First + b)
     allowed = (jj <= ii) & vj[None, :] & vi[:, None] & row_ok[:, None] & (jj < p)
+    return bh, b, h, i, row_ok, ii, jj, fb, allowed
+
+
+@triton.jit
+def _coverage_select(
+    Mass, Valid, First, Counts, Indices,
+    smb, smh, smi, smj,
+    svb, svj,
+    scb, sch, sci,
+    sib, sih, sii, sik,
+    n_heads, p, threshold, sink,
+    BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
+):
+    bh, b, h, i, row_ok, ii, jj, fb, allowed = _row_tile(Valid, First, svb, svj, n_heads, p, BLOCK_P, ROWS)
     x = tl.load(Mass + b * smb + h * smh + ii * smi + jj * smj, mask=allowed, other=0.0).to(tl.float32)
     x = tl.where(allowed, x, 0.0)
     forced = allowed & (jj >= fb) & ((jj < fb + sink) | (jj == ii))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from stem_cli.index import BlockIndex
+from stem_cli.kernels.coverage_select import _row_tile
 from stem_cli.kernels.tpd_select import prune_rows, row_configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,17 +42,8 @@ def _flexprefill_index(
     n_heads, p,
     BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = i < p
-    j = tl.arange(0, BLOCK_P)
-    ii, jj = i[:, None], j[None, :]
-    vj = tl.load(Valid + b * svb + j * svj, mask=j < p, other=0) != 0
-    vi = tl.load(Valid + b * svb + i * svj, mask=row_ok, other=0) != 0
-    fb = tl.load(First + b)
-    allowed = (jj <= ii) & vj[None, :] & vi[:, None] & row_ok[:, None] & (jj < p) & (jj >= fb)
+    bh, b, h, i, row_ok, ii, jj, fb, allowed = _row_tile(Valid, First, svb, svj, n_heads, p, BLOCK_P, ROWS)
+    allowed = allowed & (jj >= fb)
     delta = tl.maximum(ii - jj, 0)
     head = bh * p  # the (B, H, P) keep vectors are contiguous
     qa = tl.load(QueryAware + bh) != 0
