@@ -31,7 +31,7 @@ from stem_cli.kernels.row_sort import BIG, MAX_SORT, _sort
 def _anchor_row(
     row, Info, Ranked, Prev, KeyValid, Logits, Lse, Index, Static, Scratch, Delta, Flags,
     s_ranked, s_prev, svb, s_index, s_static, s_scr,
-    n_rows, n_kv_heads, group, n_keys, n_forced, width, ranked_width, ranked_div, prev_width, n_inherit, n_cols, r,
+    n_rows, n_kv_heads, group, n_keys, n_forced, width, ranked_width, ranked_div, prev_width, n_inherit, s_logit, r,
     USE_TIME: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PREV: tl.constexpr, HAS_LOGITS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     SHARE_ITERS: tl.constexpr,
@@ -75,7 +75,7 @@ def _anchor_row(
             offs_k = c + tl.arange(0, BLOCK_K)
             idx = tl.load(Index + row64 * s_index + offs_k, mask=offs_k < n_forced + width, other=-1)
             ok = h_ok[:, None] & (idx >= 0)[None, :]
-            lg = tl.load(Logits + (row64 * group + offs_h)[:, None] * n_cols + idx[None, :], mask=ok, other=float("-inf"))
+            lg = tl.load(Logits + (row64 * group + offs_h)[:, None] * s_logit + idx[None, :], mask=ok, other=float("-inf"))
             pk = tl.where(ok, tl.exp(lg - lse0[:, None]), 0.0)
             kept += tl.sum(pk.to(tl.float64), 1)
         d = tl.where(finite, tl.minimum(tl.maximum(1.0 - kept, 0.0), 1.0), 0.0)

@@ -43,13 +43,23 @@ from stem_cli.kernels.row_sort import BIG, INTERPRET, MAX_SORT, _arrive, _sort  
 
 MAX_KEEP = 4096  # the widest salient set the chunked top-k serves (a sort of 4 * MAX_KEEP keys per program)
 
+# Integer arguments that change with the cache length or from layer to layer (PrHS's frozen span). Triton
+# compiles a variant per pattern of "equals 1" / "divisible by 16" of each int argument; unspecialised, these
+# kernels compile once per shape instead of once for every such pattern a generation meets (about a minute each
+# for _topk_tree with its epilogue). Row strides that vector loads need stay specialised: they are padded.
+ANCHOR_LOGITS_LENGTHS = ("svb", "lo", "n_cols", "n_parts")
+TOPK_TREE_LENGTHS = ANCHOR_LOGITS_LENGTHS + ("window_start", "n_chunks", "n_merge", "tickets_per_row", "width", "s_prev", "n_keys",
+                                             "ranked_div", "prev_width", "n_inherit")
+SORT_ROWS_LENGTHS = ("n_cols", "out_cols")
+LSE_TILE = 128  # scoring parts combined per iteration into lse (128 parts of 1,024 keys: 128K in one)
 
-@triton.jit
+
+@triton.jit(do_not_specialize=ANCHOR_LOGITS_LENGTHS)
 def _anchor_logits(
     Q, K, Active, KeyValid, FreezeEnd, Logits, PartM, PartS,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
-    svb,
+    svb, s_logit,
     n_kv_heads, group, lo, n_cols, n_parts, scale, head_dim,
     HAS_VALID: tl.constexpr, HAS_FREEZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -85,7 +95,7 @@ def _anchor_logits(
             if HAS_FREEZE:
                 ok = ok & (pos >= freeze_end)
             s = tl.where(ok[None, :], s, float("-inf"))
-            tl.store(Logits + out_rows[:, None] * n_cols + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
+            tl.store(Logits + out_rows[:, None] * s_logit + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
@@ -95,14 +105,14 @@ def _anchor_logits(
     tl.store(PartS + slot, s_i, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOPK_TREE_LENGTHS)
 def _topk_tree(
     Logits, PartM, PartS, Lse, Active, KeyValid, Start, SinkEnd, ExclEnd, KRows, Buf, Tickets, Ranked,
-    svb,
-    n_rows, n_kv_heads, group, lo, n_cols, n_parts, window_start, sinks, n_chunks, buf_stride, tickets_per_row, width,
+    svb, s_logit,
+    n_rows, n_kv_heads, group, lo, n_cols, n_parts, window_start, sinks, n_chunks, n_merge, buf_stride, tickets_per_row, width,
     Info, Prev, Index, Static, Scratch, Delta, Flags, Counts, Accum,
     s_prev, s_index, s_static, s_scr, n_keys, n_forced, salient_width, ranked_div, prev_width, n_inherit, r,
-    N_MERGE: tl.constexpr, HAS_VALID: tl.constexpr, CHUNK: tl.constexpr, KEEP: tl.constexpr,
+    HAS_VALID: tl.constexpr, CHUNK: tl.constexpr, KEEP: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     ANCHOR_ROWS: tl.constexpr, USE_TIME: tl.constexpr, HAS_PREV: tl.constexpr, HAS_LOGITS: tl.constexpr,
     HAS_ACCUM: tl.constexpr, BLOCK_PREV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -122,19 +132,25 @@ def _topk_tree(
         j_ok = j < n_cols
         pos = lo + j
         rows_h = row64 * group + offs_h
-        # lse_h from the scoring parts' (max, sum exp), in every program (the first one stores it)
-        offs_p = tl.arange(0, BLOCK_P)
-        p_ok = h_ok[:, None] & (offs_p < n_parts)[None, :]
-        part_m = tl.load(PartM + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=float("-inf"))
-        part_s = tl.load(PartS + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=0.0)
-        m_max = tl.max(part_m, 1)
+        # lse_h from the scoring parts' (max, sum exp), in every program (the first one stores it), BLOCK_P parts
+        # at a time (a fixed tile: no compiled variant per power of two of the length)
+        m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_H], tl.float32)
+        for p0 in range(0, n_parts, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = h_ok[:, None] & (offs_p < n_parts)[None, :]
+            part_m = tl.load(PartM + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=float("-inf"))
+            part_s = tl.load(PartS + rows_h[:, None] * n_parts + offs_p[None, :], mask=p_ok, other=0.0)
+            m_new = tl.maximum(m_max, tl.max(part_m, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.exp(m_max - m_safe) + tl.sum(part_s * tl.exp(part_m - m_safe[:, None]), 1)
+            m_max = m_new
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-        total = tl.sum(part_s * tl.exp(part_m - m_safe[:, None]), 1)
         lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
         if c == 0:
             tl.store(Lse + rows_h, lse, mask=h_ok)
         lse = tl.where(lse == float("-inf"), 0.0, lse)
-        logit = tl.load(Logits + rows_h[:, None] * n_cols + j[None, :], mask=h_ok[:, None] & j_ok[None, :], other=float("-inf"))
+        logit = tl.load(Logits + rows_h[:, None] * s_logit + j[None, :], mask=h_ok[:, None] & j_ok[None, :], other=float("-inf"))
         score = tl.sum(tl.exp(logit - lse[:, None]), 0) / group
         cand = j_ok
         if HAS_VALID:
@@ -145,7 +161,7 @@ def _topk_tree(
         cand = cand & ~((rank >= 0) & (rank < sinks)) & (pos < window_start) & ~((pos >= sink_end) & (pos < excl_end))
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # a score >= 0: its bits order as it does
         key = _sort(tl.where(cand, (bits << 32) | (0x7FFFFFFF - pos.to(tl.int64)), -1), descending=True)
-        if N_MERGE > 0:
+        if n_merge > 0:
             tl.store(Buf + row64 * buf_stride + c * KEEP + offs, key, mask=offs < KEEP)
 
     # merge levels: the last program to finish of each FAN nodes merges them (the best KEEP of the union of
@@ -155,7 +171,7 @@ def _topk_tree(
     n_nodes = n_chunks
     in_off = 0
     t_off = 0
-    for lvl in tl.static_range(N_MERGE):
+    for lvl in range(n_merge):  # a loop, not unrolled: one copy of the sort whatever the depth (compile time)
         grp = node // (CHUNK // KEEP)
         members = tl.minimum(CHUNK // KEEP, n_nodes - grp * (CHUNK // KEEP))
         last = go
@@ -165,7 +181,7 @@ def _topk_tree(
                 at = grp * CHUNK + offs
                 key = tl.load(Buf + row64 * buf_stride + in_off + at, mask=at < n_nodes * KEEP, other=-1, cache_modifier=".cg")
                 key = _sort(key, descending=True)
-                if lvl < N_MERGE - 1:
+                if lvl < n_merge - 1:
                     tl.store(Buf + row64 * buf_stride + in_off + n_nodes * KEEP + grp * KEEP + offs, key, mask=offs < KEEP)
         go = last
         in_off += n_nodes * KEEP
@@ -183,7 +199,7 @@ def _topk_tree(
                 _anchor_row(row, Info, Ranked, Prev, KeyValid, Logits, Lse, Index, Static, Scratch, Delta, Flags,
                             width, s_prev, svb, s_index, s_static, s_scr,
                             n_rows, n_kv_heads, group, n_keys, n_forced, salient_width, width, ranked_div, prev_width,
-                            n_inherit, n_cols, r,
+                            n_inherit, s_logit, r,
                             USE_TIME=USE_TIME, HAS_VALID=HAS_VALID, HAS_PREV=HAS_PREV, HAS_LOGITS=HAS_LOGITS,
                             BLOCK_P=BLOCK_PREV, BLOCK_A=BLOCK_A, BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
                             SHARE_ITERS=SHARE_ITERS)
@@ -237,7 +253,9 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
     q3 = q.reshape(b, hkv * g, d)
     block_n, tiles = 64, 16
     n_parts = triton.cdiv(max(n_cols, 1), block_n * tiles)
-    logits = torch.empty(rows, g, max(n_cols, 0), dtype=torch.float32, device=dev)
+    # rows padded to 16 floats: the row stride is then always a multiple of 16 (vector loads, one compiled variant)
+    logits = torch.empty(rows, g, triton.cdiv(max(n_cols, 0), 16) * 16, dtype=torch.float32, device=dev)[..., :max(n_cols, 0)]
+    s_logit = logits.stride(1)
     part_m = torch.empty(rows, g, n_parts, dtype=torch.float32, device=dev)
     part_s = torch.empty_like(part_m)
     has_valid = key_valid is not None
@@ -246,7 +264,7 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
     fe = freeze_end.contiguous() if freeze_end is not None else flags
     block_h = max(16, triton.next_power_of_2(g))
     _anchor_logits[(rows, n_parts)](
-        q3, k, flags, valid, fe, logits, part_m, part_s, *q3.stride(), *k.stride(), svb,
+        q3, k, flags, valid, fe, logits, part_m, part_s, *q3.stride(), *k.stride(), svb, s_logit,
         hkv, g, lo, n_cols, n_parts, scale, d,
         HAS_VALID=has_valid, HAS_FREEZE=freeze_end is not None,
         BLOCK_H=block_h, BLOCK_N=block_n, TILES=tiles, HEAD_DIM=triton.next_power_of_2(max(d, 16)), num_warps=4,
@@ -265,13 +283,13 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
     none = flags  # placeholder pointers, never read
     # no dot product here: the group's heads need no padding to 16 (a CHUNK x 16 float32 tile would spill)
     _topk_tree[(rows, levels[0])](
-        logits, part_m, part_s, lse, flags, valid, start_l, sink_l, excl_l, k_l, buf, tickets, ranked, svb,
-        rows, hkv, g, lo, n_cols, n_parts, window_start, sinks, levels[0], buf.stride(0), per_row, out_width,
+        logits, part_m, part_s, lse, flags, valid, start_l, sink_l, excl_l, k_l, buf, tickets, ranked, svb, s_logit,
+        rows, hkv, g, lo, n_cols, n_parts, window_start, sinks, levels[0], n_merge, buf.stride(0), per_row, out_width,
         *(ep.get(name, none) for name in ("info", "prev", "index", "static", "scratch", "delta", "flags", "counts", "accum")),
         *(ep.get(name, 0) for name in ("s_prev", "s_index", "s_static", "s_scr", "n_keys", "n_forced", "salient_width",
                                        "ranked_div", "prev_width", "n_inherit", "r")),
-        N_MERGE=n_merge, HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)),
-        BLOCK_P=max(2, triton.next_power_of_2(n_parts)), ANCHOR_ROWS=epilogue is not None,
+        HAS_VALID=has_valid, CHUNK=chunk, KEEP=keep, BLOCK_H=max(2, triton.next_power_of_2(g)),
+        BLOCK_P=LSE_TILE, ANCHOR_ROWS=epilogue is not None,
         **{name: ep.get(name, False) for name in ("USE_TIME", "HAS_PREV", "HAS_LOGITS", "HAS_ACCUM")},
         **{name: ep.get(name, 2) for name in ("BLOCK_PREV", "BLOCK_A", "BLOCK_S", "BLOCK_K", "SHARE_ITERS")},
         BLOCK_R=max(2, min(64, triton.next_power_of_2(rows))), num_warps=8,
@@ -285,7 +303,7 @@ def tickets_size(rows: int, levels: list[int]) -> int:
     return rows * sum(levels[1:]) + 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SORT_ROWS_LENGTHS)
 def _sort_rows(X, Out, n_cols, out_cols, sx, so, DEDUPE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)

@@ -29,7 +29,12 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Integer arguments that change with the cache length or from layer to layer: unspecialised, one compiled
+# variant per shape instead of one per "equals 1 / divisible by 16" pattern of them (see prhs_select.py).
+SHARE_LENGTHS = ("svb", "s_prev", "n_keys", "window_start", "prev_width", "inherit_cap")
+
+
+@triton.jit(do_not_specialize=SHARE_LENGTHS)
 def _prhs_share(
     Q, QA, QN, Has, TS, Static, KeyValid, Start, NValid, Prev, Fracs,
     Final, Anchor, Flags, Info, Delta, Known,

@@ -38,7 +38,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_ALIGN = 64  # split chunks are whole multiples of the widest BLOCK_N
 
 
-@triton.jit
+# Integer arguments that change with the cache length (every decode step): unspecialised, so a generation
+# compiles each kernel once rather than once per "divisible by 16" pattern of them (chunk stays: it is aligned).
+PARTIAL_LENGTHS = ("n_keys", "n_entries", "n_splits")
+GATED_LENGTHS = ("lo", "n_cols")
+
+
+@triton.jit(do_not_specialize=PARTIAL_LENGTHS)
 def _sparse_decode_partial(
     Q, K, V, Idx, Counts, Acc, M, L,
     sqb, sqh, sqd,
@@ -97,7 +103,7 @@ def _sparse_decode_partial(
     tl.store(Acc + out_heads[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_splits",))
 def _sparse_decode_combine(
     Acc, M, L, Out, Lse,
     sob, soh, sod,
@@ -215,11 +221,11 @@ def sparse_decode_attention(
     return (out, lse) if return_lse else out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GATED_LENGTHS)
 def _gated_logits(
     Q, K, Active, Out,
     sqb, sqh, sqd,
-    skb, skh, skn, skd,
+    skb, skh, skn, skd, s_out,
     n_kv_heads, group, lo, n_cols, scale, head_dim,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -243,7 +249,7 @@ def _gated_logits(
     s = tl.dot(q, k).to(Q.dtype.element_ty).to(tl.float32) * scale
     s = tl.where(read[None, :], s, float("-inf"))
     out_rows = row.to(tl.int64) * group + offs_h
-    tl.store(Out + out_rows[:, None] * n_cols + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
+    tl.store(Out + out_rows[:, None] * s_out + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
 
 
 def gated_logits(q: torch.Tensor, k: torch.Tensor, active: torch.Tensor, *, lo: int = 0, scale: float) -> torch.Tensor:
@@ -252,7 +258,8 @@ def gated_logits(q: torch.Tensor, k: torch.Tensor, active: torch.Tensor, *, lo: 
     (PrHS's scoring at a step where only some rows re-anchor, with no host sync to find out which)."""
     b, hkv, g, d = q.shape
     n_cols = k.shape[2] - lo
-    out = torch.empty(b * hkv, g, max(n_cols, 0), dtype=torch.float32, device=q.device)
+    # rows padded to 16 floats: the row stride is always a multiple of 16 (vector stores, one compiled variant)
+    out = torch.empty(b * hkv, g, triton.cdiv(max(n_cols, 0), 16) * 16, dtype=torch.float32, device=q.device)[..., :max(n_cols, 0)]
     if n_cols <= 0:
         return out
     q3 = q.reshape(b, hkv * g, d)
@@ -260,7 +267,7 @@ def gated_logits(q: torch.Tensor, k: torch.Tensor, active: torch.Tensor, *, lo: 
     block_n = 64
     grid = (b * hkv, triton.cdiv(n_cols, block_n))
     _gated_logits[grid](
-        q3, k, flags, out, *q3.stride(), *k.stride(), hkv, g, lo, n_cols, scale, d,
+        q3, k, flags, out, *q3.stride(), *k.stride(), out.stride(1), hkv, g, lo, n_cols, scale, d,
         BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, HEAD_DIM=triton.next_power_of_2(max(d, 16)),
         num_warps=4,
     )
