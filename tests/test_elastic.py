@@ -339,13 +339,17 @@ def test_router_sees_pre_rope_keys_inside_the_model(tiny, tmp_path, monkeypatch)
 
 
 def tiny_model(arch: str, layers: int = 3):
-    """A random tiny Llama (k_proj only) or Qwen3 (k_proj then k_norm), 4 query / 2 KV heads, head dim 16."""
-    from transformers import Qwen3Config
+    """A random tiny Llama (k_proj only), Qwen3 (k_proj then k_norm) or Gemma3 (k_norm after the heads move
+    forward: (B, Hkv, N, d)), 4 query / 2 KV heads, head dim 16."""
+    from transformers import Gemma3TextConfig, Qwen3Config
 
     torch.manual_seed(0)
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlamaConfig(**common) if arch == "llama" else Qwen3Config(**common)
+    if arch == "gemma3":  # every layer global (a sliding window would keep the layer out of elastic's routing)
+        cfg = Gemma3TextConfig(**common, layer_types=["full_attention"] * layers)
+    else:
+        cfg = LlamaConfig(**common) if arch == "llama" else Qwen3Config(**common)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     with torch.no_grad():
         for layer in model.model.layers:
@@ -354,14 +358,14 @@ def tiny_model(arch: str, layers: int = 3):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_pooled_keys_through_hooks_equal_brute_force(arch, tmp_path, monkeypatch):
     """Pooled keys seen by the router == k_proj (+ k_norm) recomputed on each layer's input, with left padding."""
     import stem_cli.elastic.modes as modes_mod
 
     model = tiny_model(arch)
     attn = [layer.self_attn for layer in model.model.layers]
-    assert hasattr(attn[0], "k_norm") == (arch == "qwen3")
+    assert hasattr(attn[0], "k_norm") == (arch != "llama")
     router = new_router(model, model_name=arch, config=small_config(), target_sparsity=0.5, dense_layers=[0])
     path = router.save(tmp_path / "r.pt")
     seen, inputs = [], {}
@@ -393,7 +397,7 @@ def test_pooled_keys_through_hooks_equal_brute_force(arch, tmp_path, monkeypatch
         for feats, layer in zip(seen, (1, 2)):
             a = attn[layer]
             keys = a.k_proj(inputs[layer]).view(2, n, 2, 16)
-            if arch == "qwen3":
+            if arch != "llama":  # per head, on (B, N, Hkv, d): the same values as Gemma3's k_norm on (B, Hkv, N, d)
                 keys = a.k_norm(keys)
             for b, start in enumerate((0, 37)):
                 valid = keys[b, start:].float()
@@ -403,10 +407,8 @@ def test_pooled_keys_through_hooks_equal_brute_force(arch, tmp_path, monkeypatch
 
 def _elastic_hooks(model):
     """(hooks on each layer's key source, hooks on each attention layer) that are ours."""
-    from stem_cli.elastic.modes import key_source
-
     attn = [layer.self_attn for layer in model.model.layers]
-    return [len(key_source(a)._forward_hooks) for a in attn], [len(a._forward_hooks) for a in attn]
+    return [len(a.k_proj._forward_hooks) for a in attn], [len(a._forward_hooks) for a in attn]
 
 
 def test_reapplying_elastic_keeps_one_hook_per_layer(tmp_path):

@@ -163,17 +163,19 @@ def _combine(parts: dict, head_modes: torch.Tensor, batch: int, heads: int, p: i
 
 
 class PreRopeKeys:
-    """The latest pre-RoPE keys per layer, written by forward hooks on the model's key projection.
+    """The latest pre-RoPE keys per layer, (B, N, Hkv, d), written by forward hooks on the key projection.
 
     The selector gets q/k/v after RoPE only; the router wants the keys before RoPE. `prepare`
-    (at stem_cli.apply time) hooks each routed attention layer's `k_norm` where it has one
-    (Qwen3, Gemma3: the normalised keys) else its `k_proj`; the hook keeps a reference to that
-    output (no copy) here, the selector takes it, and a hook on the attention layer itself
-    drops whatever is left when the layer's forward ends, so nothing outlives the layer's call.
+    (at stem_cli.apply time) hooks each routed attention layer's `k_proj`; the hook stores its
+    output viewed per head and, where the layer has a `k_norm` (Qwen3, Gemma3), normalised by it
+    here: the model applies k_norm before or after moving heads forward (Qwen3 on (B, N, Hkv, d),
+    Gemma3 on (B, Hkv, N, d)), a per-vector norm that gives the same values either way, so one
+    layout serves every model. A hook on the attention layer itself drops whatever is left when
+    the layer's forward ends, so nothing outlives the layer's call.
     """
 
     def __init__(self):
-        self.keys: dict[int, torch.Tensor] = {}  # layer -> k_norm / k_proj output of its current call
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> pre-RoPE keys (B, N, Hkv, d) of its current call
         self.handles: list = []  # torch RemovableHandles of the hooks writing here
 
     def take(self, layer: int) -> torch.Tensor | None:
@@ -189,25 +191,30 @@ class PreRopeKeys:
         self.keys.clear()
 
 
-def key_source(module: torch.nn.Module) -> torch.nn.Module:
-    """The submodule whose output is the pre-RoPE keys: k_norm where the layer has one, else k_proj."""
+def pre_rope_keys(module: torch.nn.Module, k_proj_output: torch.Tensor) -> torch.Tensor:
+    """An attention layer's pre-RoPE keys (B, N, Hkv, d) from its k_proj output (B, N, Hkv * d): viewed per
+    head, then through the layer's k_norm where it has one (Qwen3, Gemma3; Llama has none)."""
+    keys = k_proj_output.view(*k_proj_output.shape[:-1], -1, module.head_dim)
     norm = getattr(module, "k_norm", None)
-    return norm if isinstance(norm, torch.nn.Module) else module.k_proj
+    if isinstance(norm, torch.nn.Module):
+        with torch.no_grad():  # the router's input only (pooled_keys detaches it too)
+            keys = norm(keys)
+    return keys
 
 
 def hook_pre_rope_keys(modules, holder: PreRopeKeys) -> list:
-    """Hook each attention layer in `modules` to store its pre-RoPE keys in `holder`; the handles."""
+    """Hook each attention layer in `modules` to store its pre-RoPE keys (B, N, Hkv, d) in `holder`; the handles."""
     handles = []
     for module in modules:
         layer = module.layer_idx
 
-        def store(_source, _inputs, output, layer=layer):
-            holder.keys[layer] = output
+        def store(_source, _inputs, output, layer=layer, module=module):
+            holder.keys[layer] = pre_rope_keys(module, output)
 
         def drop(_module, _inputs, _output, layer=layer):
             holder.keys.pop(layer, None)
 
-        handles.append(key_source(module).register_forward_hook(store))
+        handles.append(module.k_proj.register_forward_hook(store))
         handles.append(module.register_forward_hook(drop))
     holder.handles.extend(handles)
     return handles
@@ -292,8 +299,9 @@ def pooled_keys(pre_rope: torch.Tensor | None, k: torch.Tensor, key_valid: torch
     """
     batch, hkv, n, d = k.shape
     if pre_rope is None or tuple(pre_rope.shape[:2]) != (batch, n) or pre_rope.numel() != batch * n * hkv * d:
-        _notice("elastic:post-rope", "stem elastic: no pre-RoPE keys were captured for this layer (the config was not "
-                "prepared by stem_cli.apply); the router sees pooled post-RoPE keys instead")
+        why = ("no pre-RoPE keys were captured for this layer (the config was not prepared by stem_cli.apply)" if pre_rope is None
+               else f"the captured pre-RoPE keys {tuple(pre_rope.shape)} do not match the layer's (B, N, Hkv, d) = {(batch, n, hkv, d)}")
+        _notice("elastic:post-rope", f"stem elastic: {why}; the router sees pooled post-RoPE keys instead")
         keys = k.detach().transpose(1, 2)  # (B, N, Hkv, d)
     else:
         keys = pre_rope.detach().reshape(batch, n, hkv, d)

@@ -127,20 +127,21 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(n)
     ids = torch.randint(100, model.config.vocab_size - 100, (1, n), generator=gen).to(device)
-    # The real pre-RoPE keys (k_proj / k_norm outputs) of every routed layer, from one dense forward.
-    from stem_cli.elastic.modes import key_source
+    # The real pre-RoPE keys (k_proj, then k_norm where the model has one) of every routed layer, from one dense forward.
+    from stem_cli.elastic.modes import pre_rope_keys
 
     captured, hooks = {}, []
     for m in attention_modules(model):
         if router.routes(m.layer_idx) and getattr(m, "sliding_window", None) is None:  # as elastic's prepare: full-attention layers
-            hooks.append(key_source(m).register_forward_hook(lambda _m, _i, out, l=m.layer_idx: captured.__setitem__(l, out.detach())))
+            hooks.append(m.k_proj.register_forward_hook(
+                lambda _m, _i, out, m=m: captured.__setitem__(m.layer_idx, pre_rope_keys(m, out.detach()))))
     stem_cli.apply(model, "dense")
     with torch.no_grad():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     for h in hooks:
         h.remove()
     hkv, d = router.num_kv_heads, router.head_dim
-    post = {l: k.view(1, n, hkv, d).transpose(1, 2) for l, k in captured.items()}  # stands in for the post-RoPE k (shape only)
+    post = {l: k.reshape(1, n, hkv, d).transpose(1, 2) for l, k in captured.items()}  # stands in for the post-RoPE k (shape only)
 
     def route_all():
         with torch.no_grad():
