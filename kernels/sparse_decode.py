@@ -13,9 +13,14 @@ its used entries, loads the whole GQA group's queries as one BLOCK_H x d tile
 keys at a time into the online-softmax state (running max m, sum l, unnormalised
 accumulator; exponentials in base 2 with log2(e) folded into the scale), then
 writes (m, l, acc) for its split.
-Pass 2 (grid: B * Hq): m* = max_s m_s, w_s = 2^(m_s - m*),
+Pass 2: m* = max_s m_s, w_s = 2^(m_s - m*),
 o = sum_s w_s acc_s / sum_s w_s l_s, lse = ln 2 (m* + log2 sum_s w_s l_s).
-Empty rows give zeros and lse = -inf, never NaN.
+Empty rows give zeros and lse = -inf, never NaN. Pass 2 runs in pass 1's launch: the
+last split program of a row to finish (a ticket, row_sort._arrive) combines the row's
+splits for its GQA group, so a call is one launch. Its tickets are a per-device int32
+buffer every launch leaves at zero (CUDA graphs replay it); during a graph capture that
+finds no buffer yet (none may be allocated there), pass 2 is a second launch
+(_sparse_decode_combine, grid B * Hq), said once.
 
 With no index (indices=None) the same two passes attend to every position:
 flash-decoding split-K, the dense baseline of the decode benchmark.
@@ -28,11 +33,13 @@ twice (at least one BLOCK_N tile per split); autotuned on the tile shapes.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from stem_cli.kernels.block_sparse_attn import _online_softmax_step
+from stem_cli.kernels.row_sort import _arrive
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_ALIGN = 64  # split chunks are whole multiples of the widest BLOCK_N
@@ -46,15 +53,16 @@ GATED_LENGTHS = ("lo", "n_cols")
 
 @triton.jit(do_not_specialize=PARTIAL_LENGTHS)
 def _sparse_decode_partial(
-    Q, K, V, Idx, Counts, Acc, M, L,
+    Q, K, V, Idx, Counts, Acc, M, L, Out, Lse, Tickets,
     sqb, sqh, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sib, sih, sik,
     scb, sch,
+    sob, soh, sod,
     n_kv_heads, group, n_keys, n_entries, chunk, n_splits, qk_scale_log2, head_dim,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_COUNTS: tl.constexpr,
-    HAS_INDEX: tl.constexpr,
+    HAS_INDEX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
 ):
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,6 +109,36 @@ def _sparse_decode_partial(
     tl.store(M + out_heads, m_i, mask=h_ok)
     tl.store(L + out_heads, l_i, mask=h_ok)
     tl.store(Acc + out_heads[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_ok[:, None])
+    if FUSED_COMBINE:
+        if _arrive(Tickets + pid_row, n_splits):  # the row's last split: pass 2 for its group's heads
+            _combine_group(Acc, M, L, Out, Lse, b, heads, h_ok, offs_d, sob, soh, sod, n_kv_heads * group, n_splits,
+                           head_dim, HEAD_DIM=HEAD_DIM, BLOCK_H=BLOCK_H)
+
+
+@triton.jit
+def _combine_group(Acc, M, L, Out, Lse, b, heads, h_ok, offs_d, sob, soh, sod, n_q_heads, n_splits, head_dim,
+                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Pass 2 for the heads of one GQA group, split by split (the splits were written by other programs of
+    the launch: read through L2, .cg)."""
+    base = (b * n_q_heads + heads) * n_splits  # (BLOCK_H,) first split of each head
+    m_star = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    for s in range(n_splits):
+        m_star = tl.maximum(m_star, tl.load(M + base + s, mask=h_ok, other=float("-inf"), cache_modifier=".cg"))
+    m_safe = tl.where(m_star == float("-inf"), 0.0, m_star)
+    l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for s in range(n_splits):
+        m = tl.load(M + base + s, mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))
+        l_sum += w * tl.load(L + base + s, mask=h_ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(Acc + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * a
+    has_key = l_sum > 0
+    out = acc / tl.where(has_key, l_sum, 1.0)[:, None]
+    tl.store(Out + b * sob + heads[:, None] * soh + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
+             mask=h_ok[:, None] & (offs_d < head_dim)[None, :])
+    lse = tl.where(has_key, (m_safe + tl.math.log2(tl.where(has_key, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + b * n_q_heads + heads, lse, mask=h_ok)
 
 
 @triton.jit(do_not_specialize=("n_splits",))
@@ -157,6 +195,25 @@ def _num_splits(rows: int, width: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(max(width, 1), chunk), chunk
 
 
+_TICKETS: dict[tuple, torch.Tensor] = {}  # (device, rows) -> int32 zeros, left at zero by every launch
+
+
+def _tickets(device: torch.device, rows: int) -> torch.Tensor | None:
+    """The per-device ticket buffer of the fused pass 2 (one counter per row), made on first use and kept (a CUDA
+    graph that captured it keeps using it). None while a graph is being captured before one exists: nothing may
+    be allocated for later there, so that call combines in a second launch (said once). Calls on one device
+    run on one stream at a time (as a decode loop does): two concurrent streams would share the counters."""
+    key = (device.type, device.index, rows)
+    buf = _TICKETS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            warnings.warn("stem sparse decode: first call inside a CUDA graph capture; pass 2 runs as a second launch in "
+                          "this graph (run one step eagerly before capturing for the one-launch path)", stacklevel=3)
+            return None
+        buf = _TICKETS[key] = torch.zeros(rows, dtype=torch.int32, device=device)
+    return buf
+
+
 def sparse_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,22 +257,26 @@ def sparse_decode_attention(
     acc = torch.empty(batch, hq, n_splits, head_dim, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, hq, n_splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
+    out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
+    tickets = _tickets(q.device, batch * hkv)
+    fused = tickets is not None
     args = (
-        q3, k, v, idx, cnt, acc, m, l,
-        *q3.stride(), *k.stride(), *v.stride(), *idx_strides, *(cnt.stride() if has_counts else (0, 0)),
+        q3, k, v, idx, cnt, acc, m, l, out, lse, tickets if fused else m,  # m: a placeholder pointer, never read
+        *q3.stride(), *k.stride(), *v.stride(), *idx_strides, *(cnt.stride() if has_counts else (0, 0)), *out.stride(),
         hkv, group, n_keys, width, chunk, n_splits, scale * 1.4426950408889634, d,
     )
     grid = (batch * hkv, n_splits)
+    flags = dict(BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index, FUSED_COMBINE=fused)
     if INTERPRET:  # the interpreter runs on the CPU: one config, no autotuning
-        _sparse_decode_partial[grid](*args, BLOCK_H=block_h, BLOCK_N=32, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index)
+        _sparse_decode_partial[grid](*args, BLOCK_N=32, **flags)
     else:
-        _tuned[grid](*args, BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index)
-    out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
-    _sparse_decode_combine[(batch * hq,)](
-        acc, m, l, out, lse, *out.stride(), hq, n_splits, d,
-        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HEAD_DIM=head_dim,
-    )
+        _tuned[grid](*args, **flags)
+    if not fused:
+        _sparse_decode_combine[(batch * hq,)](
+            acc, m, l, out, lse, *out.stride(), hq, n_splits, d,
+            BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HEAD_DIM=head_dim,
+        )
     if squeeze:
         out = out[:, :, None]
     return (out, lse) if return_lse else out
