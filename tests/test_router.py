@@ -436,3 +436,24 @@ def test_router_compare_drops_the_settings_of_a_method_left_out():
     items = ["block_size=32", "k_scale=0.5", "elastic.head_map=/m.json", "elastic-router.router=/r.pt"]
     assert for_methods(items, ["dense", "stem", "elastic", "elastic-router"]) == items
     assert for_methods(items, ["dense", "stem", "elastic-router"]) == ["block_size=32", "k_scale=0.5", "elastic-router.router=/r.pt"]
+
+
+def test_sliding_window_layers_get_no_router(tmp_path):
+    """Gemma-3's local layers are never the method's (hook.governed): the router has none for them (a router per
+    layer would be dead weight: 13 of Gemma-3-270M's 16 non-dense layers), keeps the list through its file, and
+    starts its routed heads at the target (the prior counts governed layers only)."""
+    from stem_cli.elastic.train import new_router
+    from stem_cli.hook import attention_modules
+
+    gemma = load_model("tiny-gemma3", device="cpu")  # layers 0-2 sliding window, layer 3 global
+    local = [m.layer_idx for m in attention_modules(gemma.model) if getattr(m, "sliding_window", None) is not None]
+    assert local == [0, 1, 2]
+    router = new_router(gemma.model, model_name="tiny-gemma3", config=ElasticConfig(**SMALL), target_sparsity=0.6)
+    assert [layer for layer in range(4) if router.routes(layer)] == [3]
+    assert router.unrouted_layers == (0, 1, 2)
+    feats = torch.randn(1, 2, 32)
+    p_dense = torch.softmax(router.logits(3, feats), -1)[..., DENSE]
+    torch.testing.assert_close(p_dense, torch.full_like(p_dense, 0.4), rtol=0.05, atol=0.05)  # ~ 1 - target
+    again = load_router(router.save(tmp_path / "g.pt"))
+    assert again.unrouted_layers == (0, 1, 2) and [layer for layer in range(4) if again.routes(layer)] == [3]
+    torch.testing.assert_close(again.logits(3, feats), router.logits(3, feats))

@@ -88,6 +88,7 @@ class ElasticRouter(nn.Module):
         *,
         hidden: int | None = None,
         dense_layers=(),
+        unrouted_layers=(),
         model: str | dict = "",
         target_sparsity: float | None = None,
         training: dict[str, Any] | None = None,
@@ -96,13 +97,16 @@ class ElasticRouter(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.hidden = hidden or 2 * head_dim
         self.dense_layers = tuple(sorted(int(x) for x in dense_layers if 0 <= int(x) < num_layers))
+        # layers the method never governs (sliding-window ones, e.g. Gemma-3's local layers): no router is made for them
+        self.unrouted_layers = tuple(sorted(int(x) for x in unrouted_layers if 0 <= int(x) < num_layers))
         model = model if isinstance(model, dict) else {"name": model}
         self.model_info = {"name": str(model.get("name") or ""), "weights": model.get("weights"), "architecture": model.get("architecture")}
         self.model_name = self.model_info["name"]
         self.target_sparsity = target_sparsity
         self.training_info = dict(training or {})
         self.layers = nn.ModuleDict(
-            {str(i): LayerRouter(num_kv_heads, head_dim, self.hidden) for i in range(num_layers) if i not in self.dense_layers}
+            {str(i): LayerRouter(num_kv_heads, head_dim, self.hidden) for i in range(num_layers)
+             if i not in self.dense_layers and i not in self.unrouted_layers}
         )
 
     def routes(self, layer: int) -> bool:
@@ -190,6 +194,7 @@ class ElasticRouter(nn.Module):
                 "head_dim": self.head_dim,
                 "hidden": self.hidden,
                 "dense_layers": list(self.dense_layers),
+                "unrouted_layers": list(self.unrouted_layers),
                 "target_sparsity": self.target_sparsity,
                 "training": self.training_info,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
@@ -228,7 +233,7 @@ def load_router(path: str | Path) -> ElasticRouter:
     try:
         router = ElasticRouter(
             int(data["num_layers"]), int(data["num_kv_heads"]), int(data["head_dim"]), hidden=int(data["hidden"]),
-            dense_layers=data.get("dense_layers", ()), model=data.get("model", ""),
+            dense_layers=data.get("dense_layers", ()), unrouted_layers=data.get("unrouted_layers", ()), model=data.get("model", ""),
             target_sparsity=data.get("target_sparsity"), training=data.get("training"),
         )
         state = dict(data["state_dict"])

@@ -441,14 +441,17 @@ def new_router(model, *, model_name: str, config: ElasticConfig, target_sparsity
     """A fresh router for `model`, initialised from `seed` alone (its own RNG: the global one is left as it was)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # sliding-window layers are never the method's (hook.governed): no router, not in Omega
+    unrouted = [m.layer_idx for m in attention_modules(model) if getattr(m, "sliding_window", None) is not None]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         router = ElasticRouter(
             cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, target_sparsity=target_sparsity,
             model={"name": model_name, "weights": weights, "architecture": architecture(model)},
-            dense_layers=config.default_dense_layers if dense_layers is None else dense_layers,
+            dense_layers=config.default_dense_layers if dense_layers is None else dense_layers, unrouted_layers=unrouted,
         )
-    router.init_prior(target_sparsity * router.num_layers / max(1, len(router.layers)))  # the routed layers carry the target
+    governed = router.num_layers - len(router.unrouted_layers)
+    router.init_prior(target_sparsity * governed / max(1, len(router.layers)))  # the routed layers carry the target
     return router.to(next(model.parameters()).device)
 
 

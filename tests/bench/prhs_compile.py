@@ -1,5 +1,6 @@
 """Compile check of PrHS's fused top-k kernel (kernels/prhs_select.py _topk_tree, with and without the
-re-anchoring rows' epilogue) for sm_90, no GPU needed.
+re-anchoring rows' epilogue) and of the sparse decode kernel with its fused pass 2 (kernels/sparse_decode.py)
+for sm_90, no GPU needed.
 
     PYTHONPATH=/path/to/triton-3.6/site python -m tests.bench.prhs_compile
 
@@ -18,13 +19,31 @@ import time
 
 import triton
 
-from stem_cli.kernels import prhs_select
+from stem_cli.kernels import prhs_select, sparse_decode
 
 LIMIT = 227 * 1024
 POINTERS = {"Logits": "*fp32", "PartM": "*fp32", "PartS": "*fp32", "Lse": "*fp32", "Active": "*i8", "KeyValid": "*i8",
             "Start": "*i64", "SinkEnd": "*i64", "ExclEnd": "*i64", "KRows": "*i64", "Buf": "*i64", "Tickets": "*i32",
             "Ranked": "*i64", "Info": "*i64", "Prev": "*i64", "Index": "*i64", "Static": "*i64", "Scratch": "*i64",
             "Delta": "*fp32", "Flags": "*i32", "Counts": "*i32", "Accum": "*fp64"}
+DECODE_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Idx": "*i64", "Counts": "*i32", "Acc": "*fp32", "M": "*fp32",
+                   "L": "*fp32", "Out": "*bf16", "Lse": "*fp32", "Tickets": "*i32"}
+
+
+def compile_sm90(fn, constexprs: dict, pointers: dict, *, divisible=(), floats=(), num_warps: int, num_stages: int):
+    """fn compiled for compute capability 9.0: pointers (16-byte aligned) and the ints in `divisible` specialised
+    as a launch would see them, every other int unspecialised (the variant a length-dependent int gets)."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = pointers.get(name, "fp32" if name in floats else "i32")
+        if name in pointers or name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
+    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_tree(*, epilogue: bool, n_inherit: int, has_valid: bool, has_logits: bool, width: int = 956, r: int = 1):
@@ -38,30 +57,27 @@ def compile_tree(*, epilogue: bool, n_inherit: int, has_valid: bool, has_logits:
                   "BLOCK_PREV": triton.next_power_of_2(max(width + 68, 2)) if n_inherit else 2,
                   "BLOCK_A": triton.next_power_of_2(max(n_inherit + width, 2)) if epilogue else 2,
                   "BLOCK_S": block_s if epilogue else 2, "BLOCK_K": 64 if epilogue else 2, "SHARE_ITERS": r + 2, "BLOCK_R": 8}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = POINTERS.get(name, "i32")
-        if name in POINTERS:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("s_logit", "buf_stride"):  # padded / multiples of KEEP: specialised as divisible by 16
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
-    return triton.compile(source, target=target, options={"num_warps": 8, "num_stages": 3})
+    # padded logits rows and multiples of KEEP: specialised as divisible by 16, as at launch
+    return compile_sm90(fn, constexprs, POINTERS, divisible=("s_logit", "buf_stride"), num_warps=8, num_stages=3)
+
+
+def compile_decode(*, has_index: bool, fused: bool):
+    const = {"BLOCK_H": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "HAS_COUNTS": has_index, "HAS_INDEX": has_index, "FUSED_COMBINE": fused}
+    return compile_sm90(sparse_decode._sparse_decode_partial, const, DECODE_POINTERS, floats=("qk_scale_log2",), num_warps=4, num_stages=2)
 
 
 def main() -> int:
     print(f"triton {triton.__version__}, sm_90, limit {LIMIT // 1024} KB shared")
     bad = 0
-    for epilogue, n_inherit, has_valid, has_logits in ((False, 0, False, False), (True, 0, False, True),
-                                                       (True, 0, True, True), (True, 956, True, False)):
-        label = f"epilogue={epilogue} inherit={n_inherit} valid={has_valid} logits={has_logits}"
+    variants = [(f"_topk_tree epilogue={e} inherit={i} valid={v} logits={lg}",
+                 lambda e=e, i=i, v=v, lg=lg: compile_tree(epilogue=e, n_inherit=i, has_valid=v, has_logits=lg))
+                for e, i, v, lg in ((False, 0, False, False), (True, 0, False, True), (True, 0, True, True), (True, 956, True, False))]
+    variants += [(f"_sparse_decode_partial index={x} fused_combine={f}", lambda x=x, f=f: compile_decode(has_index=x, fused=f))
+                 for x in (True, False) for f in (True, False)]
+    for label, build in variants:
         started = time.perf_counter()
         try:
-            k = compile_tree(epilogue=epilogue, n_inherit=n_inherit, has_valid=has_valid, has_logits=has_logits)
+            k = build()
         except Exception as error:  # noqa: BLE001 - reported, and the exit code says so
             print(f"{label}: FAILED {type(error).__name__}: {str(error)[:300]}")
             bad += 1
