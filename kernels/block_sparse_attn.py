@@ -116,7 +116,16 @@ def _program_rows(Counts, Indices, scb, sch, scp, sib, sih, sip, sik, n_q_heads,
     return b, h, h // group, q_block, offs_m, count, row, n_plain
 
 
-@triton.jit
+# Integer arguments that change with the prompt's length: N and the strides of the (B, H, p) counts, the
+# (B, H, p, K) block ids and the per-block FP8 scales (p = blocks, K = the widest row). They are read a scalar
+# at a time or in masks, so leaving them unspecialised costs nothing, and an evaluation over prompts of many
+# lengths compiles this kernel once instead of once per "divisible by 16" pattern of them. Q/K/V/O strides stay
+# specialised (vector loads need them; with d a multiple of 16 they are whatever N is).
+LENGTH_ARGS = ("n_ctx", "scb", "sch", "scp", "sib", "sih", "sip",
+               "sqsb", "sqsh", "sksb", "sksh", "svsb", "svsh", "svmb", "svmh", "skbb", "skbh")
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _block_sparse_attn_fwd(
     Q, K, V, Out, Lse, Counts, Indices, Start, QS, KS, VS, VM, KB,
     sqb, sqh, sqn, sqd,

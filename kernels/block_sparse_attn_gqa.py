@@ -37,12 +37,12 @@ import triton
 import triton.language as tl
 
 from stem_cli.index import BlockIndex
-from stem_cli.kernels.block_sparse_attn import INTERPRET, _online_softmax_step, _write_output, launch_buffers
+from stem_cli.kernels.block_sparse_attn import INTERPRET, LENGTH_ARGS, _online_softmax_step, _write_output, launch_buffers
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200); a config above it fails at launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS + ("n_blocks",))  # see block_sparse_attn.LENGTH_ARGS
 def _gqa_packed_fwd(
     Q, K, V, Out, Lse, Counts, Indices, Start, Order,
     sqb, sqh, sqn, sqd,

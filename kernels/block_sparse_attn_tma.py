@@ -16,10 +16,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from stem_cli.index import BlockIndex
-from stem_cli.kernels.block_sparse_attn import INTERPRET, _online_softmax_step, _prune, _write_output, launch_buffers
+from stem_cli.kernels.block_sparse_attn import INTERPRET, LENGTH_ARGS, _online_softmax_step, _prune, _write_output, launch_buffers
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)  # see block_sparse_attn.LENGTH_ARGS
 def _block_sparse_attn_tma_fwd(
     Q, k_desc, v_desc, Out, Lse, Counts, Indices, Start,
     sqb, sqh, sqn, sqd,

@@ -13,6 +13,7 @@ from stem_cli.kernels import reference as ref
 pytest.importorskip("triton")
 from stem_cli.kernels import block_sparse_attn as bsa  # noqa: E402
 from stem_cli.kernels import block_sparse_attn_tma as bsa_tma  # noqa: E402
+from stem_cli.kernels import block_sparse_attn_gqa as bsa_gqa  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes in the input dtype on the CPU; float32 keeps the check tight there.
@@ -78,3 +79,19 @@ def test_block_sparse_attention_matches_reference(case, dtype, per_kv, kernel):
     torch.testing.assert_close(lse[has], want_lse[has].float(), rtol=tol, atol=tol)
     assert (out[~has.unsqueeze(-1).expand_as(out)] == 0).all()  # masked rows are zeros
 
+
+
+@pytest.mark.parametrize("kernel", [bsa, bsa_gqa], ids=["per-head", "gqa-packed"])
+def test_prompts_of_many_lengths_compile_the_attention_kernel_once(kernel, kernel_variants):
+    """An evaluation's prompts differ in length: N and the strides of the counts / block ids (from the block
+    count p and the widest row K) change from prompt to prompt. The attention kernel's compiled variants over
+    such prompts are its constexpr combinations only (block_sparse_attn.LENGTH_ARGS); specialising every int
+    would have compiled several."""
+    from tests.conftest import compiled_once_per_shape
+
+    for n in (200, 208, 241, 256, 257, 290):
+        q, k, v = random_case(1, 4, 2, n, 16, torch.float32, n)
+        index = random_index(1, 2, n, 16, 0.5, n)
+        kernel.block_sparse_attention(q, k, v, index, scale=0.3)
+    name = "_block_sparse_attn_fwd" if kernel is bsa else "_gqa_packed_fwd"
+    assert compiled_once_per_shape(kernel_variants, [name])

@@ -918,39 +918,21 @@ def test_whole_sparse_layer_step_launches(monkeypatch, t):
     assert rt.anchors == 3 * hkv + hkv  # the first step (layers 1-3 re-anchor every row), then the anchor step above
 
 
-def test_a_growing_decode_compiles_each_kernel_once_per_shape(monkeypatch):
+def test_a_growing_decode_compiles_each_kernel_once_per_shape(monkeypatch, kernel_variants):
     """Triton compiles a kernel once per pattern of its specialised int arguments ("equals 1", "divisible by
     16") and constexpr values. A generation's cache length grows by one every step and PrHS's frozen span
     differs between layers: any such int left specialised multiplies the compiles (about a minute each for
     _topk_tree on an H200's host). Over a growing stream, the decode kernels' variants are their constexpr
     combinations only; had they specialised every int, the same stream would need more."""
     pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
+    from tests.conftest import compiled_once_per_shape
 
     from stem_cli.decode import runtime as runtime_module
     from stem_cli.kernels import sparse_decode as kernel
 
     monkeypatch.setattr(prhs, "TRITON_SELECT", True)
     monkeypatch.setattr(runtime_module, "sparse_decode", lambda q, k, v, idx, scale: kernel.sparse_decode_attention(q, k, v, idx, scale=scale))
-    launches: dict[str, list] = {}
-    run = InterpretedFunction.run
-
-    def recorded(fn_self, *args, **kwargs):
-        names = fn_self.arg_names
-        dns = set(fn_self.kwargs.get("do_not_specialize") or ())
-        ints = {n: a for n, a in zip(names, args) if isinstance(a, int) and not isinstance(a, bool)}
-        consts = tuple(sorted((n, v) for n, v in kwargs.items() if n in names))
-        pattern = lambda keep: tuple((n, a == 1, a % 16 == 0) for n, a in ints.items() if keep(n))  # noqa: E731
-        launches.setdefault(fn_self.fn.__name__, []).append((consts, pattern(lambda n: n not in dns), pattern(lambda n: True)))
-        return run(fn_self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", recorded)
     run_steps("prhs", {"depth_start": 0.0, "freeze_start": 0.0}, steps=18, layers=4, t0=300, drift=0.3)
-    assert {"_prhs_share", "_anchor_logits", "_topk_tree", "_sparse_decode_partial"} <= set(launches)
-    more = False
-    for name, calls in launches.items():
-        by_constexpr = {c for c, _, _ in calls}
-        compiled = {(c, p) for c, p, _ in calls}
-        assert len(compiled) == len(by_constexpr), (name, len(compiled), len(by_constexpr))
-        more |= len({(c, p) for c, _, p in calls}) > len(by_constexpr)
-    assert more  # the stream does meet several patterns of the lengths: the assertion above could fail
+    names = ("_prhs_share", "_anchor_logits", "_topk_tree", "_sparse_decode_partial")
+    assert set(names) <= set(kernel_variants)
+    assert compiled_once_per_shape(kernel_variants, kernel_variants)  # the stream meets several length patterns
