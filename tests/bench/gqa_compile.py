@@ -28,6 +28,7 @@ from pathlib import Path
 import triton
 
 from stem_cli.kernels import block_sparse_attn_gqa as gqa
+from tests.bench.sm90 import compile_sm90
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "Counts": "*i32",
             "Indices": "*i32", "Start": "*i32", "Order": "*i32"}
@@ -42,17 +43,8 @@ def compile_one(head_dim: int, group: int, tile_m: int, block_n: int, warps: int
     constexprs = {"BLOCK": block, "TILE_M": tile_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim, "GROUP": group,
                   "STORE_LSE": False, "HAS_START": has_start, "LONGEST_FIRST": longest_first}
     constexprs.update(dict.fromkeys(UNIT_STRIDES, 1))
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = POINTERS.get(name, "fp32" if name in FLOATS else "i32")
-        if name not in FLOATS and name not in NOT_DIVISIBLE:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
-    return triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+    return compile_sm90(fn, constexprs, POINTERS, divisible=lambda name: name not in NOT_DIVISIBLE, floats=FLOATS,
+                        num_warps=warps, num_stages=stages)
 
 
 def warp_specialized_kernel():

@@ -20,6 +20,7 @@ import time
 import triton
 
 from stem_cli.kernels import prhs_select, sparse_decode
+from tests.bench.sm90 import compile_sm90
 
 LIMIT = 227 * 1024
 POINTERS = {"Logits": "*fp32", "PartM": "*fp32", "PartS": "*fp32", "Lse": "*fp32", "Active": "*i8", "KeyValid": "*i8",
@@ -30,40 +31,25 @@ DECODE_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Idx": "*i64", "Cou
                    "L": "*fp32", "Out": "*bf16", "Lse": "*fp32", "Tickets": "*i32"}
 
 
-def compile_sm90(fn, constexprs: dict, pointers: dict, *, divisible=(), floats=(), num_warps: int, num_stages: int):
-    """fn compiled for compute capability 9.0: pointers (16-byte aligned) and the ints in `divisible` specialised
-    as a launch would see them, every other int unspecialised (the variant a length-dependent int gets)."""
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointers.get(name, "fp32" if name in floats else "i32")
-        if name in pointers or name in divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
-    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-
-
 def compile_tree(*, epilogue: bool, n_inherit: int, has_valid: bool, has_logits: bool, width: int = 956, r: int = 1):
     fn = prhs_select._topk_tree
     keep = triton.next_power_of_2(width)
     chunk = max(4 * keep, 2048)
     block_s = triton.next_power_of_2(max(n_inherit + (1 + 2 * r) * width, width, 2))
-    constexprs = {"HAS_VALID": has_valid, "CHUNK": chunk, "KEEP": keep, "BLOCK_H": 4, "BLOCK_P": 128,
+    constexprs = {"HAS_VALID": has_valid, "CHUNK": chunk, "KEEP": keep, "BLOCK_H": 4, "BLOCK_P": prhs_select.LSE_TILE,
                   "ANCHOR_ROWS": epilogue, "USE_TIME": epilogue, "HAS_PREV": epilogue and n_inherit > 0,
                   "HAS_LOGITS": epilogue and has_logits, "HAS_ACCUM": epilogue,
                   "BLOCK_PREV": triton.next_power_of_2(max(width + 68, 2)) if n_inherit else 2,
                   "BLOCK_A": triton.next_power_of_2(max(n_inherit + width, 2)) if epilogue else 2,
                   "BLOCK_S": block_s if epilogue else 2, "BLOCK_K": 64 if epilogue else 2, "SHARE_ITERS": r + 2, "BLOCK_R": 8}
     # padded logits rows and multiples of KEEP: specialised as divisible by 16, as at launch
-    return compile_sm90(fn, constexprs, POINTERS, divisible=("s_logit", "buf_stride"), num_warps=8, num_stages=3)
+    return compile_sm90(fn, constexprs, POINTERS, divisible=lambda name: name in ("s_logit", "buf_stride"), num_warps=8, num_stages=3)
 
 
 def compile_decode(*, has_index: bool, fused: bool):
     const = {"BLOCK_H": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "HAS_COUNTS": has_index, "HAS_INDEX": has_index, "FUSED_COMBINE": fused}
-    return compile_sm90(sparse_decode._sparse_decode_partial, const, DECODE_POINTERS, floats=("qk_scale_log2",), num_warps=4, num_stages=2)
+    return compile_sm90(sparse_decode._sparse_decode_partial, const, DECODE_POINTERS, divisible=lambda name: False,
+                        floats=("qk_scale_log2",), num_warps=4, num_stages=2)
 
 
 def main() -> int:
