@@ -58,7 +58,7 @@ def warp_specialized_kernel():
     source = source.replace(plain, "for step in tl.range(0, n_plain * TILES, warp_specialize=True):")
     with tempfile.NamedTemporaryFile("w", suffix="_gqa_ws.py", delete=False) as f:  # @jit reads its file
         f.write("import triton\nimport triton.language as tl\n"
-                "from stem_cli.kernels.block_sparse_attn import _online_softmax_step, _write_output\n\n" + source)
+                "from stem_cli.kernels.block_sparse_attn import LENGTH_ARGS, _online_softmax_step, _write_output\n\n" + source)
     spec = importlib.util.spec_from_file_location("_gqa_ws_probe", f.name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
