@@ -10,8 +10,8 @@ the kernel asks for (metadata.shared, must stay under the 227 KB an H100/H200 SM
 block, else the launch fails with OutOfResources), whether the autotuner's pruning keeps it,
 and registers / spills from ptxas -v on its PTX. A config the pruning keeps that needs more
 than the limit or fails to compile makes the exit code 1 (the warp_specialize probe only
-reports). Specialisations as at a real launch: unit strides constant, the other strides and
-the pointers divisible by 16.
+reports). Specialisations as at a real launch: unit strides constant, the pointers and the
+Q/K/V/O strides divisible by 16, N and the block-index strides unspecialised (LENGTH_ARGS).
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ from pathlib import Path
 import triton
 
 from stem_cli.kernels import block_sparse_attn_gqa as gqa
+from stem_cli.kernels.block_sparse_attn import LENGTH_ARGS
 from tests.bench.sm90 import compile_sm90
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "Counts": "*i32",
             "Indices": "*i32", "Start": "*i32", "Order": "*i32"}
-UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "scp", "sik")  # == 1 at a launch on contiguous tensors: specialised
+UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sik")  # == 1 at a launch on contiguous tensors: specialised
 FLOATS = ("qk_scale_log2",)
-NOT_DIVISIBLE = ("n_kv_heads", "n_blocks")  # small counts: not multiples of 16 in general
+# small counts (not multiples of 16 in general), and the lengths the kernel leaves unspecialised (scp among them)
+NOT_DIVISIBLE = ("n_kv_heads", "n_blocks") + LENGTH_ARGS
 
 
 def compile_one(head_dim: int, group: int, tile_m: int, block_n: int, warps: int, stages: int, *, block: int = 128,
