@@ -15,12 +15,15 @@ accumulator; exponentials in base 2 with log2(e) folded into the scale), then
 writes (m, l, acc) for its split.
 Pass 2: m* = max_s m_s, w_s = 2^(m_s - m*),
 o = sum_s w_s acc_s / sum_s w_s l_s, lse = ln 2 (m* + log2 sum_s w_s l_s).
-Empty rows give zeros and lse = -inf, never NaN. Pass 2 runs in pass 1's launch: the
-last split program of a row to finish (a ticket, row_sort._arrive) combines the row's
-splits for its GQA group, so a call is one launch. Its tickets are a per-device int32
-buffer every launch leaves at zero (CUDA graphs replay it); during a graph capture that
-finds no buffer yet (none may be allocated there), pass 2 is a second launch
-(_sparse_decode_combine, grid B * Hq), said once.
+Empty rows give zeros and lse = -inf, never NaN. Pass 2 is its own launch
+(_sparse_decode_combine, grid B * Hq) by default. With FUSED_COMBINE it runs in pass 1's
+launch instead: the last split program of a row to finish (a ticket, row_sort._arrive)
+combines the row's splits for its GQA group. That saves a launch but serialises pass 2
+behind the slowest split, and on an H200 it measured slower (one run, 128K, B = 1, 32 layers
+in a CUDA graph: split-K 4.38 ms fused vs 4.14 two launches, PrHS 0.987 vs 0.894; the decode
+benchmark's *-fused-graph variants). Its tickets are a per-device
+int32 buffer every launch leaves at zero (CUDA graphs replay it); during a graph capture
+that finds no buffer yet (none may be allocated there), pass 2 is the second launch, said once.
 
 With no index (indices=None) the same two passes attend to every position:
 flash-decoding split-K, the dense baseline of the decode benchmark.
@@ -43,6 +46,8 @@ from stem_cli.kernels.row_sort import _arrive
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_ALIGN = 64  # split chunks are whole multiples of the widest BLOCK_N
+COMBINE_TILE = tl.constexpr(32)  # splits per load in the fused pass 2
+FUSED_COMBINE = False  # pass 2 in pass 1's launch: measured slower on an H200 (docstring), so off
 
 
 # Integer arguments that change with the cache length (every decode step): unspecialised, so a generation
@@ -60,7 +65,7 @@ def _sparse_decode_partial(
     sib, sih, sik,
     scb, sch,
     sob, soh, sod,
-    n_kv_heads, group, n_keys, n_entries, chunk, n_splits, qk_scale_log2, head_dim,
+    n_kv_heads, group: tl.constexpr, n_keys, n_entries, chunk, n_splits, qk_scale_log2, head_dim,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_COUNTS: tl.constexpr,
     HAS_INDEX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
 ):
@@ -111,34 +116,44 @@ def _sparse_decode_partial(
     tl.store(Acc + out_heads[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_ok[:, None])
     if FUSED_COMBINE:
         if _arrive(Tickets + pid_row, n_splits):  # the row's last split: pass 2 for its group's heads
-            _combine_group(Acc, M, L, Out, Lse, b, heads, h_ok, offs_d, sob, soh, sod, n_kv_heads * group, n_splits,
-                           head_dim, HEAD_DIM=HEAD_DIM, BLOCK_H=BLOCK_H)
+            _combine_group(Acc, M, L, Out, Lse, b, kvh * group, offs_d, sob, soh, sod, n_kv_heads * group, n_splits,
+                           head_dim, GROUP=group, HEAD_DIM=HEAD_DIM, S_TILE=COMBINE_TILE)
 
 
 @triton.jit
-def _combine_group(Acc, M, L, Out, Lse, b, heads, h_ok, offs_d, sob, soh, sod, n_q_heads, n_splits, head_dim,
-                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Pass 2 for the heads of one GQA group, split by split (the splits were written by other programs of
-    the launch: read through L2, .cg)."""
-    base = (b * n_q_heads + heads) * n_splits  # (BLOCK_H,) first split of each head
-    m_star = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    for s in range(n_splits):
-        m_star = tl.maximum(m_star, tl.load(M + base + s, mask=h_ok, other=float("-inf"), cache_modifier=".cg"))
-    m_safe = tl.where(m_star == float("-inf"), 0.0, m_star)
-    l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    for s in range(n_splits):
-        m = tl.load(M + base + s, mask=h_ok, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))
-        l_sum += w * tl.load(L + base + s, mask=h_ok, other=0.0, cache_modifier=".cg")
-        a = tl.load(Acc + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_ok[:, None], other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * a
-    has_key = l_sum > 0
-    out = acc / tl.where(has_key, l_sum, 1.0)[:, None]
-    tl.store(Out + b * sob + heads[:, None] * soh + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
-             mask=h_ok[:, None] & (offs_d < head_dim)[None, :])
-    lse = tl.where(has_key, (m_safe + tl.math.log2(tl.where(has_key, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(Lse + b * n_q_heads + heads, lse, mask=h_ok)
+def _combine_group(Acc, M, L, Out, Lse, b, head0, offs_d, sob, soh, sod, n_q_heads, n_splits, head_dim,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, S_TILE: tl.constexpr):
+    """Pass 2 for the GROUP heads from head0, S_TILE splits per load (the splits were written by other programs
+    of the launch: read through L2, .cg). The heads are unrolled and each tile's loads are independent, so the
+    last program waits about one L2 round trip per tile, not one per split (a split-by-split loop cost ~15 us
+    a layer at 33 splits on an H200), and folds the tiles with a running maximum."""
+    for hh in tl.static_range(GROUP):
+        head = head0 + hh
+        base = (b * n_q_heads + head) * n_splits
+        m_run = tl.full([], float("-inf"), dtype=tl.float32)
+        l_run = tl.full([], 0.0, dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, n_splits, S_TILE):
+            offs_s = s0 + tl.arange(0, S_TILE)
+            s_ok = offs_s < n_splits
+            m = tl.load(M + base + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(L + base + offs_s, mask=s_ok, other=0.0, cache_modifier=".cg")
+            a = tl.load(Acc + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.where(m_run == float("-inf"), 0.0, tl.math.exp2(m_run - m_safe))
+            w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))
+            l_run = l_run * alpha + tl.sum(w * l, 0)
+            acc = acc * alpha + tl.sum(w[:, None] * a, 0)
+            m_run = m_new
+        has_key = l_run > 0
+        out = acc / tl.where(has_key, l_run, 1.0)
+        tl.store(Out + b * sob + head * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < head_dim)
+        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+        lse = tl.where(has_key, (m_safe + tl.math.log2(tl.where(has_key, l_run, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(Lse + b * n_q_heads + head, lse)
 
 
 @triton.jit(do_not_specialize=("n_splits",))
@@ -259,7 +274,7 @@ def sparse_decode_attention(
     l = torch.empty_like(m)
     out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
-    tickets = _tickets(q.device, batch * hkv)
+    tickets = _tickets(q.device, batch * hkv) if FUSED_COMBINE else None
     fused = tickets is not None
     args = (
         q3, k, v, idx, cnt, acc, m, l, out, lse, tickets if fused else m,  # m: a placeholder pointer, never read

@@ -881,17 +881,18 @@ def test_fused_prhs_step_launches_few_kernels_per_layer(monkeypatch, layer, padd
     assert int(shared.anchors) == b * hkv
 
 
+@pytest.mark.parametrize("fused", [False, True])  # the sparse decode's pass 2 in its own launch (default) or in pass 1's
 @pytest.mark.parametrize("t", [400, 2300])  # 2300: the top-k tree has a merge level (its tickets, reset every launch)
-def test_whole_sparse_layer_step_launches(monkeypatch, t):
+def test_whole_sparse_layer_step_launches(monkeypatch, t, fused):
     """A sparse layer of DecodeRuntime.forward on the fused path, counted whole (selection, the Triton sparse decode
-    run in the interpreter, the runtime's counters): 4 launches and no torch op, whatever the cache length
-    (before: 8, plus one per top-k merge level: 11 at 128K; then 5, with the sparse decode's combine a launch of
-    its own), and the counts the kernel adds equal the host's."""
+    run in the interpreter, the runtime's counters): 5 launches (4 with FUSED_COMBINE) and no torch op, whatever the
+    cache length (before: 8, plus one per top-k merge level: 11 at 128K), and the counts the kernel adds equal the host's."""
     pytest.importorskip("triton")
     from stem_cli.decode import runtime as runtime_module
     from stem_cli.kernels import sparse_decode as kernel
 
     monkeypatch.setattr(prhs, "TRITON_SELECT", True)
+    monkeypatch.setattr(kernel, "FUSED_COMBINE", fused)
     monkeypatch.setattr(runtime_module, "sparse_decode", lambda q, k, v, idx, scale: kernel.sparse_decode_attention(q, k, v, idx, scale=scale))
     g = torch.Generator().manual_seed(t)
     b, hkv, grp, d = 1, 2, 4, 16
@@ -911,8 +912,9 @@ def test_whole_sparse_layer_step_launches(monkeypatch, t):
         with counter:
             rt.forward(layers[2], query, k, v, None, 0.25)
         assert dict(counter.ops) == {}, (name, dict(counter.ops))
-        assert dict(counter.kernels) == {"_prhs_share": 1, "_anchor_logits": 1, "_topk_tree": 1, "_sparse_decode_partial": 1}, \
-            (name, dict(counter.kernels))
+        combine = {} if fused else {"_sparse_decode_combine": 1}
+        assert dict(counter.kernels) == {"_prhs_share": 1, "_anchor_logits": 1, "_topk_tree": 1, "_sparse_decode_partial": 1,
+                                         **combine}, (name, dict(counter.kernels))
         kept.append(rt.counter("kept") - before)
     assert kept[1] == int((rt._prev[2] >= 0).sum())  # the kernel's count of the last step's kept positions
     assert rt.anchors == 3 * hkv + hkv  # the first step (layers 1-3 re-anchor every row), then the anchor step above

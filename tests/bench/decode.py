@@ -26,7 +26,9 @@ Variants (per token, median over --steps tokens, CUDA events around each step):
   prhs / topk-decode / quest, each -eager (DecodeRuntime.forward per layer) and -graph (the whole
                  step, selection + sparse attention of every layer, in one graph; PrHS has no host sync)
   prhs-old-graph PrHS with its selection in PyTorch (before kernels/prhs_select.py), in a graph
-The dense baseline for speed-ups is the faster of dense-graph and splitk-graph.
+  splitk-fused-graph, prhs-fused-graph  the same with the sparse decode kernel's pass 2 in pass 1's launch
+                 (sparse_decode.FUSED_COMBINE; off by default: it measured slower)
+The dense baseline for speed-ups is the fastest of dense-graph and the split-K graphs.
 The memory limit is the KV bytes a dense step reads over the copy bandwidth
 measured here (a large device-to-device copy: bytes read + written per second).
 
@@ -89,8 +91,10 @@ DENSE_TOL = 2e-2  # bf16 kernels against the float64 reference (relative error)
 SAME_SETS_MIN = 0.98  # bf16 on the GPU: a near-tie may flip a pick between the two PrHS versions
 
 VARIANTS = (("dense-eager", "dense-graph", "splitk-graph") + tuple(f"{m}-{w}" for m in SPARSE for w in ("eager", "graph"))
-            + ("prhs-old-graph",))
+            + ("prhs-old-graph", "splitk-fused-graph", "prhs-fused-graph"))
 OLD = "-old"  # PrHS with its selection in PyTorch (prhs.TRITON_SELECT = False): the version before the Triton kernels
+FUSED = "-fused"  # the sparse decode kernel with its pass 2 in pass 1's launch (sparse_decode.FUSED_COMBINE)
+DENSE_GRAPHS = ("dense-graph", "splitk-graph", "splitk-fused-graph")
 SEED_CLAIMS = {  # the PrHS paper's figures (A100, batch 16, against its dense attention)
     "attention_latency_speedup_b16_2k": 9.9,
     "throughput_speedup_b16_4k": 2.8,
@@ -168,8 +172,8 @@ def parse_options(argv: list[str] | None) -> Options:
     except ValueError as error:
         parser.error(str(error))
     skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
-    if skip - set(VARIANTS):
-        parser.error(f"--skip {args.skip!r}: use a comma list of {', '.join(VARIANTS)}")
+    if skip - {*VARIANTS, "selection"}:
+        parser.error(f"--skip {args.skip!r}: use a comma list of {', '.join(VARIANTS)}, selection (the selection-only timings)")
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -353,9 +357,26 @@ class selection_path:
         prhs.TRITON_SELECT = self.saved
 
 
+class combine_path:
+    """with combine_path(fused): the sparse decode kernel's pass 2 in pass 1's launch (fused) or its own."""
+
+    def __init__(self, fused: bool):
+        self.fused = fused
+
+    def __enter__(self):
+        from stem_cli.kernels import sparse_decode
+
+        self.saved, sparse_decode.FUSED_COMBINE = sparse_decode.FUSED_COMBINE, self.fused
+
+    def __exit__(self, *exc):
+        from stem_cli.kernels import sparse_decode
+
+        sparse_decode.FUSED_COMBINE = self.saved
+
+
 def run_variant(case: Case, variant: str, opts: Options) -> dict:
-    with selection_path(OLD in variant):
-        return _run_variant(case, variant.replace(OLD, ""), opts)
+    with selection_path(OLD in variant), combine_path(FUSED in variant):
+        return _run_variant(case, variant.replace(OLD, "").replace(FUSED, ""), opts)
 
 
 def _run_variant(case: Case, variant: str, opts: Options) -> dict:
@@ -425,11 +446,15 @@ def run_selection(case: Case, opts: Options) -> dict:
         ("prhs_old_shared", "prhs", {}, True),
         ("prhs_old_anchor", "prhs", {"tau": 1.0}, False),
     ):
+        if "old" in key and "prhs-old-graph" in opts.skip:  # its kernels' compiles are what a short run cannot spare
+            continue
         with selection_path("old" in key):
             out[f"{key}_ms"], out[f"{key}_anchor_fraction"] = time_selection(case, opts, method, extra, fixed)
         free_memory()
     out["selection_mode"] = "CUDA graph" if case.device.type == "cuda" else "eager (CPU)"
     for key in ("prhs_shared", "prhs_old_shared"):
+        if f"{key}_ms" not in out:
+            continue
         out[f"{key}_over_topk"] = out[f"{key}_ms"] / out["topk_ms"] if out["topk_ms"] > 0 else None
     return out
 
@@ -653,12 +678,15 @@ def run_case(batch: int, n: int, opts: Options, bandwidth: float) -> dict:
             if not is_oom(error):
                 traceback.print_exc()
         free_memory()
-    try:
-        row["selection"] = run_selection(case, opts)
-    except Exception as error:  # noqa: BLE001
-        row["selection"] = {"status": "OOM" if is_oom(error) else f"error: {error_text(error)}"}
-        if not is_oom(error):
-            traceback.print_exc()
+    if "selection" in opts.skip:
+        row["selection"] = {"status": na("skipped by --skip")}
+    else:
+        try:
+            row["selection"] = run_selection(case, opts)
+        except Exception as error:  # noqa: BLE001
+            row["selection"] = {"status": "OOM" if is_oom(error) else f"error: {error_text(error)}"}
+            if not is_oom(error):
+                traceback.print_exc()
     del case
     free_memory()
     return finish_row(row)
@@ -671,7 +699,7 @@ def ms(row: dict, variant: str):
 
 def finish_row(row: dict) -> dict:
     """The dense baseline (faster graph), its distance to the memory limit, speed-ups and throughput ratios."""
-    graphs = [(ms(row, v), v) for v in ("dense-graph", "splitk-graph") if is_num(ms(row, v))]
+    graphs = [(ms(row, v), v) for v in DENSE_GRAPHS if is_num(ms(row, v))]
     if graphs:
         base, which = min(graphs)
     elif is_num(ms(row, "dense-eager")):
@@ -762,8 +790,8 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
 
     console = Console() if sys.stdout.isatty() else Console(width=240)
     table = Table(title=title)
-    heads = ["B", "N", "layers (bufs)", "KV GB", "limit ms", "dense eager", "dense graph", "split-K graph", "base/limit",
-             "prhs eager", "prhs graph", "prhs old graph", "topk eager", "topk graph", "quest eager", "quest graph",
+    heads = ["B", "N", "layers (bufs)", "KV GB", "limit ms", "dense eager", "dense graph", "split-K graph",
+             "split-K fused graph", "base/limit", "prhs eager", "prhs graph", "prhs old graph", "prhs fused graph", "topk eager", "topk graph", "quest eager", "quest graph",
              "prhs/base", "tok/s base", "tok/s prhs"]
     for h in heads:
         table.add_column(h, justify="right")
@@ -773,10 +801,10 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
             continue
         cells = [str(r["batch"]), format_length(r["n"]), f"{r['layers']} ({r['distinct_buffers']})", f"{r['kv_bytes'] / 1e9:.3g}",
                  fmt(r["memory_limit_ms"])]
-        for v in ("dense-eager", "dense-graph", "splitk-graph"):
+        for v in ("dense-eager", *DENSE_GRAPHS):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         cells.append(fmt(r.get("dense_over_limit"), "{:.2f}x"))
-        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
+        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "prhs-fused-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         prhs = r["prhs-graph"] if is_num(ms(r, "prhs-graph")) else r["prhs-eager"]
         cells.append(fmt(prhs.get("speedup_vs_dense"), "{:.2f}x"))
@@ -794,8 +822,9 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
         if "topk_ms" not in s:
             continue
         sel.add_row(str(r["batch"]), format_length(r["n"]), s["selection_mode"], fmt(s["topk_ms"]), fmt(s["prhs_shared_ms"]),
-                    fmt(s["prhs_shared_over_topk"], "{:.1%}"), fmt(s["prhs_anchor_ms"]), fmt(s["prhs_old_shared_ms"]),
-                    fmt(s["prhs_old_shared_over_topk"], "{:.1%}"), fmt(s["prhs_old_anchor_ms"]), fmt(s["prhs_shared_anchor_fraction"], "{:.0%}"))
+                    fmt(s["prhs_shared_over_topk"], "{:.1%}"), fmt(s["prhs_anchor_ms"]), fmt(s.get("prhs_old_shared_ms")),
+                    fmt(s.get("prhs_old_shared_over_topk"), "{:.1%}"), fmt(s.get("prhs_old_anchor_ms")),
+                    fmt(s["prhs_shared_anchor_fraction"], "{:.0%}"))
     console.print(sel)
     for note in notes:
         console.print(note)

@@ -14,6 +14,7 @@ than the limit.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -47,12 +48,15 @@ def compile_tree(*, epilogue: bool, n_inherit: int, has_valid: bool, has_logits:
 
 
 def compile_decode(*, has_index: bool, fused: bool):
-    const = {"BLOCK_H": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "HAS_COUNTS": has_index, "HAS_INDEX": has_index, "FUSED_COMBINE": fused}
+    const = {"group": 4, "BLOCK_H": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "HAS_COUNTS": has_index, "HAS_INDEX": has_index, "FUSED_COMBINE": fused}
     return compile_sm90(sparse_decode._sparse_decode_partial, const, DECODE_POINTERS, divisible=lambda name: False,
                         floats=("qk_scale_log2",), num_warps=4, num_stages=2)
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="compile only the variants whose label contains this text")
+    only = parser.parse_args().only
     print(f"triton {triton.__version__}, sm_90, limit {LIMIT // 1024} KB shared")
     bad = 0
     variants = [(f"_topk_tree epilogue={e} inherit={i} valid={v} logits={lg}",
@@ -61,6 +65,8 @@ def main() -> int:
     variants += [(f"_sparse_decode_partial index={x} fused_combine={f}", lambda x=x, f=f: compile_decode(has_index=x, fused=f))
                  for x in (True, False) for f in (True, False)]
     for label, build in variants:
+        if only not in label:
+            continue
         started = time.perf_counter()
         try:
             k = build()
