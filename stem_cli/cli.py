@@ -443,6 +443,7 @@ def profile_cmd(
     """
     from stem_cli.report.tables import decode_profile_table, generation_profile_table, profile_table
     from stem_cli.runs import profile, profile_decode
+    from stem_cli.units import format_length
 
     if not decode and (not generation or prefill_method != "stem" or new_tokens != 128):
         raise UsageError("--no-generation, --prefill-method and --new-tokens apply to `stem profile --decode` only")
@@ -452,6 +453,11 @@ def profile_cmd(
                                 random_weights=random_weights, config=config, overrides=set_, device=device, dtype=dtype,
                                 output=output, console=err, command=command_line())
         console.print(decode_profile_table(result))
+        for row in result["rows"]:
+            if row.get("sdpa_backends"):
+                times = ", ".join(f"{k} {v['per_token_ms']:.2f}" if "per_token_ms" in v else f"{k} refused" for k, v in row["sdpa_backends"].items())
+                console.print(escape(f"dense SDPA forced per backend at {format_length(row['seq_len'])}, ms/token: {times}; "
+                                     f"the unforced call matches {row.get('sdpa_default_matches') or 'none of them'}"))
         shape = result["shape"]
         console.print(f"[dim]attention only (all {shape['layers']} layers per token; no projections/MLP); "
                       f"speed-up = dense SDPA's ms/token over the method's, same run.[/]")
@@ -531,6 +537,7 @@ def train_router_cmd(
     tau: Annotated[float, typer.Option("--tau", min=1e-3, help="Gumbel-softmax temperature at the first step.")] = 1.0,
     tau_end: Annotated[float, typer.Option("--tau-end", min=1e-3, help="Temperature at the last step (geometric schedule).")] = 0.3,
     noise_fraction: Annotated[float, typer.Option("--noise-fraction", min=0.01, max=1.0, help="Gumbel noise falls linearly to 0 over this fraction of the steps; the rest train the noise-free routing.")] = 0.6,
+    logit_penalty: Annotated[float, typer.Option("--logit-penalty", min=0.0, help="zeta of the z-loss on the centred mode logits, which keeps them from running away (0: none).")] = 1e-2,
     calibrate_prompts: Annotated[int, typer.Option("--calibrate-prompts", min=0, help="After the last step, shift every routed head's dense logit by one number so the mean Omega of this many training prompts is the target (0: the router as trained).")] = 20,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Router file to write (and OUTPUT.json, OUTPUT.png beside it). Default: routers/MODEL.pt.")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write the checkpoint (OUTPUT.ckpt) every this many steps.")] = 25,
@@ -554,6 +561,7 @@ def train_router_cmd(
 
     done = train_router(model, steps=steps, target_sparsity=target_sparsity, seq_len=seq_len, samples=samples, tasks=tasks, seed=seed,
                         lr=lr, sparsity_weight=sparsity_weight, tau=tau, tau_end=tau_end, noise_fraction=noise_fraction,
+                        logit_penalty=logit_penalty,
                         calibrate_prompts=calibrate_prompts, output=output,
                         checkpoint_every=checkpoint_every, resume=resume, config=config, overrides=set_, device=device, dtype=dtype,
                         random_weights=random_weights, console=err)

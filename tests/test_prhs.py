@@ -413,6 +413,13 @@ def test_cli_profile_decode_writes_rows(tmp_path):
     assert all(r["status"] == "ok" and r["per_token_ms"] > 0 for r in rows.values())
     assert rows["topk-decode"]["decode_stats"]["kept_fraction_sparse_layers"] < 0.5  # 80 of ~200 tokens
     assert rows["dense"]["speedup"] == 1.0 and rows["prhs"]["reanchor_fraction"] is not None
+    # dense is also timed under each SDPA backend forced (on the CPU: math and flash run, cuDNN and efficient are refused)
+    backends = rows["dense"]["sdpa_backends"]
+    assert backends["math"]["per_token_ms"] > 0 and backends["flash"]["per_token_ms"] > 0, backends
+    assert all("per_token_ms" in b or b["status"].startswith("unsupported: ") for b in backends.values()), backends
+    assert backends["cudnn"]["status"].startswith("unsupported: ")
+    assert rows["dense"]["sdpa_default_matches"] in (None, *backends)
+    assert "dense SDPA forced per backend at 200" in result.output
 
 
 # ------------------------------------------------------------------ host synchronisations and incremental state

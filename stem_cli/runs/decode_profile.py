@@ -38,12 +38,21 @@ layer, as a user's model runs it (FlashAttention on GPU, native GQA), with no
 runtime around it. The decode steps themselves do not synchronise with the host
 (PrHS decides its re-anchors on the device). Dense in a CUDA graph, split-K and
 batch 16: tests/bench/decode.py. Rows go into profiles/ as JSON.
+
+The dense row also times SDPA under each backend forced (sdpa_kernel: flash, cuDNN,
+memory-efficient, math; BACKEND_PROBE_STEPS steps each after one untimed step, same
+growing cache) and records which backend the unforced call matches. Why: on an H200
+the dense rows here ran 40-64 ms/token at 32K and 128K alike (about 1.2-2 ms a layer
+whatever the length), while the benchmark's eager SDPA at a fixed length took 4.2 ms at
+128K: a per-call cost that does not scale with the cache, which the per-backend times
+tell apart (a backend falling back, or one rebuilding a plan as the length changes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -57,6 +66,7 @@ GPU_DEFAULTS = ("llama3-8b", "32k,128k")
 CPU_DEFAULTS = ("smollm2-135m", "2k,8k")
 DECODE_METHODS_DEFAULT = "dense,topk-decode,prhs,quest"
 DRIFT_SIGMA = 0.2
+BACKEND_PROBE_STEPS = 3  # timed steps per forced SDPA backend in the dense row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +114,9 @@ def time_decode(
     layers = [SimpleNamespace(layer_idx=i) for i in range(shape.layers)]
     scale = shape.head_dim**-0.5
     rows: list[dict] = []
+    probe = len(_sdpa_backends()) * (1 + BACKEND_PROBE_STEPS) if "dense" in methods else 0
     for n in lengths:
-        total = n + warmup + 2 * repeat
+        total = n + warmup + 2 * repeat + probe
         gen = torch.Generator(device=device).manual_seed(seed + n)
         by_method: dict[str, dict] = {}
         caches = None
@@ -188,6 +199,9 @@ def time_decode(
                     audit_ms=statistics.median(s.get("audit", 0.0) for s in stages),
                     steps=repeat,
                 )
+                if runtime is None:
+                    row["sdpa_backends"] = _probe_backends(step, device)
+                    row["sdpa_default_matches"] = _closest_backend(row["sdpa_backends"], med)
                 if runtime is not None:
                     row["decode_stats"] = runtime.stats()
                     row["kept_fraction"] = row["decode_stats"]["kept_fraction"]
@@ -214,3 +228,44 @@ def time_decode(
             row["speedup"] = dense["per_token_ms"] / row["per_token_ms"] if ok else None
     return rows
 
+
+def _sdpa_backends() -> dict:
+    """Name -> torch SDPBackend of the backends a dense row is timed under (those this torch has)."""
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+    return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def _probe_backends(step: Callable[[], None], device: torch.device) -> dict:
+    """Per backend: {"per_token_ms": median of BACKEND_PROBE_STEPS steps} under sdpa_kernel(backend), after one
+    untimed step, or {"status": "unsupported: ..."} where SDPA refuses the inputs under it."""
+    from torch.nn.attention import sdpa_kernel
+
+    out: dict = {}
+    for name, backend in _sdpa_backends().items():
+        caught: list = []
+        try:
+            with torch.no_grad(), sdpa_kernel([backend]), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # SDPA says why a backend refuses the inputs: kept in the status
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times = []
+                for _ in range(BACKEND_PROBE_STEPS):
+                    with Interval(device) as interval:
+                        step()
+                    times.append(interval)
+                out[name] = {"per_token_ms": statistics.median(x.ms() for x in times)}
+        except RuntimeError as error:
+            if not any(m in str(error) for m in ("No available kernel", "No viable backend", "not supported")):
+                raise
+            why = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught)) or str(error).splitlines()[0]
+            out[name] = {"status": "unsupported: " + why[:400]}  # its steps unused: the buffer has room for them
+    return out
+
+
+def _closest_backend(times: dict, default_ms: float) -> str | None:
+    """The forced backend whose time is nearest the unforced call's (within 25%), or None."""
+    best = min(((abs(t["per_token_ms"] - default_ms), name) for name, t in times.items() if "per_token_ms" in t), default=None)
+    return best[1] if best and best[0] <= 0.25 * default_ms else None
