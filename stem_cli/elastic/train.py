@@ -34,7 +34,17 @@ len(tasks) (one pass over the task families) and s_bar the running mean of s,
     lambda <- lambda + eta (rho / W) (s_bar_t - target)         after every step (eta = dual_rate),
 
 an augmented Lagrangian of "the mean s over a pass equals the target" (method of
-multipliers). Its gradient in s_t is lambda + rho (s_bar_t - target): the same price for
+multipliers). A logit penalty is added to L:
+
+    + zeta mean_{layers, heads} mean_modes (z_m - mean_modes z)^2      z: a head's mode logits (zeta = logit_penalty)
+
+Without it the logits ran away (Gemma-3-270M, hidden 512, 22 Adam steps at lr 0.01: logits
+of 1e3-1e4, a final threshold shift of -12385): Adam moves every weight by about lr a step
+whatever its gradient's size, and the two MLPs' widths multiply those moves, so the margins
+outgrow the Gumbel noise and tau and every decision freezes. The penalty (a z-loss on the
+centred logits; softmax ignores their mean) keeps margins at a few units, where noise and
+the final threshold still act: about zeta at the neutral prior, it costs little until a margin
+passes ~1/sqrt(zeta). Its gradient in s_t is lambda + rho (s_bar_t - target): the same price for
 every prompt of a pass, up to the prompt's own share rho s_t / W, so the router spends
 sparsity where the task loss is cheapest and keeps heads dense where it is not. The
 earlier loss put the Lagrangian on each prompt's own s (W = 1, the needle-only case):
@@ -178,6 +188,7 @@ class MixedAttention:
     argmax_sparsity: list = field(default_factory=list)  # per governed layer: fraction not dense under noise-free argmax
     keys: PreRopeKeys = field(default_factory=PreRopeKeys)  # pre-RoPE keys, hooked by training_attention
     margins: list | None = None  # a list: per governed layer this forward, (Hkv,) dense margins (None: layer not routed)
+    logit_power: list = field(default_factory=list)  # per routed layer, this forward: mean squared centred logit
 
     def attend(self, call) -> torch.Tensor | None:
         """The hook handler: the layer's output as the routed mixture of its heads' modes."""
@@ -197,6 +208,7 @@ class MixedAttention:
         logits = self.router.logits(layer, feats)
         if self.margins is not None:
             self.margins.append(dense_margins(logits.detach())[0].float().cpu())
+        self.logit_power.append((logits - logits.mean(-1, keepdim=True)).pow(2).mean())
         y = relaxed_one_hot(logits, tau=self.tau, hard=self.hard, generator=self.generator, noise_scale=self.noise_scale)  # (B, Hkv, 3)
         # Without gradients and noise (the final threshold's runs) only the modes some head chose are computed.
         needed = set(y.argmax(-1).unique().tolist()) if self.generator is None and not torch.is_grad_enabled() else {0, 1, 2}
@@ -247,13 +259,15 @@ def dense_teacher(model, mixed: MixedAttention, prompt) -> torch.Tensor:
 
 
 def router_loss(model, mixed: MixedAttention, prompt, *, target_sparsity: float, sparsity_weight: float, multiplier: float = 0.0,
-                average: float | None = None, window: int = 1, task_loss: str = "distill", teacher: torch.Tensor | None = None):
+                average: float | None = None, window: int = 1, task_loss: str = "distill", teacher: torch.Tensor | None = None,
+                logit_penalty: float = 0.0):
     """(loss, task loss, answer cross-entropy, sparsity, running mean s_bar_t) of one prompt; call inside
     training_attention(model, mixed). `average`: s_bar_{t-1} (None: the first step, s_bar = s).
 
-    loss = task + W [lambda (s_bar - target) + (rho / 2) (s_bar - target)^2] (module docstring); task =
-    KL(teacher || routed) per answer token ("distill", `teacher` from dense_teacher) or the answer's CE ("ce")."""
-    mixed.sparsity, mixed.argmax_sparsity = [], []
+    loss = task + W [lambda (s_bar - target) + (rho / 2) (s_bar - target)^2] + zeta * mean centred logit^2
+    (module docstring); task = KL(teacher || routed) per answer token ("distill", `teacher` from dense_teacher)
+    or the answer's CE ("ce")."""
+    mixed.sparsity, mixed.argmax_sparsity, mixed.logit_power = [], [], []
     mixed.pool_end = prompt.answer_start
     logits, answer = answer_logits(model, prompt)
     mixed.pool_end = None
@@ -266,7 +280,10 @@ def router_loss(model, mixed: MixedAttention, prompt, *, target_sparsity: float,
     sparsity = torch.stack(mixed.sparsity).mean()
     mean = sparsity if average is None else (1 - 1 / window) * average + sparsity / window
     gap = mean - target_sparsity
-    return task + window * (multiplier * gap + 0.5 * sparsity_weight * gap ** 2), task, lm, sparsity, mean
+    loss = task + window * (multiplier * gap + 0.5 * sparsity_weight * gap ** 2)
+    if logit_penalty and mixed.logit_power:
+        loss = loss + logit_penalty * torch.stack(mixed.logit_power).mean()
+    return loss, task, lm, sparsity, mean
 
 
 def feature_statistics(model, mixed: MixedAttention, prompts) -> dict[int, torch.Tensor]:
@@ -395,6 +412,7 @@ class TrainSettings:
     noise_fraction: float = 0.6
     dense_layers: tuple | None = None  # None: the elastic config's default_dense_layers
     dual_rate: float = 0.1  # eta: the multiplier's step relative to rho / W (1 overshoots: one router step per dual step)
+    logit_penalty: float = 1e-2  # zeta: the centred logits' z-loss (module docstring); 0 lets the logits run away
     task_loss: str = "distill"  # "distill": KL to the dense model at the answer; "ce": the answer's cross-entropy
     feature_prompts: int = 4  # per task: prompts whose pooled keys give the router's input statistics (mu, sigma)
     calibrate_prompts: int = 20  # training prompts the final threshold is solved on (module docstring); 0: none
@@ -412,6 +430,8 @@ class TrainSettings:
             raise ValueError(f"task_loss must be 'distill' or 'ce', got {self.task_loss!r}")
         if self.calibrate_prompts < 0:
             raise ValueError(f"calibrate_prompts must be >= 0, got {self.calibrate_prompts}")
+        if not self.logit_penalty >= 0:
+            raise ValueError(f"logit_penalty must be >= 0, got {self.logit_penalty}")
         if self.feature_prompts < 1:
             raise ValueError(f"feature_prompts must be >= 1, got {self.feature_prompts}")
         if not (0 < self.tau_end and 0 < self.tau_start) or not 0 < self.noise_fraction <= 1:
@@ -546,14 +566,14 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
             teacher = dense_teacher(model, mixed, prompt) if s.task_loss == "distill" else None
             loss, task_value, lm, sparsity, mean = router_loss(
                 model, mixed, prompt, target_sparsity=s.target_sparsity, sparsity_weight=s.sparsity_weight, multiplier=multiplier,
-                average=average, window=s.window, task_loss=s.task_loss, teacher=teacher)
+                average=average, window=s.window, task_loss=s.task_loss, teacher=teacher, logit_penalty=s.logit_penalty)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             now, average = float(sparsity.detach()), float(mean.detach())
             history.append({"step": step, "loss": loss.item(), "task_loss": task_value.item(), "lm": lm.item(), "sparsity": now,
                             "average_sparsity": average, "omega": sum(mixed.argmax_sparsity) / len(mixed.argmax_sparsity),
-                            "multiplier": multiplier, "tau": mixed.tau, "noise": mixed.noise_scale, "task": prompt.task,
+                            "multiplier": multiplier, "logit_rms": _logit_rms(mixed), "tau": mixed.tau, "noise": mixed.noise_scale, "task": prompt.task,
                             "tokens": int(prompt.input_ids.shape[1]), "seconds": round(time.perf_counter() - tic, 4)})
             multiplier += s.dual_rate * s.sparsity_weight / s.window * (average - s.target_sparsity)  # dual ascent on mean s = target
             if (step + 1) % checkpoint_every == 0 or step + 1 == s.steps:
@@ -584,6 +604,13 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
         "elastic_config": config_fields(config), "curve": history,
     }
     return router, history
+
+
+def _logit_rms(mixed: MixedAttention) -> float | None:
+    """Root mean squared centred mode logit of the step's routed layers: the curve shows whether they run away."""
+    if not mixed.logit_power:
+        return None
+    return float(torch.stack([p.detach() for p in mixed.logit_power]).mean().sqrt())
 
 
 def _mean(xs) -> float | None:
