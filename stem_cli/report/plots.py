@@ -234,8 +234,15 @@ def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: f
     fig.suptitle(textwrap.fill(title, 110), fontsize=10)
     left.plot(steps, [h["loss"] for h in curve], color="C0", linewidth=0.8, label="loss (CE + multiplier term + penalty)")
     left.plot(steps, [h["lm"] for h in curve], color="C1", linewidth=0.8, alpha=0.8, label="answer cross-entropy")
+    rms = [h.get("logit_rms") for h in curve]
+    if any(r is not None for r in rms):  # curves from before the logit penalty have none
+        left.plot(steps, [float("nan") if r is None else r for r in rms], color="C4", linewidth=0.8, linestyle="--",
+                  label="RMS centred mode logit")
+    losses = [h["loss"] for h in curve] + [h["lm"] for h in curve]
+    if min(losses) > 0 and max(losses) > 100 * min(losses):  # a spike would flatten the rest of the curve
+        left.set_yscale("log")
     left.set_xlabel("step")
-    left.set_ylabel("nats")
+    left.set_ylabel("nats (logit: units)")
     left.set_title("loss")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)

@@ -53,6 +53,8 @@ class Variant:
     pv: str = "fp8"  # "fp8": P and V in e4m3; "bf16": P and V in bf16 (attn_fp8_qk); "fp32": exact P and V
     p_scale: float = 256.0  # P enters the dot as e4m3(p_scale p)
     bf16: bool = False  # the bf16 kernel: Q, K, V as given (bf16), P rounded to bf16
+    rotate: bool = False  # quantise Q H and K H, H a random-sign Hadamard matrix (orthogonal: the logits are
+    #                       unchanged; it spreads a channel's outliers over all d, FA3's incoherent processing)
 
 
 VARIANTS = {v.name: v for v in [
@@ -72,7 +74,21 @@ VARIANTS = {v.name: v for v in [
     Variant("K+V smooth + Q per token", k_smooth=True, v_smooth=True, q_rows=1),
     Variant("Q+K+V smooth", q_smooth=True, k_smooth=True, v_smooth=True),
     Variant("K smooth + PV bf16", k_smooth=True, pv="bf16"),
+    Variant("Hadamard", rotate=True),
+    Variant("Q smooth + Hadamard", q_smooth=True, rotate=True),
+    Variant("Q smooth + Hadamard + PV bf16", q_smooth=True, rotate=True, pv="bf16"),
 ]}
+
+
+def hadamard(d: int, seed: int = 0) -> torch.Tensor:
+    """(d, d) float64 orthogonal: Sylvester's Hadamard matrix over sqrt(d), its rows times random signs."""
+    if d & (d - 1):
+        raise ValueError(f"head dim {d} is not a power of two: no Sylvester Hadamard matrix")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    return signs[:, None] * h / math.sqrt(d)
 
 
 def bf16_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -133,6 +149,9 @@ def attention(q, k, v, index: BlockIndex, scale: float, variant: Variant | None 
             vbar = v.float().mean(dim=2, keepdim=True).double()
             v = v - vbar
             out_shift = vbar.repeat_interleave(group, dim=1)
+        if variant.rotate:  # (q H)(k H)^T = q k^T; the bias above used the unrotated q-bar and k (also invariant)
+            rot = hadamard(d)
+            q, k = q @ rot, k @ rot
         q = quantize(q, variant.q_rows or bs)
         k = quantize(k, variant.k_rows or bs)
         if variant.pv == "fp8":
