@@ -44,7 +44,7 @@ whatever its gradient's size, and the two MLPs' widths multiply those moves, so 
 outgrow the Gumbel noise and tau and every decision freezes. The penalty (a z-loss on the
 centred logits; softmax ignores their mean) keeps margins at a few units, where noise and
 the final threshold still act: about zeta at the neutral prior, it costs little until a margin
-passes ~1/sqrt(zeta). Its gradient in s_t is lambda + rho (s_bar_t - target): the same price for
+passes ~1/sqrt(zeta). The Lagrangian's gradient in s_t is lambda + rho (s_bar_t - target): the same price for
 every prompt of a pass, up to the prompt's own share rho s_t / W, so the router spends
 sparsity where the task loss is cheapest and keeps heads dense where it is not. The
 earlier loss put the Lagrangian on each prompt's own s (W = 1, the needle-only case):

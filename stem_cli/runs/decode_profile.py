@@ -242,6 +242,8 @@ def _probe_backends(step: Callable[[], None], device: torch.device) -> dict:
     untimed step, or {"status": "unsupported: ..."} where SDPA refuses the inputs under it."""
     from torch.nn.attention import sdpa_kernel
 
+    from stem_cli.environment import is_oom
+
     out: dict = {}
     for name, backend in _sdpa_backends().items():
         caught: list = []
@@ -258,6 +260,11 @@ def _probe_backends(step: Callable[[], None], device: torch.device) -> dict:
                     times.append(interval)
                 out[name] = {"per_token_ms": statistics.median(x.ms() for x in times)}
         except RuntimeError as error:
+            if is_oom(error):  # math materialises the expanded K/V: its OOM must not cost the dense row
+                out[name] = {"status": "OOM"}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if not any(m in str(error) for m in ("No available kernel", "No viable backend", "not supported")):
                 raise
             why = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught)) or str(error).splitlines()[0]
