@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from stem_cli.kernels.launch import pdl_options, wait_for_prior_grid
 from stem_cli.kernels.prhs_anchor_rows import _anchor_row
 from stem_cli.kernels.row_sort import BIG, INTERPRET, MAX_SORT, _arrive, _sort  # noqa: F401 (BIG, INTERPRET: re-exported)
 
@@ -63,7 +64,9 @@ def _anchor_logits(
     n_kv_heads, group, lo, n_cols, n_parts, scale, head_dim,
     HAS_VALID: tl.constexpr, HAS_FREEZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    wait_for_prior_grid(USE_GDC)
     row = tl.program_id(0)
     part = tl.program_id(1)
     b = (row // n_kv_heads).to(tl.int64)
@@ -117,7 +120,9 @@ def _topk_tree(
     ANCHOR_ROWS: tl.constexpr, USE_TIME: tl.constexpr, HAS_PREV: tl.constexpr, HAS_LOGITS: tl.constexpr,
     HAS_ACCUM: tl.constexpr, BLOCK_PREV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr, SHARE_ITERS: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    wait_for_prior_grid(USE_GDC)
     row = tl.program_id(0)
     c = tl.program_id(1)
     offs = tl.arange(0, CHUNK)
@@ -268,6 +273,7 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
         hkv, g, lo, n_cols, n_parts, scale, d,
         HAS_VALID=has_valid, HAS_FREEZE=freeze_end is not None,
         BLOCK_H=block_h, BLOCK_N=block_n, TILES=tiles, HEAD_DIM=triton.next_power_of_2(max(d, 16)), num_warps=4,
+        **pdl_options(dev),
     )
     lse = torch.empty(rows, g, dtype=torch.float32, device=dev)  # written by the first level-0 program of a row
     ranked = torch.empty(rows, out_width, dtype=torch.long, device=dev)
@@ -292,7 +298,7 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
         BLOCK_P=LSE_TILE, ANCHOR_ROWS=epilogue is not None,
         **{name: ep.get(name, False) for name in ("USE_TIME", "HAS_PREV", "HAS_LOGITS", "HAS_ACCUM")},
         **{name: ep.get(name, 2) for name in ("BLOCK_PREV", "BLOCK_A", "BLOCK_S", "BLOCK_K", "SHARE_ITERS")},
-        BLOCK_R=max(2, min(64, triton.next_power_of_2(rows))), num_warps=8,
+        BLOCK_R=max(2, min(64, triton.next_power_of_2(rows))), num_warps=8, **pdl_options(dev),
     )
     return ranked, logits, lse
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from stem_cli.kernels.launch import pdl_options, wait_for_prior_grid
 
 
 # Integer arguments that change with the cache length or from layer to layer: unspecialised, one compiled
@@ -44,7 +45,9 @@ def _prhs_share(
     USE_TIME: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PREV: tl.constexpr, USE_FRACTION: tl.constexpr,
     SCORED_ALL: tl.constexpr,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    wait_for_prior_grid(USE_GDC)
     row = tl.program_id(0)
     b = (row // n_kv_heads).to(tl.int64)
     kvh = row % n_kv_heads
@@ -163,6 +166,6 @@ def prhs_share(q, state_q, state_norm, has, state_t, static, key_valid, start, n
         BLOCK_H=max(2, triton.next_power_of_2(g)), HEAD_DIM=triton.next_power_of_2(max(d, 16)),
         BLOCK_F=max(2, triton.next_power_of_2(sinks + window)),
         BLOCK_W=max(2, triton.next_power_of_2(max(salient_width, static.shape[-1]))),
-        BLOCK_P=max(2, triton.next_power_of_2(prev.shape[-1] if has_prev else 1)), num_warps=4,
+        BLOCK_P=max(2, triton.next_power_of_2(prev.shape[-1] if has_prev else 1)), num_warps=4, **pdl_options(dev),
     )
     return index, anchor, flags, info, delta, known

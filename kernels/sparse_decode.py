@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 from stem_cli.kernels.block_sparse_attn import _online_softmax_step
+from stem_cli.kernels.launch import pdl_options, wait_for_prior_grid
 from stem_cli.kernels.row_sort import _arrive
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,8 +68,9 @@ def _sparse_decode_partial(
     sob, soh, sod,
     n_kv_heads, group: tl.constexpr, n_keys, n_entries, chunk, n_splits, qk_scale_log2, head_dim,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_COUNTS: tl.constexpr,
-    HAS_INDEX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+    HAS_INDEX: tl.constexpr, FUSED_COMBINE: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
+    wait_for_prior_grid(USE_GDC)
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_row // n_kv_heads).to(tl.int64)
@@ -161,8 +163,9 @@ def _sparse_decode_combine(
     Acc, M, L, Out, Lse,
     sob, soh, sod,
     n_q_heads, n_splits, head_dim,
-    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
+    wait_for_prior_grid(USE_GDC)
     pid = tl.program_id(0)
     b = pid // n_q_heads
     h = pid % n_q_heads
@@ -282,7 +285,8 @@ def sparse_decode_attention(
         hkv, group, n_keys, width, chunk, n_splits, scale * 1.4426950408889634, d,
     )
     grid = (batch * hkv, n_splits)
-    flags = dict(BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index, FUSED_COMBINE=fused)
+    pdl = pdl_options(q.device)  # dependent launches: see launch.py
+    flags = dict(BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index, FUSED_COMBINE=fused, **pdl)
     if INTERPRET:  # the interpreter runs on the CPU: one config, no autotuning
         _sparse_decode_partial[grid](*args, BLOCK_N=32, **flags)
     else:
@@ -290,7 +294,7 @@ def sparse_decode_attention(
     if not fused:
         _sparse_decode_combine[(batch * hq,)](
             acc, m, l, out, lse, *out.stride(), hq, n_splits, d,
-            BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HEAD_DIM=head_dim,
+            BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HEAD_DIM=head_dim, **pdl,
         )
     if squeeze:
         out = out[:, :, None]

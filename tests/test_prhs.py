@@ -805,6 +805,8 @@ class LaunchCounter:
             "aten.as_strided", "aten._unsafe_view", "aten.alias", "aten.t", "aten.transpose", "aten.permute",
             "aten.detach", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh", "aten.reshape"}
 
+    PDL_OPTIONS = ("USE_GDC", "launch_pdl")  # recorded per launch, and taken off: the interpreter has no griddepcontrol
+
     def __init__(self, monkeypatch):
         from collections import Counter
 
@@ -812,6 +814,7 @@ class LaunchCounter:
         from triton.runtime.interpreter import InterpretedFunction
 
         self.ops, self.kernels, self.inside = Counter(), Counter(), 0
+        self.pdl: list[tuple[str, tuple]] = []  # (kernel, (USE_GDC, launch_pdl)) per launch
         counter = self
 
         class Mode(TorchDispatchMode):
@@ -826,6 +829,7 @@ class LaunchCounter:
 
         def counted(fn_self, *args, **kwargs):
             counter.kernels[fn_self.fn.__name__] += 1
+            counter.pdl.append((fn_self.fn.__name__, tuple(kwargs.pop(k, False) for k in LaunchCounter.PDL_OPTIONS)))
             counter.inside += 1  # the interpreter's own tensor copies are not the step's launches
             try:
                 return run(fn_self, *args, **kwargs)
@@ -925,6 +929,45 @@ def test_whole_sparse_layer_step_launches(monkeypatch, t, fused):
         kept.append(rt.counter("kept") - before)
     assert kept[1] == int((rt._prev[2] >= 0).sum())  # the kernel's count of the last step's kept positions
     assert rt.anchors == 3 * hkv + hkv  # the first step (layers 1-3 re-anchor every row), then the anchor step above
+
+
+@pytest.mark.parametrize("forced", [None, False])  # PDL where the device has it (here: made to say so), or forced off
+def test_every_kernel_of_a_decode_step_waits_for_the_one_before_it(monkeypatch, forced):
+    """With programmatic dependent launch a kernel may start before the previous one ends, so the stream order
+    holds only if every kernel launched that way waits first (kernels/launch.py): each launch of a PrHS layer-step
+    passes USE_GDC (the in-kernel wait) exactly when it passes launch_pdl, on a device that has PDL; with PDL forced
+    off, or on a device without it (the CPU here, unpatched), neither."""
+    pytest.importorskip("triton")
+    from stem_cli.decode import runtime as runtime_module
+    from stem_cli.kernels import launch
+    from stem_cli.kernels import sparse_decode as kernel
+
+    monkeypatch.setattr(prhs, "TRITON_SELECT", True)
+    monkeypatch.setattr(runtime_module, "sparse_decode", lambda q, k, v, idx, scale: kernel.sparse_decode_attention(q, k, v, idx, scale=scale))
+    g = torch.Generator().manual_seed(11)
+    b, hkv, grp, d, t = 1, 2, 4, 16, 300
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    q = torch.randn(b, hkv * grp, 1, d, generator=g)
+    layers = [SimpleNamespace(layer_idx=i) for i in range(2)]
+    counter = LaunchCounter(monkeypatch)
+
+    def stream():  # two steps of a 2-layer decode; the second re-anchors (-q)
+        rt = DecodeRuntime(get_decode_method("prhs"), PrhsConfig(budget=64, sink_tokens=4, window_tokens=16, dense_decode_layers=(0,)), num_layers=2)
+        for query in (q, -q):
+            counter.pdl.clear()
+            out = [rt.forward(m, query, k, v, None, 0.25) for m in layers]
+        return out[1]
+
+    want = stream()  # unpatched: the CPU has no PDL
+    assert counter.pdl and all(opts == (False, False) for _, opts in counter.pdl), counter.pdl
+    monkeypatch.setattr(launch, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(launch, "PDL", forced)
+    got = stream()
+    names = [name for name, _ in counter.pdl]
+    assert sorted(names) == sorted(["_prhs_share", "_anchor_logits", "_topk_tree", "_sparse_decode_partial", "_sparse_decode_combine"]), names
+    expected = (True, True) if forced is None else (False, False)
+    assert all(opts == expected for _, opts in counter.pdl), counter.pdl
+    torch.testing.assert_close(got, want)  # the launch options change no value
 
 
 def test_a_growing_decode_compiles_each_kernel_once_per_shape(monkeypatch, kernel_variants):

@@ -28,6 +28,8 @@ Variants (per token, median over --steps tokens, CUDA events around each step):
   prhs-old-graph PrHS with its selection in PyTorch (before kernels/prhs_select.py), in a graph
   splitk-fused-graph, prhs-fused-graph  the same with the sparse decode kernel's pass 2 in pass 1's launch
                  (sparse_decode.FUSED_COMBINE; off by default: it measured slower)
+  splitk-nopdl-graph, prhs-nopdl-graph  the same without programmatic dependent launch (kernels/launch.py;
+                 the default variants use it where the GPU has it, compute capability 9.0 and newer)
 The dense baseline for speed-ups is the fastest of dense-graph and the split-K graphs.
 The memory limit is the KV bytes a dense step reads over the copy bandwidth
 measured here (a large device-to-device copy: bytes read + written per second).
@@ -91,10 +93,11 @@ DENSE_TOL = 2e-2  # bf16 kernels against the float64 reference (relative error)
 SAME_SETS_MIN = 0.98  # bf16 on the GPU: a near-tie may flip a pick between the two PrHS versions
 
 VARIANTS = (("dense-eager", "dense-graph", "splitk-graph") + tuple(f"{m}-{w}" for m in SPARSE for w in ("eager", "graph"))
-            + ("prhs-old-graph", "splitk-fused-graph", "prhs-fused-graph"))
+            + ("prhs-old-graph", "splitk-fused-graph", "prhs-fused-graph", "splitk-nopdl-graph", "prhs-nopdl-graph"))
 OLD = "-old"  # PrHS with its selection in PyTorch (prhs.TRITON_SELECT = False): the version before the Triton kernels
 FUSED = "-fused"  # the sparse decode kernel with its pass 2 in pass 1's launch (sparse_decode.FUSED_COMBINE)
-DENSE_GRAPHS = ("dense-graph", "splitk-graph", "splitk-fused-graph")
+NO_PDL = "-nopdl"  # the decode kernels launched without programmatic dependent launch (launch.PDL = False)
+DENSE_GRAPHS = ("dense-graph", "splitk-graph", "splitk-fused-graph", "splitk-nopdl-graph")
 SEED_CLAIMS = {  # the PrHS paper's figures (A100, batch 16, against its dense attention)
     "attention_latency_speedup_b16_2k": 9.9,
     "throughput_speedup_b16_4k": 2.8,
@@ -340,43 +343,29 @@ def measure(case: Case, make: Callable[[], Callable], graph: bool, opts: Options
             "tokens_per_s": case.batch * 1e3 / timed["median"]}
 
 
-class selection_path:
-    """with selection_path(old): PrHS selects in PyTorch (old) or wherever the Triton kernels serve (not old)."""
+class module_setting:
+    """with module_setting(module, name, value): a module-level switch set for the block, restored after."""
 
-    def __init__(self, old: bool):
-        self.old = old
-
-    def __enter__(self):
-        from stem_cli.decode import prhs
-
-        self.saved, prhs.TRITON_SELECT = prhs.TRITON_SELECT, (False if self.old else None)
-
-    def __exit__(self, *exc):
-        from stem_cli.decode import prhs
-
-        prhs.TRITON_SELECT = self.saved
-
-
-class combine_path:
-    """with combine_path(fused): the sparse decode kernel's pass 2 in pass 1's launch (fused) or its own."""
-
-    def __init__(self, fused: bool):
-        self.fused = fused
+    def __init__(self, module, name: str, value):
+        self.module, self.name, self.value = module, name, value
 
     def __enter__(self):
-        from stem_cli.kernels import sparse_decode
-
-        self.saved, sparse_decode.FUSED_COMBINE = sparse_decode.FUSED_COMBINE, self.fused
+        self.saved = getattr(self.module, self.name)
+        setattr(self.module, self.name, self.value)
 
     def __exit__(self, *exc):
-        from stem_cli.kernels import sparse_decode
-
-        sparse_decode.FUSED_COMBINE = self.saved
+        setattr(self.module, self.name, self.saved)
 
 
 def run_variant(case: Case, variant: str, opts: Options) -> dict:
-    with selection_path(OLD in variant), combine_path(FUSED in variant):
-        return _run_variant(case, variant.replace(OLD, "").replace(FUSED, ""), opts)
+    """-old: PrHS selects in PyTorch; -fused: pass 2 in pass 1's launch; -nopdl: no dependent launches."""
+    from stem_cli.decode import prhs
+    from stem_cli.kernels import launch, sparse_decode
+
+    with (module_setting(prhs, "TRITON_SELECT", False if OLD in variant else None),
+          module_setting(sparse_decode, "FUSED_COMBINE", FUSED in variant),
+          module_setting(launch, "PDL", False if NO_PDL in variant else None)):
+        return _run_variant(case, variant.replace(OLD, "").replace(FUSED, "").replace(NO_PDL, ""), opts)
 
 
 def _run_variant(case: Case, variant: str, opts: Options) -> dict:
@@ -448,7 +437,9 @@ def run_selection(case: Case, opts: Options) -> dict:
     ):
         if "old" in key and "prhs-old-graph" in opts.skip:  # its kernels' compiles are what a short run cannot spare
             continue
-        with selection_path("old" in key):
+        from stem_cli.decode import prhs
+
+        with module_setting(prhs, "TRITON_SELECT", False if "old" in key else None):
             out[f"{key}_ms"], out[f"{key}_anchor_fraction"] = time_selection(case, opts, method, extra, fixed)
         free_memory()
     out["selection_mode"] = "CUDA graph" if case.device.type == "cuda" else "eager (CPU)"
@@ -527,7 +518,10 @@ def check_prhs_against_reference(opts: Options, steps: int = 10) -> dict:
 
 
 def check_graph_replay(opts: Options, steps: int = 6) -> dict:
-    """A graph of the whole PrHS decode step replays as eager steps run (outputs and anchor counts)."""
+    """A graph of the whole PrHS decode step replays as eager steps run (outputs and anchor counts); the eager
+    steps launch without dependent launches, so a race the graph's PDL launches allowed would show here."""
+    from stem_cli.kernels import launch
+
     device = torch.device(opts.device)
     if device.type != "cuda":
         return {"status": NO_GPU}
@@ -537,13 +531,15 @@ def check_graph_replay(opts: Options, steps: int = 6) -> dict:
     eager = DecodeRuntime(get_decode_method("prhs"), cfg, layers)
     graphed = DecodeRuntime(get_decode_method("prhs"), cfg, layers)
     case.set_query(0)
-    for _ in range(2):
-        case.sparse(eager)()
+    with module_setting(launch, "PDL", False):
+        for _ in range(2):
+            case.sparse(eager)()
     runner = GraphStep(case.sparse(graphed), device, warmup=2)
     worst = 0.0
     for s in range(1, steps + 1):
         case.set_query(s)
-        want = case.sparse(eager)()
+        with module_setting(launch, "PDL", False):
+            want = case.sparse(eager)()
         got = runner.replay()
         worst = max(worst, max(relative_error(a, b) for a, b in zip(got, want)))
     anchors = (eager.counter("anchors"), graphed.counter("anchors"))
@@ -791,7 +787,8 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=240)
     table = Table(title=title)
     heads = ["B", "N", "layers (bufs)", "KV GB", "limit ms", "dense eager", "dense graph", "split-K graph",
-             "split-K fused graph", "base/limit", "prhs eager", "prhs graph", "prhs old graph", "prhs fused graph", "topk eager", "topk graph", "quest eager", "quest graph",
+             "split-K fused graph", "split-K no-PDL graph", "base/limit", "prhs eager", "prhs graph", "prhs old graph",
+             "prhs fused graph", "prhs no-PDL graph", "topk eager", "topk graph", "quest eager", "quest graph",
              "prhs/base", "tok/s base", "tok/s prhs"]
     for h in heads:
         table.add_column(h, justify="right")
@@ -804,7 +801,7 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
         for v in ("dense-eager", *DENSE_GRAPHS):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         cells.append(fmt(r.get("dense_over_limit"), "{:.2f}x"))
-        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "prhs-fused-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
+        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "prhs-fused-graph", "prhs-nopdl-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         prhs = r["prhs-graph"] if is_num(ms(r, "prhs-graph")) else r["prhs-eager"]
         cells.append(fmt(prhs.get("speedup_vs_dense"), "{:.2f}x"))
