@@ -273,7 +273,7 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
         hkv, g, lo, n_cols, n_parts, scale, d,
         HAS_VALID=has_valid, HAS_FREEZE=freeze_end is not None,
         BLOCK_H=block_h, BLOCK_N=block_n, TILES=tiles, HEAD_DIM=triton.next_power_of_2(max(d, 16)), num_warps=4,
-        **pdl_options(dev),
+        **pdl_options(dev, rows),
     )
     lse = torch.empty(rows, g, dtype=torch.float32, device=dev)  # written by the first level-0 program of a row
     ranked = torch.empty(rows, out_width, dtype=torch.long, device=dev)
@@ -298,7 +298,7 @@ def anchor_topk(q, k, active, *, lo: int, scale: float, key_valid, start, freeze
         BLOCK_P=LSE_TILE, ANCHOR_ROWS=epilogue is not None,
         **{name: ep.get(name, False) for name in ("USE_TIME", "HAS_PREV", "HAS_LOGITS", "HAS_ACCUM")},
         **{name: ep.get(name, 2) for name in ("BLOCK_PREV", "BLOCK_A", "BLOCK_S", "BLOCK_K", "SHARE_ITERS")},
-        BLOCK_R=max(2, min(64, triton.next_power_of_2(rows))), num_warps=8, **pdl_options(dev),
+        BLOCK_R=max(2, min(64, triton.next_power_of_2(rows))), num_warps=8, **pdl_options(dev, rows),
     )
     return ranked, logits, lse
 

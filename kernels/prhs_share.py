@@ -166,6 +166,6 @@ def prhs_share(q, state_q, state_norm, has, state_t, static, key_valid, start, n
         BLOCK_H=max(2, triton.next_power_of_2(g)), HEAD_DIM=triton.next_power_of_2(max(d, 16)),
         BLOCK_F=max(2, triton.next_power_of_2(sinks + window)),
         BLOCK_W=max(2, triton.next_power_of_2(max(salient_width, static.shape[-1]))),
-        BLOCK_P=max(2, triton.next_power_of_2(prev.shape[-1] if has_prev else 1)), num_warps=4, **pdl_options(dev),
+        BLOCK_P=max(2, triton.next_power_of_2(prev.shape[-1] if has_prev else 1)), num_warps=4, **pdl_options(dev, rows),
     )
     return index, anchor, flags, info, delta, known

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 from stem_cli.kernels.block_sparse_attn import _online_softmax_step
-from stem_cli.kernels.launch import pdl_options, wait_for_prior_grid
+from stem_cli.kernels.launch import pdl_options, sm_count, wait_for_prior_grid
 from stem_cli.kernels.row_sort import _arrive
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -196,18 +196,9 @@ def _configs():
 
 _tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_H", "HAS_COUNTS", "HAS_INDEX"])(_sparse_decode_partial)
 
-_sm_count: dict[int, int] = {}
-
-
 def _num_splits(rows: int, width: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunk): about two programs per SM, at least CHUNK_ALIGN entries per split."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sm_count:
-            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = 2 * _sm_count[index]
-    else:
-        target = 4
+    target = 2 * sm_count(device) if device.type == "cuda" else 4
     splits = max(1, min(triton.cdiv(target, max(rows, 1)), triton.cdiv(max(width, 1), CHUNK_ALIGN), 128))
     chunk = triton.cdiv(triton.cdiv(max(width, 1), splits), CHUNK_ALIGN) * CHUNK_ALIGN
     return triton.cdiv(max(width, 1), chunk), chunk
@@ -285,7 +276,7 @@ def sparse_decode_attention(
         hkv, group, n_keys, width, chunk, n_splits, scale * 1.4426950408889634, d,
     )
     grid = (batch * hkv, n_splits)
-    pdl = pdl_options(q.device)  # dependent launches: see launch.py
+    pdl = pdl_options(q.device, batch * hkv)  # dependent launches: see launch.py
     flags = dict(BLOCK_H=block_h, HEAD_DIM=head_dim, HAS_COUNTS=has_counts, HAS_INDEX=has_index, FUSED_COMBINE=fused, **pdl)
     if INTERPRET:  # the interpreter runs on the CPU: one config, no autotuning
         _sparse_decode_partial[grid](*args, BLOCK_N=32, **flags)

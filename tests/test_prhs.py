@@ -931,12 +931,13 @@ def test_whole_sparse_layer_step_launches(monkeypatch, t, fused):
     assert rt.anchors == 3 * hkv + hkv  # the first step (layers 1-3 re-anchor every row), then the anchor step above
 
 
-@pytest.mark.parametrize("forced", [None, False])  # PDL where the device has it (here: made to say so), or forced off
-def test_every_kernel_of_a_decode_step_waits_for_the_one_before_it(monkeypatch, forced):
+@pytest.mark.parametrize("forced,sms,on", [(None, 64, True), (None, 4, False), (True, 4, True), (False, 64, False)])
+def test_every_kernel_of_a_decode_step_waits_for_the_one_before_it(monkeypatch, forced, sms, on):
     """With programmatic dependent launch a kernel may start before the previous one ends, so the stream order
     holds only if every kernel launched that way waits first (kernels/launch.py): each launch of a PrHS layer-step
-    passes USE_GDC (the in-kernel wait) exactly when it passes launch_pdl, on a device that has PDL; with PDL forced
-    off, or on a device without it (the CPU here, unpatched), neither."""
+    passes USE_GDC (the in-kernel wait) exactly when it passes launch_pdl. By default on a device that has PDL
+    (made to say so here) for a step of at most SMALL_ROWS_PER_SM rows per SM (2 rows: on with 64 SMs, off with
+    4); forced on or off whatever the rows; on a device without it (the CPU here, unpatched), never."""
     pytest.importorskip("triton")
     from stem_cli.decode import runtime as runtime_module
     from stem_cli.kernels import launch
@@ -961,11 +962,12 @@ def test_every_kernel_of_a_decode_step_waits_for_the_one_before_it(monkeypatch, 
     want = stream()  # unpatched: the CPU has no PDL
     assert counter.pdl and all(opts == (False, False) for _, opts in counter.pdl), counter.pdl
     monkeypatch.setattr(launch, "pdl_supported", lambda device: True)
+    monkeypatch.setattr(launch, "sm_count", lambda device: sms)
     monkeypatch.setattr(launch, "PDL", forced)
     got = stream()
     names = [name for name, _ in counter.pdl]
     assert sorted(names) == sorted(["_prhs_share", "_anchor_logits", "_topk_tree", "_sparse_decode_partial", "_sparse_decode_combine"]), names
-    expected = (True, True) if forced is None else (False, False)
+    expected = (on, on)
     assert all(opts == expected for _, opts in counter.pdl), counter.pdl
     torch.testing.assert_close(got, want)  # the launch options change no value
 

@@ -28,8 +28,9 @@ Variants (per token, median over --steps tokens, CUDA events around each step):
   prhs-old-graph PrHS with its selection in PyTorch (before kernels/prhs_select.py), in a graph
   splitk-fused-graph, prhs-fused-graph  the same with the sparse decode kernel's pass 2 in pass 1's launch
                  (sparse_decode.FUSED_COMBINE; off by default: it measured slower)
-  splitk-nopdl-graph, prhs-nopdl-graph  the same without programmatic dependent launch (kernels/launch.py;
-                 the default variants use it where the GPU has it, compute capability 9.0 and newer)
+  splitk-nopdl-graph, prhs-nopdl-graph, splitk-pdl-graph, prhs-pdl-graph  the same without / with programmatic
+                 dependent launch (kernels/launch.py) whatever the batch; the default variants use it on compute
+                 capability 9.0 and newer for a step of few rows (launch.SMALL_ROWS_PER_SM)
 The dense baseline for speed-ups is the fastest of dense-graph and the split-K graphs.
 The memory limit is the KV bytes a dense step reads over the copy bandwidth
 measured here (a large device-to-device copy: bytes read + written per second).
@@ -93,11 +94,13 @@ DENSE_TOL = 2e-2  # bf16 kernels against the float64 reference (relative error)
 SAME_SETS_MIN = 0.98  # bf16 on the GPU: a near-tie may flip a pick between the two PrHS versions
 
 VARIANTS = (("dense-eager", "dense-graph", "splitk-graph") + tuple(f"{m}-{w}" for m in SPARSE for w in ("eager", "graph"))
-            + ("prhs-old-graph", "splitk-fused-graph", "prhs-fused-graph", "splitk-nopdl-graph", "prhs-nopdl-graph"))
+            + ("prhs-old-graph", "splitk-fused-graph", "prhs-fused-graph", "splitk-nopdl-graph", "prhs-nopdl-graph",
+                                                                  "splitk-pdl-graph", "prhs-pdl-graph"))
 OLD = "-old"  # PrHS with its selection in PyTorch (prhs.TRITON_SELECT = False): the version before the Triton kernels
 FUSED = "-fused"  # the sparse decode kernel with its pass 2 in pass 1's launch (sparse_decode.FUSED_COMBINE)
 NO_PDL = "-nopdl"  # the decode kernels launched without programmatic dependent launch (launch.PDL = False)
-DENSE_GRAPHS = ("dense-graph", "splitk-graph", "splitk-fused-graph", "splitk-nopdl-graph")
+WITH_PDL = "-pdl"  # ... and with it at any batch (launch.PDL = True; the default decides by rows per SM)
+DENSE_GRAPHS = ("dense-graph", "splitk-graph", "splitk-fused-graph", "splitk-nopdl-graph", "splitk-pdl-graph")
 SEED_CLAIMS = {  # the PrHS paper's figures (A100, batch 16, against its dense attention)
     "attention_latency_speedup_b16_2k": 9.9,
     "throughput_speedup_b16_4k": 2.8,
@@ -358,14 +361,15 @@ class module_setting:
 
 
 def run_variant(case: Case, variant: str, opts: Options) -> dict:
-    """-old: PrHS selects in PyTorch; -fused: pass 2 in pass 1's launch; -nopdl: no dependent launches."""
+    """-old: PrHS selects in PyTorch; -fused: pass 2 in pass 1's launch; -nopdl / -pdl: dependent launches off / on."""
     from stem_cli.decode import prhs
     from stem_cli.kernels import launch, sparse_decode
 
     with (module_setting(prhs, "TRITON_SELECT", False if OLD in variant else None),
           module_setting(sparse_decode, "FUSED_COMBINE", FUSED in variant),
-          module_setting(launch, "PDL", False if NO_PDL in variant else None)):
-        return _run_variant(case, variant.replace(OLD, "").replace(FUSED, "").replace(NO_PDL, ""), opts)
+          module_setting(launch, "PDL", False if NO_PDL in variant else True if WITH_PDL in variant else None)):
+        base = variant.replace(OLD, "").replace(FUSED, "").replace(NO_PDL, "").replace(WITH_PDL, "")
+        return _run_variant(case, base, opts)
 
 
 def _run_variant(case: Case, variant: str, opts: Options) -> dict:
@@ -787,8 +791,8 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=240)
     table = Table(title=title)
     heads = ["B", "N", "layers (bufs)", "KV GB", "limit ms", "dense eager", "dense graph", "split-K graph",
-             "split-K fused graph", "split-K no-PDL graph", "base/limit", "prhs eager", "prhs graph", "prhs old graph",
-             "prhs fused graph", "prhs no-PDL graph", "topk eager", "topk graph", "quest eager", "quest graph",
+             "split-K fused graph", "split-K no-PDL graph", "split-K PDL graph", "base/limit", "prhs eager", "prhs graph", "prhs old graph",
+             "prhs fused graph", "prhs no-PDL graph", "prhs PDL graph", "topk eager", "topk graph", "quest eager", "quest graph",
              "prhs/base", "tok/s base", "tok/s prhs"]
     for h in heads:
         table.add_column(h, justify="right")
@@ -801,7 +805,7 @@ def print_tables(rows: list[dict], title: str, notes: list[str]) -> None:
         for v in ("dense-eager", *DENSE_GRAPHS):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         cells.append(fmt(r.get("dense_over_limit"), "{:.2f}x"))
-        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "prhs-fused-graph", "prhs-nopdl-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
+        for v in ("prhs-eager", "prhs-graph", "prhs-old-graph", "prhs-fused-graph", "prhs-nopdl-graph", "prhs-pdl-graph", "topk-decode-eager", "topk-decode-graph", "quest-eager", "quest-graph"):
             cells.append(fmt(ms(r, v) if is_num(ms(r, v)) else r[v].get("status")))
         prhs = r["prhs-graph"] if is_num(ms(r, "prhs-graph")) else r["prhs-eager"]
         cells.append(fmt(prhs.get("speedup_vs_dense"), "{:.2f}x"))
