@@ -538,6 +538,7 @@ def train_router_cmd(
     tau_end: Annotated[float, typer.Option("--tau-end", min=1e-3, help="Temperature at the last step (geometric schedule).")] = 0.3,
     noise_fraction: Annotated[float, typer.Option("--noise-fraction", min=0.01, max=1.0, help="Gumbel noise falls linearly to 0 over this fraction of the steps; the rest train the noise-free routing.")] = 0.6,
     logit_penalty: Annotated[float, typer.Option("--logit-penalty", min=0.0, help="zeta of the z-loss on the centred mode logits, which keeps them from running away (0: none).")] = 1e-2,
+    lr_width: Annotated[int, typer.Option("--lr-width", min=0, help="Each weight matrix learns at lr x min(1, LR_WIDTH / its fan-in), so wide routers' first steps move their logits no further than narrow ones' (0: one rate for all).")] = 128,
     calibrate_prompts: Annotated[int, typer.Option("--calibrate-prompts", min=0, help="After the last step, shift every routed head's dense logit by one number so the mean Omega of this many training prompts is the target (0: the router as trained).")] = 20,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Router file to write (and OUTPUT.json, OUTPUT.png beside it). Default: routers/MODEL.pt.")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write the checkpoint (OUTPUT.ckpt) every this many steps.")] = 25,
@@ -561,7 +562,7 @@ def train_router_cmd(
 
     done = train_router(model, steps=steps, target_sparsity=target_sparsity, seq_len=seq_len, samples=samples, tasks=tasks, seed=seed,
                         lr=lr, sparsity_weight=sparsity_weight, tau=tau, tau_end=tau_end, noise_fraction=noise_fraction,
-                        logit_penalty=logit_penalty,
+                        logit_penalty=logit_penalty, lr_width=lr_width,
                         calibrate_prompts=calibrate_prompts, output=output,
                         checkpoint_every=checkpoint_every, resume=resume, config=config, overrides=set_, device=device, dtype=dtype,
                         random_weights=random_weights, console=err)

@@ -13,7 +13,8 @@ reaches all three logits. Schedules over the steps t = 0 .. T-1:
     noise a(t)   = max(0, 1 - t / (noise_fraction T))       1 -> 0: the last (1 - noise_fraction) of the
                                                              steps run the noise-free argmax inference runs
     tau(t)       = tau_start (tau_end / tau_start)^(t / (T-1))   geometric
-    lr(t)        = lr (0.1 + 0.45 (1 + cos(pi t / (T-1))))       cosine to lr / 10
+    lr(t)        = lr (0.1 + 0.45 (1 + cos(pi t / (T-1))))       cosine to lr / 10, times each weight
+                                                             matrix's min(1, lr_width / fan_in) (below)
 
 The sparsity s of a forward = mean over governed layers of the fraction of KV heads whose
 sampled mode is not dense (forced-dense layers count 0; every KV head has the same number
@@ -44,7 +45,13 @@ whatever its gradient's size, and the two MLPs' widths multiply those moves, so 
 outgrow the Gumbel noise and tau and every decision freezes. The penalty (a z-loss on the
 centred logits; softmax ignores their mean) keeps margins at a few units, where noise and
 the final threshold still act: about zeta at the neutral prior, it costs little until a margin
-passes ~1/sqrt(zeta). The Lagrangian's gradient in s_t is lambda + rho (s_bar_t - target): the same price for
+passes ~1/sqrt(zeta). The penalty acts only once the margins are large, though: on Gemma it still let
+the logits' RMS reach 891 by step 7 before pulling it down to 8. So each weight matrix also learns
+at lr min(1, lr_width / fan_in) (biases and the head embeddings at lr): a step of Adam moves an
+output by about lr times the fan-in over which its coherent weight moves add up, so scaling by
+1 / fan_in (as muP does for Adam) makes the first steps move the logits as far whatever the
+router's width (SmolLM2's d = 64 router, fan-ins 128-256, keeps almost its old rates; Gemma's
+d = 256 one, fan-ins 512-1024, learns 4-8x slower per weight). The Lagrangian's gradient in s_t is lambda + rho (s_bar_t - target): the same price for
 every prompt of a pass, up to the prompt's own share rho s_t / W, so the router spends
 sparsity where the task loss is cheapest and keeps heads dense where it is not. The
 earlier loss put the Lagrangian on each prompt's own s (W = 1, the needle-only case):
@@ -413,6 +420,7 @@ class TrainSettings:
     dense_layers: tuple | None = None  # None: the elastic config's default_dense_layers
     dual_rate: float = 0.1  # eta: the multiplier's step relative to rho / W (1 overshoots: one router step per dual step)
     logit_penalty: float = 1e-2  # zeta: the centred logits' z-loss (module docstring); 0 lets the logits run away
+    lr_width: int = 128  # a weight matrix learns at lr min(1, lr_width / fan_in) (module docstring); 0: lr for all
     task_loss: str = "distill"  # "distill": KL to the dense model at the answer; "ce": the answer's cross-entropy
     feature_prompts: int = 4  # per task: prompts whose pooled keys give the router's input statistics (mu, sigma)
     calibrate_prompts: int = 20  # training prompts the final threshold is solved on (module docstring); 0: none
@@ -432,6 +440,8 @@ class TrainSettings:
             raise ValueError(f"calibrate_prompts must be >= 0, got {self.calibrate_prompts}")
         if not self.logit_penalty >= 0:
             raise ValueError(f"logit_penalty must be >= 0, got {self.logit_penalty}")
+        if self.lr_width < 0:
+            raise ValueError(f"lr_width must be >= 0 (0: one learning rate for every weight), got {self.lr_width}")
         if self.feature_prompts < 1:
             raise ValueError(f"feature_prompts must be >= 1, got {self.feature_prompts}")
         if not (0 < self.tau_end and 0 < self.tau_start) or not 0 < self.noise_fraction <= 1:
@@ -454,6 +464,20 @@ class TrainSettings:
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def router_optimizer(router: torch.nn.Module, lr: float, lr_width: int) -> torch.optim.Optimizer:
+    """AdamW with each nn.Linear weight at lr min(1, lr_width / in_features) and every other parameter (biases,
+    head embeddings) at lr; lr_width 0: all at lr. Each group keeps its factor as "lr_scale" for the schedule."""
+    scale_of = {}
+    if lr_width > 0:
+        for module in router.modules():
+            if isinstance(module, torch.nn.Linear):
+                scale_of[id(module.weight)] = min(1.0, lr_width / module.in_features)
+    groups: dict[float, list] = {}
+    for param in router.parameters():
+        groups.setdefault(scale_of.get(id(param), 1.0), []).append(param)
+    return torch.optim.AdamW([{"params": ps, "lr": lr * scale, "lr_scale": scale} for scale, ps in sorted(groups.items())], lr=lr)
 
 
 def new_router(model, *, model_name: str, config: ElasticConfig, target_sparsity: float, dense_layers=None, seed: int = 0,
@@ -523,7 +547,7 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
                         dense_layers=s.dense_layers, seed=s.seed, weights=weights)
     router.train().requires_grad_(True)
     model.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(router.parameters(), lr=s.lr)
+    opt = router_optimizer(router, s.lr, s.lr_width)
     generator = torch.Generator().manual_seed(s.seed)
     mixed = MixedAttention(router, config, tau=s.tau_start, hard=True, generator=generator)
     history: list[dict] = []
@@ -561,7 +585,7 @@ def train_router(model, tokenizer, *, model_name: str, config: ElasticConfig, se
             tic = time.perf_counter()
             mixed.noise_scale, mixed.tau = s.noise(step), s.tau(step)
             for group in opt.param_groups:
-                group["lr"] = s.learning_rate(step)
+                group["lr"] = s.learning_rate(step) * group["lr_scale"]
             prompt = prompts[step % len(prompts)]
             teacher = dense_teacher(model, mixed, prompt) if s.task_loss == "distill" else None
             loss, task_value, lm, sparsity, mean = router_loss(

@@ -88,7 +88,7 @@ def router_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
 
 def train_router(model: str = "smollm2-135m", *, steps: int = 300, target_sparsity: float = 0.7, seq_len="2k", samples: int = 8,
                  seed: int = 0, lr: float = 1e-2, sparsity_weight: float = 10.0, tau: float = 1.0, tau_end: float = 0.3,
-                 noise_fraction: float = 0.6, logit_penalty: float = 1e-2, calibrate_prompts: int = 20, tasks: str | Iterable[str] = "auto", output: str | Path | None = None,
+                 noise_fraction: float = 0.6, logit_penalty: float = 1e-2, lr_width: int = 128, calibrate_prompts: int = 20, tasks: str | Iterable[str] = "auto", output: str | Path | None = None,
                  checkpoint: str | Path | None = None, checkpoint_every: int = 25, resume: bool = False,
                  config: str | Path | None = None, overrides: Iterable[str] = (), device: str = "auto", dtype: str = "auto",
                  random_weights: bool = False, console=None) -> TrainedRouter:
@@ -116,7 +116,7 @@ def train_router(model: str = "smollm2-135m", *, steps: int = 300, target_sparsi
     try:
         settings = TrainSettings(steps=steps, target_sparsity=target_sparsity, lengths=lengths, samples=samples, tasks=names, seed=seed,
                                  lr=lr, sparsity_weight=sparsity_weight, tau_start=tau, tau_end=tau_end, noise_fraction=noise_fraction,
-                                 logit_penalty=logit_penalty, calibrate_prompts=calibrate_prompts)
+                                 logit_penalty=logit_penalty, lr_width=lr_width, calibrate_prompts=calibrate_prompts)
     except ValueError as e:
         raise UsageError(str(e)) from None
     loaded = load_model(model, dtype=dtype, device=device, random_weights=random_weights, console=console)
