@@ -501,3 +501,32 @@ def test_sliding_window_layers_get_no_router(tmp_path):
     again = load_router(router.save(tmp_path / "g.pt"))
     assert again.unrouted_layers == (0, 1, 2) and [layer for layer in range(4) if again.routes(layer)] == [3]
     torch.testing.assert_close(again.logits(3, feats), router.logits(3, feats))
+
+
+@pytest.mark.parametrize("heads,head_dim,batch", [(3, 32, 2), (1, 64, 1), (8, 16, 3), (20, 8, 1)])
+def test_fused_router_kernel_equals_the_module_in_float64(heads, head_dim, batch):
+    """kernels/router_mlp.py (one launch per layer, run here in the interpreter) against LayerRouter.forward in
+    float64 on random weights, feature statistics and pooled keys: logits within float32 rounding, and the modes
+    its argmax, wherever the float64 logits' top two are not within that rounding of each other. 20 heads: more
+    than the 16 padded rows."""
+    pytest.importorskip("triton")
+    from stem_cli.elastic.router import LayerRouter
+    from stem_cli.kernels.router_mlp import router_modes
+
+    torch.manual_seed(heads * 100 + head_dim)
+    router = LayerRouter(heads, head_dim)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn_like(p) * (1.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.3))
+        router.feature_mean.copy_(torch.randn_like(router.feature_mean))
+        router.feature_std.copy_(torch.rand_like(router.feature_std) + 0.5)
+    x = torch.randn(batch, heads, 2 * head_dim) * 3 + 1
+    modes, logits = router_modes(router, x)
+    with torch.no_grad():
+        want = router.double()(x.double())
+    assert logits.shape == (batch, heads, 3) and modes.dtype == torch.int64
+    torch.testing.assert_close(logits.double(), want, rtol=1e-4, atol=1e-4)
+    top2 = want.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+    assert clear.any()
+    assert torch.equal(modes[clear], want.argmax(-1)[clear]), (modes, want.argmax(-1))

@@ -43,6 +43,7 @@ from stem_cli.config import ConfigError
 from stem_cli.elastic.config import MODES
 
 FORMAT = "stem-elastic-router"
+FUSED_MODES = True  # routing on a GPU in one Triton launch per layer (kernels/router_mlp.py); False: the module's ops
 VERSION = 3  # 3: feature statistics (mu, sigma); 2: model = {name, weights, architecture}, code version, training curve
 READABLE = (1, 2, 3)
 POOL_TOKENS = 100  # first and last tokens pooled into the router's input
@@ -133,9 +134,15 @@ class ElasticRouter(nn.Module):
                 r.feature_std.copy_(std.clamp_min(0.05 * float(x.abs().mean()) + 1e-12))
 
     def modes(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv) mode ids on the features' device, argmax of the logits (dense for the always-dense layers)."""
+        """(B, Hkv) mode ids on the features' device, argmax of the logits (dense for the always-dense layers).
+        On a GPU one Triton launch computes them (kernels/router_mlp.py; the module's ops are ~15 launches)."""
         if not self.routes(layer):
             return torch.zeros(features.shape[:2], dtype=torch.long, device=features.device)
+        if features.is_cuda and FUSED_MODES:
+            from stem_cli.kernels.router_mlp import router_modes
+
+            router = self.layers[str(layer)]
+            return router_modes(router, features.to(router.feature[0].weight.device))[0]
         return self.logits(layer, features).argmax(-1)
 
     def init_prior(self, target_sparsity: float) -> None:
