@@ -249,6 +249,10 @@ def plot_router_curve(curve: list[dict], path: str | Path, title: str, target: f
     right.plot(steps, [100 * h["omega"] for h in curve], color="C2", linewidth=1, label="Omega (argmax routing)")
     right.plot(steps, [100 * h["sparsity"] for h in curve], color="C2", linewidth=0.6, alpha=0.4, linestyle=":",
                label="sampled sparsity (with Gumbel noise)")
+    window = max(1, len({h.get("task") for h in curve}))  # one pass over the task families: what the constraint averages
+    omegas = [h["omega"] for h in curve]
+    running = [100 * sum(omegas[max(0, i - window + 1): i + 1]) / len(omegas[max(0, i - window + 1): i + 1]) for i in range(len(omegas))]
+    right.plot(steps, running, color="C0", linewidth=1.6, label=f"Omega, mean of the last {window} steps (the constraint's)")
     right.axhline(100 * target, color="black", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     right.axhspan(100 * (target - 0.05), 100 * (target + 0.05), color="black", alpha=0.07, label="target +-5 points")
     noise_end = next((h["step"] for h in curve if h.get("noise", 1) == 0), None)
