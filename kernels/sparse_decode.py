@@ -31,6 +31,8 @@ gated_logits: PrHS's scoring of the rows that re-anchor (the others' keys unread
 
 Splits are chosen on the host so that B * Hkv * SPLITS covers the GPU about
 twice (at least one BLOCK_N tile per split); autotuned on the tile shapes.
+Both passes (and PrHS's selection kernels) take part in programmatic dependent launch for a
+step of few rows on sm_90+ (launch.py): each waits for the kernel before it first thing.
 """
 
 from __future__ import annotations
