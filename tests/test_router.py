@@ -530,3 +530,33 @@ def test_fused_router_kernel_equals_the_module_in_float64(heads, head_dim, batch
     clear = (top2[..., 0] - top2[..., 1]) > 1e-3
     assert clear.any()
     assert torch.equal(modes[clear], want.argmax(-1)[clear]), (modes, want.argmax(-1))
+
+
+def test_sparse_mode_outputs_are_recomputed_in_backward_with_the_same_gradients():
+    """Training's sparse modes (masked SDPA) keep only their inputs for the backward pass, not their N^2 masks and
+    probabilities (which ran a 24 GB machine out of memory at 4K), and give the same values and gradients."""
+    from stem_cli.elastic.modes import streaming_index
+    from stem_cli.elastic.train import sparse_mode_output
+    from stem_cli.executor import masked_sdpa
+
+    torch.manual_seed(5)
+    b, hq, hkv, n, d = 1, 4, 2, 256, 16
+    index = streaming_index(b, hkv, n, 16, 1, 2, None, torch.device("cpu"))
+    base = [torch.randn(b, h, n, d, dtype=torch.float64) for h in (hq, hkv, hkv)]
+
+    def run(fn):
+        q, k, v = (x.clone().requires_grad_(True) for x in base)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            out = fn(q, k, v)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        (out * weight).sum().backward()
+        return out.detach(), [x.grad for x in (q, k, v)], sum(saved)
+
+    want, want_grads, kept_bytes = run(lambda q, k, v: masked_sdpa(q, k, v, index, scale=0.25))
+    got, got_grads, recompute_bytes = run(lambda q, k, v: sparse_mode_output(q, k, v, index, 0.25, None))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    inputs = sum(x.numel() * x.element_size() for x in base)
+    assert recompute_bytes <= inputs < kept_bytes / 4, (recompute_bytes, inputs, kept_bytes)

@@ -105,6 +105,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from stem_cli.config import ConfigError
 from stem_cli.elastic.calibrate import _progress, calibration_prompts
@@ -224,14 +225,27 @@ class MixedAttention:
             stem_index = _stem_select(query.detach(), key.detach(), value.detach(), cfg, scale, key_valid) if 1 in needed else None
         sink_b, window_b = cfg.streaming_blocks
         stream_index = streaming_index(batch, hkv, n, cfg.block_size, sink_b, window_b, key_valid, query.device) if 2 in needed else None
-        # masked_sdpa is differentiable: the executor's CPU path serves training on any device.
-        outs = (dense, None if stem_index is None else masked_sdpa(query, key, value, stem_index, scale=scale, key_valid=key_valid),
-                None if stream_index is None else masked_sdpa(query, key, value, stream_index, scale=scale, key_valid=key_valid))
+        outs = (dense, None if stem_index is None else sparse_mode_output(query, key, value, stem_index, scale, key_valid),
+                None if stream_index is None else sparse_mode_output(query, key, value, stream_index, scale, key_valid))
         w = y.repeat_interleave(hq // hkv, dim=1).to(query.dtype)[..., None, None]  # (B, Hq, 3, 1, 1)
         out = sum(w[:, :, m] * o for m, o in enumerate(outs) if o is not None)
         self.sparsity.append((1 - y[..., DENSE]).mean())
         self.argmax_sparsity.append(float((logits.detach().argmax(-1) != DENSE).float().mean()))
         return out
+
+
+def sparse_mode_output(query, key, value, index, scale: float, key_valid) -> torch.Tensor:
+    """A sparse mode's output by masked SDPA (differentiable: the executor's CPU path serves training on any
+    device), its activations recomputed in the backward pass rather than kept. Kept, the masked SDPA's saved
+    tensors (its token masks, and on the CPU the attention probabilities of the math path) grow as N^2 per
+    layer and mode: SmolLM2-135M at 2K peaked at 12 GB of host memory and was killed at 4K on a 24 GB
+    machine; recomputed, each layer holds only its inputs and output. Same values and gradients."""
+    def run(q, k, v):
+        return masked_sdpa(q, k, v, index, scale=scale, key_valid=key_valid)
+
+    if not torch.is_grad_enabled():
+        return run(query, key, value)
+    return torch.utils.checkpoint.checkpoint(run, query, key, value, use_reentrant=False)
 
 
 def dense_margins(logits: torch.Tensor) -> torch.Tensor:
