@@ -36,6 +36,9 @@ PDL: bool | None = None
 MIN_CAPABILITY = 9  # griddepcontrol: sm_90 and newer
 SMALL_ROWS_PER_SM = 0.25  # PDL by default up to this many rows (sequences x KV heads) per SM: see above
 
+# griddepcontrol in the Triton language (with the launcher's launch_pdl option; in 3.6 and 3.9): a Triton without it runs no PDL
+TRITON_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
 _properties: dict[int, tuple[int, int]] = {}  # device index -> (major capability, SM count)
 
 
@@ -52,7 +55,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def pdl_supported(device: torch.device) -> bool:
-    return not INTERPRET and device.type == "cuda" and _device_facts(device)[0] >= MIN_CAPABILITY
+    return not INTERPRET and TRITON_HAS_GDC and device.type == "cuda" and _device_facts(device)[0] >= MIN_CAPABILITY
 
 
 def pdl_options(device: torch.device, rows: int) -> dict:
