@@ -16,7 +16,8 @@ tests/bench/decode.py, one run each, profiles/decode-20261203-*): at batch 1 (8 
 sequences x KV heads) PDL took PrHS from 0.924 to 0.879 ms per token at 128K and from 0.690
 to 0.611 at 32K, and split-K dense from 4.06 to 4.02 ms; at batch 16 (128 rows) it made every
 step slower (PrHS 6.22 -> 6.55 ms at 128K, 1.30 -> 1.38 at 2K): there the kernels are long,
-launch gaps a small part, and the early-placed programs compete with the running ones. So
+launch gaps a small part (why it is slower there was not profiled; the early-placed programs
+may compete with the running ones). So
 PDL = None (the default) uses it for a step of at most SMALL_ROWS_PER_SM rows per SM (the
 bound lies between those two measurements: 8 / 132 rows per SM faster, 128 / 132 slower),
 on a device that has it; True / False force it (the decode benchmark times all three). The

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import torch
 
@@ -346,28 +347,14 @@ def measure(case: Case, make: Callable[[], Callable], graph: bool, opts: Options
             "tokens_per_s": case.batch * 1e3 / timed["median"]}
 
 
-class module_setting:
-    """with module_setting(module, name, value): a module-level switch set for the block, restored after."""
-
-    def __init__(self, module, name: str, value):
-        self.module, self.name, self.value = module, name, value
-
-    def __enter__(self):
-        self.saved = getattr(self.module, self.name)
-        setattr(self.module, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.module, self.name, self.saved)
-
-
 def run_variant(case: Case, variant: str, opts: Options) -> dict:
     """-old: PrHS selects in PyTorch; -fused: pass 2 in pass 1's launch; -nopdl / -pdl: dependent launches off / on."""
     from stem_cli.decode import prhs
     from stem_cli.kernels import launch, sparse_decode
 
-    with (module_setting(prhs, "TRITON_SELECT", False if OLD in variant else None),
-          module_setting(sparse_decode, "FUSED_COMBINE", FUSED in variant),
-          module_setting(launch, "PDL", False if NO_PDL in variant else True if WITH_PDL in variant else None)):
+    with (patch.object(prhs, "TRITON_SELECT", False if OLD in variant else None),
+          patch.object(sparse_decode, "FUSED_COMBINE", FUSED in variant),
+          patch.object(launch, "PDL", False if NO_PDL in variant else True if WITH_PDL in variant else None)):
         base = variant.replace(OLD, "").replace(FUSED, "").replace(NO_PDL, "").replace(WITH_PDL, "")
         return _run_variant(case, base, opts)
 
@@ -431,6 +418,8 @@ def time_selection(case: Case, opts: Options, method: str, extra: dict, fixed: b
 def run_selection(case: Case, opts: Options) -> dict:
     """ms per token of the selections alone: topk-decode's exact top-k, PrHS (Triton selection and the old
     PyTorch one) on shared steps and on anchor steps (tau = 1: every row re-anchors)."""
+    from stem_cli.decode import prhs
+
     out: dict = {}
     for key, method, extra, fixed in (
         ("topk", "topk-decode", {}, False),
@@ -441,9 +430,7 @@ def run_selection(case: Case, opts: Options) -> dict:
     ):
         if "old" in key and "prhs-old-graph" in opts.skip:  # its kernels' compiles are what a short run cannot spare
             continue
-        from stem_cli.decode import prhs
-
-        with module_setting(prhs, "TRITON_SELECT", False if "old" in key else None):
+        with patch.object(prhs, "TRITON_SELECT", False if "old" in key else None):
             out[f"{key}_ms"], out[f"{key}_anchor_fraction"] = time_selection(case, opts, method, extra, fixed)
         free_memory()
     out["selection_mode"] = "CUDA graph" if case.device.type == "cuda" else "eager (CPU)"
@@ -535,14 +522,14 @@ def check_graph_replay(opts: Options, steps: int = 6) -> dict:
     eager = DecodeRuntime(get_decode_method("prhs"), cfg, layers)
     graphed = DecodeRuntime(get_decode_method("prhs"), cfg, layers)
     case.set_query(0)
-    with module_setting(launch, "PDL", False):
+    with patch.object(launch, "PDL", False):
         for _ in range(2):
             case.sparse(eager)()
     runner = GraphStep(case.sparse(graphed), device, warmup=2)
     worst = 0.0
     for s in range(1, steps + 1):
         case.set_query(s)
-        with module_setting(launch, "PDL", False):
+        with patch.object(launch, "PDL", False):
             want = case.sparse(eager)()
         got = runner.replay()
         worst = max(worst, max(relative_error(a, b) for a, b in zip(got, want)))

@@ -48,6 +48,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -159,12 +160,9 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     fused_modes = route_all()
     from stem_cli.elastic import router as router_module
 
-    saved, router_module.FUSED_MODES = router_module.FUSED_MODES, False  # the module's own ops, for comparison
-    try:
+    with patch.object(router_module, "FUSED_MODES", False):  # the module's own ops, for comparison
         module_ms = median_ms(timer, route_all, warmup, repeat)
         module_modes = route_all()
-    finally:
-        router_module.FUSED_MODES = saved
     stem_cli.apply(model, "dense")
     dense_ms = median_ms(timer, prefill, warmup, repeat)
     runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
