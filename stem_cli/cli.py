@@ -456,17 +456,22 @@ def profile_cmd(
         for row in result["rows"]:
             if row.get("sdpa_backends"):
                 times = ", ".join(f"{k} {v['per_token_ms']:.2f}" if "per_token_ms" in v else f"{k} refused" for k, v in row["sdpa_backends"].items())
-                console.print(escape(f"dense SDPA forced per backend at {format_length(row['seq_len'])}, ms/token: {times}; "
-                                     f"the unforced call matches {row.get('sdpa_default_matches') or 'none of them'}"))
+                unforced = row.get("per_token_unforced_ms")
+                console.print(escape(f"dense SDPA forced per backend at {format_length(row['seq_len'])}, ms/token: {times}; unforced "
+                                     f"{'-' if unforced is None else format(unforced, '.2f')} (matches "
+                                     f"{row.get('sdpa_default_matches') or 'none of them'}); every row there runs with "
+                                     f"{row.get('sdpa_backend') or 'the unforced choice'} first"))
         shape = result["shape"]
         console.print(f"[dim]attention only (all {shape['layers']} layers per token; no projections/MLP); "
-                      f"speed-up = dense SDPA's ms/token over the method's, same run.[/]")
+                      f"speed-up = dense SDPA's ms/token (fastest backend) over the method's, same run.[/]")
         if "generation" in result:
             console.print(generation_profile_table(result))
             gen = result["generation_parameters"]
+            backends = ", ".join(f"{format_length(int(n))} {b or 'unforced'}" for n, b in gen["decode_sdpa_backends"].items())
             console.print(f"[dim]the whole model, {gen['decode_steps']} decode steps after the pre-fill ({gen['cache']}); "
                           f"speed-up = dense decode's decode time over the method's, same run; e2e tok/s = new tokens over "
-                          f"pre-fill + decode. Warmup: {gen['warmup']}.[/]")
+                          f"pre-fill + decode. Warmup: {gen['warmup']}. Decode loops' SDPA backend first: "
+                          f"{backends or 'unforced'}.[/]")
         console.print(escape(f"wrote {result['paths']['json']}"))
         return
     result = profile(model, methods, seq_len, batch=batch, warmup=warmup, repeat=repeat, random_weights=random_weights, config=config,

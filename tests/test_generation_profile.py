@@ -44,6 +44,9 @@ def test_generation_rows_and_dense_decode_equals_hf_greedy(tmp_path):
         assert r["ms_per_token"] == pytest.approx(r["decode_ms"] / (new - 1))
         assert r["e2e_tokens_per_s"] == pytest.approx(new / ((r["prefill_ms"] + r["decode_ms"]) / 1e3))
         assert r["speedup"] == pytest.approx(next(d for d in rows if d["seq_len"] == r["seq_len"] and d["decode_method"] == "dense")["decode_ms"] / r["decode_ms"])
+    # every decode loop ran with the fastest SDPA backend the attention section measured at its length
+    fastest = {r["seq_len"]: r["sdpa_backend"] for r in data["rows"] if r["method"] == "dense"}
+    assert all(fastest.values()) and all(r["decode_sdpa_backend"] == fastest[r["seq_len"]] for r in rows)
     sparse = [r for r in rows if r["decode_method"] == "prhs"]
     assert all(r["kept_fraction"] < 1 for r in sparse)  # 64 of 160-294 positions: the decode method really ran
     assert "generation" in result.output and "same as dense" in result.output

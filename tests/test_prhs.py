@@ -420,6 +420,36 @@ def test_cli_profile_decode_writes_rows(tmp_path):
     assert backends["cudnn"]["status"].startswith("unsupported: ")
     assert rows["dense"]["sdpa_default_matches"] in (None, *backends)
     assert "dense SDPA forced per backend at 200" in result.output
+    # the baseline is the fastest backend probed, and every method's row ran with it first
+    fastest = min((b["per_token_ms"], name) for name, b in backends.items() if "per_token_ms" in b)[1]
+    assert all(r["sdpa_backend"] == fastest for r in rows.values()), {m: r["sdpa_backend"] for m, r in rows.items()}
+    assert rows["dense"]["per_token_unforced_ms"] > 0
+
+
+def test_sdpa_first_puts_the_backend_first_and_falls_back():
+    """sdpa_first(name): SDPA tries that backend first (torch's priority order while inside) and still answers a
+    call the backend refuses (cuDNN on the CPU) through the others, with the reference output; None changes nothing."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    from stem_cli.runs.decode_profile import sdpa_first
+
+    order = getattr(torch._C, "_get_sdp_priority_order", None)  # private: only where this torch has it
+    before = order() if order else None
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g, dtype=torch.float64) for n in (1, 37, 37))
+    reference = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+    for name, backend in [("math", SDPBackend.MATH), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        with sdpa_first(name):
+            if order:
+                assert order()[0] == int(backend)
+            out = F.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(out, reference)
+    if order:
+        assert order() == before
+    with sdpa_first(None):
+        if order:
+            assert order() == before
 
 
 # ------------------------------------------------------------------ host synchronisations and incremental state

@@ -34,18 +34,23 @@ read after it; host clock on the CPU) and one pair around the whole loop
 so the per-stage events do not inflate the per-token latency. The per-stage sums
 measure each stage's span on the GPU timeline, launch gaps included, so they can
 add up to more than the per-token time. dense = SDPA over the cache for every
-layer, as a user's model runs it (FlashAttention on GPU, native GQA), with no
+layer, as a user's model runs it (native GQA, the fastest backend: below), with no
 runtime around it. The decode steps themselves do not synchronise with the host
 (PrHS decides its re-anchors on the device). Dense in a CUDA graph, split-K and
 batch 16: tests/bench/decode.py. Rows go into profiles/ as JSON.
 
-The dense row also times SDPA under each backend forced (sdpa_kernel: flash, cuDNN,
+The dense baseline is SDPA under the fastest backend at that length. Before the methods
+run, a dense step is timed under each backend forced (sdpa_kernel: flash, cuDNN,
 memory-efficient, math; BACKEND_PROBE_STEPS steps each after one untimed step, same
-growing cache) and records which backend the unforced call matches. Why: on an H200
-the dense rows here ran 40-64 ms/token at 32K and 128K alike (about 1.2-2 ms a layer
-whatever the length), while the benchmark's eager SDPA at a fixed length took 4.2 ms at
-128K: a per-call cost that does not scale with the cache, which the per-backend times
-tell apart (a backend falling back, or one rebuilding a plan as the length changes).
+growing cache) and unforced; every method's steps at that length then run with the
+fastest backend first in SDPA's priority order (the others behind it, for calls it
+refuses), so the dense row is that backend and the methods' own SDPA calls use it too.
+The row records the probe (sdpa_backends), the backend used (sdpa_backend), the unforced
+time (per_token_unforced_ms) and which backend the unforced call matches. Why: on an H200
+(torch 2.11) unforced SDPA picks cuDNN for these decode calls, which cost 42-45 ms/token
+at 32K and 128K alike (a per-call cost that does not scale with the cache) against
+flash's 1.7 and 4.6 ms (profiles/profile-decode-20261203-145905-nvidia-h200-llama3-8b.json):
+a speed-up over the unforced call would be over a baseline no careful user runs.
 """
 
 from __future__ import annotations
@@ -114,9 +119,9 @@ def time_decode(
     layers = [SimpleNamespace(layer_idx=i) for i in range(shape.layers)]
     scale = shape.head_dim**-0.5
     rows: list[dict] = []
-    probe = len(_sdpa_backends()) * (1 + BACKEND_PROBE_STEPS) if "dense" in methods else 0
+    probe_steps = (len(_sdpa_backends()) + 1) * (1 + BACKEND_PROBE_STEPS) if "dense" in methods else 0  # + the unforced call
     for n in lengths:
-        total = n + warmup + 2 * repeat + probe
+        total = n + warmup + 2 * repeat + probe_steps
         gen = torch.Generator(device=device).manual_seed(seed + n)
         by_method: dict[str, dict] = {}
         caches = None
@@ -143,17 +148,10 @@ def time_decode(
                 if on_row:
                     on_row(row)
             continue
-        for method in methods:
-            if progress:
-                progress(f"{method} at {n} tokens")
-            runtime = None
-            if method != "dense":
-                _, decode_name = split_spec(method)
-                runtime = DecodeRuntime(get_decode_method(decode_name), decode_configs[method], shape.layers)
-            row: dict[str, Any] = {"method": method, "seq_len": n, "batch": batch}
+        def make_step(runtime, caches=caches, queries=queries, n=n):
             clock = [n]  # the cache length of the next step
 
-            def step(timer=None, caches=caches, queries=queries, runtime=runtime, clock=clock, n=n):
+            def step(timer=None):
                 t = clock[0] = clock[0] + 1
                 for i, module in enumerate(layers):
                     k, v, q = caches[i][0][:, :, :t], caches[i][1][:, :, :t], queries[i][t - 1 - n]
@@ -162,9 +160,25 @@ def time_decode(
                             dense_decode(q, k, v, None, scale)
                     else:
                         runtime.forward(module, q, k, v, None, scale)
+            return step
 
+        probe, unforced_ms, backend = None, None, None
+        if "dense" in methods:
+            if progress:
+                progress(f"SDPA backends at {n} tokens")
+            probe, unforced_ms = _probe_backends(make_step(None), device)
+            backend = fastest_backend(probe)
+        for method in methods:
+            if progress:
+                progress(f"{method} at {n} tokens")
+            runtime = None
+            if method != "dense":
+                _, decode_name = split_spec(method)
+                runtime = DecodeRuntime(get_decode_method(decode_name), decode_configs[method], shape.layers)
+            row: dict[str, Any] = {"method": method, "seq_len": n, "batch": batch, "sdpa_backend": backend}
+            step = make_step(runtime)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), sdpa_first(backend):
                     for _ in range(warmup):
                         step()
                     if runtime is not None:
@@ -200,8 +214,8 @@ def time_decode(
                     steps=repeat,
                 )
                 if runtime is None:
-                    row["sdpa_backends"] = _probe_backends(step, device)
-                    row["sdpa_default_matches"] = _closest_backend(row["sdpa_backends"], med)
+                    row.update(sdpa_backends=probe, per_token_unforced_ms=unforced_ms,
+                               sdpa_default_matches=_closest_backend(probe, unforced_ms))
                 if runtime is not None:
                     row["decode_stats"] = runtime.stats()
                     row["kept_fraction"] = row["decode_stats"]["kept_fraction"]
@@ -237,28 +251,53 @@ def _sdpa_backends() -> dict:
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-def _probe_backends(step: Callable[[], None], device: torch.device) -> dict:
-    """Per backend: {"per_token_ms": median of BACKEND_PROBE_STEPS steps} under sdpa_kernel(backend), after one
-    untimed step, or {"status": "unsupported: ..."} where SDPA refuses the inputs under it."""
+def sdpa_first(backend: str | None):
+    """A context in which SDPA tries `backend` first, then the others (flash, cuDNN, memory-efficient, math: for
+    calls it refuses); no change when backend is None."""
+    if backend is None:
+        return nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    backends = _sdpa_backends()
+    return sdpa_kernel([backends[backend], *(b for name, b in backends.items() if name != backend)], set_priority=True)
+
+
+def fastest_backend(times: dict | None) -> str | None:
+    """The probed backend with the lowest per-token time, or None when none ran."""
+    ran = [(t["per_token_ms"], name) for name, t in (times or {}).items() if "per_token_ms" in t]
+    return min(ran)[1] if ran else None
+
+
+def _timed_steps(step: Callable[[], None], device: torch.device) -> float:
+    """Median ms of BACKEND_PROBE_STEPS steps after one untimed step."""
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(BACKEND_PROBE_STEPS):
+        with Interval(device) as interval:
+            step()
+        times.append(interval)
+    return statistics.median(x.ms() for x in times)
+
+
+def _probe_backends(step: Callable[[], None], device: torch.device) -> tuple[dict, float]:
+    """({backend: {"per_token_ms": ...}} under sdpa_kernel(backend), or {"status": "unsupported: ..."} where SDPA
+    refuses the inputs under it; the unforced call's ms), each the median of BACKEND_PROBE_STEPS steps after one
+    untimed step."""
     from torch.nn.attention import sdpa_kernel
 
     from stem_cli.environment import is_oom
 
+    with torch.no_grad():
+        unforced_ms = _timed_steps(step, device)
     out: dict = {}
     for name, backend in _sdpa_backends().items():
         caught: list = []
         try:
             with torch.no_grad(), sdpa_kernel([backend]), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")  # SDPA says why a backend refuses the inputs: kept in the status
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times = []
-                for _ in range(BACKEND_PROBE_STEPS):
-                    with Interval(device) as interval:
-                        step()
-                    times.append(interval)
-                out[name] = {"per_token_ms": statistics.median(x.ms() for x in times)}
+                out[name] = {"per_token_ms": _timed_steps(step, device)}
         except RuntimeError as error:
             if is_oom(error):  # math materialises the expanded K/V: its OOM must not cost the dense row
                 out[name] = {"status": "OOM"}
@@ -269,7 +308,7 @@ def _probe_backends(step: Callable[[], None], device: torch.device) -> dict:
                 raise
             why = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught)) or str(error).splitlines()[0]
             out[name] = {"status": "unsupported: " + why[:400]}  # its steps unused: the buffer has room for them
-    return out
+    return out, unforced_ms
 
 
 def _closest_backend(times: dict, default_ms: float) -> str | None:

@@ -11,7 +11,10 @@ one generation:
   before decoding goes on), so the decode loop starts with an empty launch queue and
   none of its launches hide behind the pre-fill.
 - new_tokens - 1 greedy decode steps with the decode method (dense = transformers' own
-  SDPA over the cache, the other methods through the hook's decode runtime). No stop at
+  SDPA over the cache, the other methods through the hook's decode runtime), every method's
+  with the same SDPA backend first in SDPA's priority (sdpa_backends: the fastest the
+  attention section measured at that length; unforced SDPA picks cuDNN on an H200, 10x
+  slower there than flash for decode; decode_profile.py), the pre-fill unforced. No stop at
   EOS, so every method makes exactly new_tokens tokens; the argmax stays on the device and
   nothing in the loop reads a value on the host. One pair of CUDA events around the whole
   loop (host clock on the CPU).
@@ -56,6 +59,7 @@ import torch
 
 import stem_cli
 from stem_cli.environment import failed_allocation_gib, is_oom
+from stem_cli.runs.decode_profile import sdpa_first
 from stem_cli.timing import Interval
 
 WARMUP_TOKENS = 16  # decode steps per method in the warmup: covers the cache length's residues mod 16 (Triton specialises on them)
@@ -168,12 +172,13 @@ def _decode(model, cache, token: torch.Tensor, steps: int):
     return (torch.cat(tokens, dim=1) if tokens else token[:, :0]), interval
 
 
-def generate_timed(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
+def generate_timed(model, ids: torch.Tensor, new_tokens: int, sdpa_backend: str | None = None) -> tuple[torch.Tensor, float, float]:
     """One timed generation: ((B, new_tokens) new token ids, pre-fill ms, decode ms); see the module docstring."""
     cache, first, prefill = _prefill(model, ids, ids.shape[1] + new_tokens)
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)  # between the two timed regions: the decode loop starts with an empty queue
-    rest, decode = _decode(model, cache, first, new_tokens - 1)
+    with sdpa_first(sdpa_backend):
+        rest, decode = _decode(model, cache, first, new_tokens - 1)
     tokens = torch.cat([first, rest], dim=1)
     return tokens, prefill.ms(), decode.ms()
 
@@ -193,11 +198,13 @@ def time_generation(
     batch: int = 1,
     seed: int = 0,
     total_memory: int | None = None,
+    sdpa_backends: dict[int, str | None] | None = None,
     on_row: Callable[[dict], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Rows, one per (length, decode method); configs maps each decode method ("dense" too) to its
-    run config (the pre-fill method's config, combined with the decode method's for the others)."""
+    run config (the pre-fill method's config, combined with the decode method's for the others);
+    sdpa_backends: per length, the SDPA backend the decode loops try first (None or absent: unforced)."""
     device = next(model.parameters()).device
     vocab = _text_config(model).vocab_size
     total_memory = total_memory if total_memory is not None else total_memory_bytes(device)
@@ -209,7 +216,8 @@ def time_generation(
             on_row(row)
 
     for n in lengths:
-        base = {"seq_len": n, "batch": batch, "prefill_method": prefill_method, "new_tokens": new_tokens}
+        backend = (sdpa_backends or {}).get(n)
+        base = {"seq_len": n, "batch": batch, "prefill_method": prefill_method, "new_tokens": new_tokens, "decode_sdpa_backend": backend}
         need = needed_bytes(model, n, max(new_tokens, len(decode_methods) * WARMUP_TOKENS), batch)
         if need["total"] > total_memory:
             reason = (f"needs about {need['total'] / 2**30:.1f} GiB (resident {need['resident'] / 2**30:.1f}, KV cache "
@@ -224,7 +232,7 @@ def time_generation(
         try:
             if progress:
                 progress(f"warmup at {n} tokens")
-            _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens)
+            _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens, backend)
         except Exception as error:  # noqa: BLE001 - only OOM is recoverable; anything else is re-raised
             if not is_oom(error):
                 raise
@@ -243,7 +251,7 @@ def time_generation(
             runtime.recorder.reset()
             row: dict[str, Any] = {**base, "decode_method": method, "method": _spec(prefill_method, method)}
             try:
-                tokens, prefill_ms, decode_ms = generate_timed(model, ids, new_tokens)
+                tokens, prefill_ms, decode_ms = generate_timed(model, ids, new_tokens, backend)
                 steps = new_tokens - 1
                 row.update(
                     status="ok",
@@ -274,13 +282,14 @@ def time_generation(
     return rows
 
 
-def _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens) -> None:
+def _warmup(model, ids, prefill_method, decode_methods, configs, new_tokens, sdpa_backend=None) -> None:
     """One untimed generation at this length: one pre-fill, then a few decode steps per decode method."""
     stem_cli.apply(model, _spec(prefill_method, decode_methods[0]), configs[decode_methods[0]])
     cache, token, _ = _prefill(model, ids, ids.shape[1] + len(decode_methods) * min(WARMUP_TOKENS, new_tokens))
     for method in decode_methods:
         stem_cli.apply(model, _spec(prefill_method, method), configs[method])  # a fresh decode state for this method
-        _, _ = _decode(model, cache, token, min(WARMUP_TOKENS, new_tokens))
+        with sdpa_first(sdpa_backend):
+            _, _ = _decode(model, cache, token, min(WARMUP_TOKENS, new_tokens))
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)
     del cache

@@ -230,6 +230,8 @@ def _profile_generation(result: dict, json_path: Path, model: str, names: list[s
         run_configs[decode] = (configs[prefill_method] if decode == "dense"
                                else combine_configs(prefill_method, configs[prefill_method], decode, configs[name].decode))
     on_gpu = device.type == "cuda"
+    # the decode loops run with the fastest SDPA backend the attention section measured at each length (decode_profile.py)
+    backends = {r["seq_len"]: r.get("sdpa_backend") for r in result["rows"] if r["method"] == "dense" and r.get("status") == "ok"}
     result["generation_parameters"] = {
         "model_source": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
@@ -241,6 +243,7 @@ def _profile_generation(result: dict, json_path: Path, model: str, names: list[s
         "batch": batch,
         "prompt": "random token ids, torch.Generator seeded with seed + length (seed 0)",
         "cache": "transformers DynamicCache",
+        "decode_sdpa_backends": {str(n): b for n, b in backends.items()},
         "warmup": f"per length, one untimed generation: one pre-fill, then {WARMUP_TOKENS} decode steps with each decode method",
         "timing": ("CUDA events: one pair around the pre-fill, one around the decode loop (no host sync inside it)" if on_gpu
                    else "host clock (CPU timings)"),
@@ -253,6 +256,6 @@ def _profile_generation(result: dict, json_path: Path, model: str, names: list[s
                   f"(greedy, no stop at EOS), after one untimed generation per length[/]")
     with console.status("profiling generation") as status:
         time_generation(loaded.model, prefill_method, decode_methods, run_configs, lengths, new_tokens=new_tokens, batch=batch,
-                        on_row=save, progress=lambda what: status.update(f"profiling generation: {what}"))
+                        sdpa_backends=backends, on_row=save, progress=lambda what: status.update(f"profiling generation: {what}"))
     save()
     del loaded
