@@ -560,3 +560,38 @@ def test_sparse_mode_outputs_are_recomputed_in_backward_with_the_same_gradients(
         torch.testing.assert_close(g, w)
     inputs = sum(x.numel() * x.element_size() for x in base)
     assert recompute_bytes <= inputs < kept_bytes / 4, (recompute_bytes, inputs, kept_bytes)
+
+
+def test_stored_comparison_summary_pairs_only_samples_both_methods_have(tmp_path):
+    """An interrupted comparison's store read back: accuracy per method and length is the mean over its strata (each
+    task at a length weighted equally), and the router's delta pairs only the samples both methods reached."""
+    import json
+    import random
+
+    from tests.bench.router_compare import summarize_stored
+
+    rng = random.Random()
+    records, scores = [], {}
+    for method in ("dense", "elastic-router"):
+        for task in ("ruler/niah_single_2", "ruler/vt"):
+            reached = 4 if method == "dense" else 3  # the router's run stopped one sample short on each task
+            for i in range(reached):
+                score = float(rng.random() < 0.5)
+                scores[(method, task, i)] = score
+                records.append({"method": method, "task": task, "seq_len": 8192, "sample": f"{task}/{i}", "score": score,
+                                "bud": 0.5 if method != "dense" else 1.0})
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarize_stored(path)
+    rows = {(r["method"], r["seq_len"]): r for r in summary["rows"]}
+
+    def task_mean(method, samples):
+        return sum(sum(scores[(method, t, i)] for i in range(samples)) / samples for t in ("ruler/niah_single_2", "ruler/vt")) / 2
+
+    assert rows[("dense", 8192)]["score"] == pytest.approx(task_mean("dense", 4))
+    assert rows[("elastic-router", 8192)]["score"] == pytest.approx(task_mean("elastic-router", 3))
+    assert rows[("dense", 8192)]["n"] == 8 and rows[("elastic-router", 8192)]["n"] == 6
+    delta = next(d for d in summary["router_deltas"] if d["router_vs"] == "dense" and d["seq_len"] == 8192)
+    assert delta["n"] == 6  # three pairs per task: dense's fourth samples have no partner
+    assert delta["delta"] == pytest.approx(100 * (task_mean("elastic-router", 3) - task_mean("dense", 3)))
+    assert summary["strata"] == {"ruler/niah_single_2@8192": 7, "ruler/vt@8192": 7}

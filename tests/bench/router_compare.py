@@ -177,3 +177,49 @@ def print_record(record: dict) -> None:
 
 def _pct(x) -> str:
     return "  -  " if x is None else f"{x:5.1%}"
+
+
+def summarize_stored(results: Path) -> dict:
+    """An interrupted comparison's stored results (compare's JSONL store) read back with the same statistics as a
+    finished one: per method and length (None: over all lengths) the accuracy with its n and 95% interval, BUD, Omega,
+    and the router's paired deltas against each other method. Strata (a task at a length) count only where they hold
+    results; deltas pair the samples both methods have."""
+    from types import SimpleNamespace
+
+    from stem_cli.runs.runner import averages, summarize
+
+    records = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
+    rows = summarize(records)
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    table = []
+    for (method, seq_len), avg in averages(rows, records).items():
+        table.append({"method": method, "seq_len": seq_len, **{k: avg.get(k) for k in (
+            "score", "n", "ci_low", "ci_high", "bud", "omega", "delta", "delta_n", "delta_ci_low", "delta_ci_high", "verdict")}})
+    strata = sorted({(r["task"], r["seq_len"]) for r in records}, key=lambda s: (s[1], s[0]))
+    return {"results": str(results), "records": len(records), "methods": methods,
+            "strata": {f"{t}@{n}": sum(1 for r in records if (r["task"], r["seq_len"]) == (t, n)) for t, n in strata},
+            "rows": table, "router_deltas": router_deltas(SimpleNamespace(rows=rows, records=records), methods)}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.router_compare",
+                                     description="Summarize a comparison's stored results (an interrupted run's too).")
+    parser.add_argument("results", help="the results JSONL in OUTPUT/compare/runs-NAME/")
+    parser.add_argument("--output", help="write the summary JSON here")
+    args = parser.parse_args()
+    summary = summarize_stored(Path(args.results))
+    for row in summary["rows"]:
+        ci = "" if row["ci_low"] is None else f" [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+        length = "all" if row["seq_len"] is None else row["seq_len"]
+        print(f"{length!s:>6} {row['method']:<15} accuracy {100 * row['score']:5.1f}{ci} n {row['n']} BUD "
+              f"{'-' if row['bud'] is None else format(row['bud'], '.1%')} Omega {'-' if row['omega'] is None else format(row['omega'], '.1%')}")
+    for d in summary["router_deltas"]:
+        ci = "-" if d["delta_ci"] is None else f"[{d['delta_ci'][0]:+.1f}, {d['delta_ci'][1]:+.1f}]"
+        length = "all" if d["seq_len"] is None else d["seq_len"]
+        print(f"{length!s:>6} router - {d['router_vs']:<8} {'-' if d['delta'] is None else format(d['delta'], '+.1f')} points {ci} "
+              f"(n {d['n']}): {d['head_to_head_text']}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(summary, indent=1))
+        print(f"wrote {args.output}")
