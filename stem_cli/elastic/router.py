@@ -43,7 +43,11 @@ from stem_cli.config import ConfigError
 from stem_cli.elastic.config import MODES
 
 FORMAT = "stem-elastic-router"
-FUSED_MODES = True  # routing on a GPU in one Triton launch per layer (kernels/router_mlp.py); False: the module's ops
+# Routing on a GPU in one Triton launch per layer (kernels/router_mlp.py) when True. Off: on an H200 the module's ops
+# measured faster (Gemma-3-270M, 3 routed layers per pre-fill: 1.0-1.9 ms against 2.2-2.4 ms at 8K-32K;
+# profiles/elastic/router-bench-20261203-152353-nvidia-h200.json): the kernel's one program per sequence reads
+# every weight through a single SM.
+FUSED_MODES = False
 VERSION = 3  # 3: feature statistics (mu, sigma); 2: model = {name, weights, architecture}, code version, training curve
 READABLE = (1, 2, 3)
 POOL_TOKENS = 100  # first and last tokens pooled into the router's input
@@ -135,7 +139,7 @@ class ElasticRouter(nn.Module):
 
     def modes(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """(B, Hkv) mode ids on the features' device, argmax of the logits (dense for the always-dense layers).
-        On a GPU one Triton launch computes them (kernels/router_mlp.py; the module's ops are ~15 launches)."""
+        With FUSED_MODES, on a GPU one Triton launch computes them (kernels/router_mlp.py; the module's ops are ~15)."""
         if not self.routes(layer):
             return torch.zeros(features.shape[:2], dtype=torch.long, device=features.device)
         if features.is_cuda and FUSED_MODES:

@@ -23,9 +23,10 @@ A benchmark, not part of the package (it imports stem_cli, never the other way r
 4. Overhead per pre-fill at --time-lengths: CUDA events around (a) the router alone: per
    routed layer, pooling the layer's real pre-RoPE keys (first / last 100 tokens) + the two
    MLPs + argmax, the modes left on the device (as a run leaves them), and one copy of all
-   layers' modes to the host at the end (as reading Omega after a pre-fill does); on a GPU the
-   MLPs are one Triton launch per layer (kernels/router_mlp.py), timed beside the module's own
-   ops (router_module_ms) and checked to give the same modes; (b) the
+   layers' modes to the host at the end (as reading Omega after a pre-fill does), through the module's
+   ops (router_module_ms) and with the MLPs in one Triton launch per layer on a GPU (kernels/router_mlp.py,
+   router_fused_ms), checked to give the same modes; router_ms is the default path's
+   (elastic/router.py FUSED_MODES: off, the module measured faster on an H200); (b) the
    whole pre-fill (one forward, logits of the last token) with dense attention and with
    elastic + this router. Median of --repeat after --warmup. The published router costs
    about 0.2 ms, constant in length: (a) should not grow with N. (c) Per pre-fill, counted
@@ -156,13 +157,15 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
         with torch.no_grad():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    router_ms = median_ms(timer, route_all, warmup, repeat)
-    fused_modes = route_all()
     from stem_cli.elastic import router as router_module
 
-    with patch.object(router_module, "FUSED_MODES", False):  # the module's own ops, for comparison
+    with patch.object(router_module, "FUSED_MODES", True):  # one Triton launch per layer on a GPU (the module on a CPU)
+        fused_ms = median_ms(timer, route_all, warmup, repeat)
+        fused_modes = route_all()
+    with patch.object(router_module, "FUSED_MODES", False):  # the module's own ops
         module_ms = median_ms(timer, route_all, warmup, repeat)
         module_modes = route_all()
+    router_ms = fused_ms if router_module.FUSED_MODES else module_ms  # the path a run takes by default
     stem_cli.apply(model, "dense")
     dense_ms = median_ms(timer, prefill, warmup, repeat)
     runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
@@ -180,7 +183,8 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     return {"aten_ops_dense": dense_ops["ops"], "aten_ops_elastic_router": elastic_ops["ops"],
             "device_reads_dense": dense_ops["device_reads"], "device_reads_elastic_router": elastic_ops["device_reads"],
             "device_reads_where": elastic_ops["where"],"seq_len": n, "router_ms": router_ms, "router_ms_per_layer": router_ms / max(1, len(captured)),
-            "router_module_ms": module_ms, "fused_modes_equal_module": all(torch.equal(fused_modes[l], module_modes[l]) for l in fused_modes), "routed_layers": len(captured),
+            "router_module_ms": module_ms, "router_fused_ms": fused_ms, "router_default_fused": router_module.FUSED_MODES,
+            "fused_modes_equal_module": all(torch.equal(fused_modes[l], module_modes[l]) for l in fused_modes), "routed_layers": len(captured),
             "prefill_dense_ms": dense_ms, "prefill_elastic_router_ms": elastic_ms, "router_fraction_of_elastic_prefill": router_ms / elastic_ms,
             "omega": omega, "bud": bud, "modes_match_the_run": agree}
 
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         ok &= row.get("modes_match_the_run", True) and row.get("fused_modes_equal_module", True)
         if "router_ms" in row:
-            print(f"{format_length(n):>5}: router {row['router_ms']:.3f} ms (module ops {row['router_module_ms']:.3f}; {row['routed_layers']} layers), pre-fill dense "
+            print(f"{format_length(n):>5}: router {row['router_ms']:.3f} ms (module ops {row['router_module_ms']:.3f}, fused {row['router_fused_ms']:.3f}; {row['routed_layers']} layers), pre-fill dense "
                   f"{row['prefill_dense_ms']:.1f} ms, elastic+router {row['prefill_elastic_router_ms']:.1f} ms "
                   f"(router {row['router_fraction_of_elastic_prefill']:.2%}), Omega {row['omega']:.2f}, BUD {row['bud']:.2f}; aten ops "
                   f"{row['aten_ops_dense']} dense / {row['aten_ops_elastic_router']} elastic, device reads {row['device_reads_dense']} / "
