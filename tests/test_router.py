@@ -595,3 +595,26 @@ def test_stored_comparison_summary_pairs_only_samples_both_methods_have(tmp_path
     assert delta["n"] == 6  # three pairs per task: dense's fourth samples have no partner
     assert delta["delta"] == pytest.approx(100 * (task_mean("elastic-router", 3) - task_mean("dense", 3)))
     assert summary["strata"] == {"ruler/niah_single_2@8192": 7, "ruler/vt@8192": 7}
+
+
+def test_router_modes_on_the_host_give_the_device_path_s_output_and_key(tiny, prompts, tmp_path):
+    """router_modes="host" (modes read back, only the parts used built; an all-dense layer runs dense SDPA) computes
+    what the device path computes: the same modes, Omega and logits, and a result made either way has one key."""
+    from stem_cli.runs.store import config_key
+
+    router, _ = _train(tiny, prompts, settings={"steps": 3})
+    path = router.save(tmp_path / "r.pt")
+    ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
+    seen = {}
+    for where in ("device", "host"):
+        runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), router_modes=where, **SMALL)
+        runtime.recorder.reset()
+        with torch.no_grad():
+            logits = tiny.model(input_ids=ids, use_cache=False).logits
+        seen[where] = (logits, runtime.recorder.elastic.omega, runtime.recorder.elastic.last_modes, runtime.recorder.bud)
+    stem_cli.apply(tiny.model, "dense")
+    torch.testing.assert_close(seen["host"][0], seen["device"][0], rtol=1e-5, atol=1e-5)
+    assert seen["host"][1:] == seen["device"][1:]
+    assert config_key(ElasticConfig(router=str(path), router_modes="host")) == config_key(ElasticConfig(router=str(path)))
+    with pytest.raises(ConfigError, match="router_modes='nowhere'"):
+        ElasticConfig(router_modes="nowhere")

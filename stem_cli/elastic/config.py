@@ -27,12 +27,17 @@ from stem_cli.config import ConfigError, StemConfig, param
 
 MODES = ("dense", "stem", "streaming")  # mode ids 0, 1, 2 everywhere (maps, router logits, tensors)
 DENSE, STEM, STREAMING = 0, 1, 2
+ROUTER_MODES = ("device", "host")
 
 
 @dataclass(frozen=True)
 class ElasticConfig:
     head_map: str = param("", "head map JSON from `stem calibrate` (modes per layer and KV head); '' = no map", "stem")
     router: str = param("", "router file from `stem train-router`: modes chosen per input (excludes head_map); '' = none", "stem")
+    router_modes: str = param(
+        "device", "with a router: 'device' = every mode's index part built for every head and picked per head on the "
+        "device (no host sync); 'host' = the layer's modes copied to the host first (one sync per routed layer) and "
+        "only the parts used built (a layer routed all dense runs dense SDPA). Same index either way", "stem")
     default_dense_layers: tuple = param(
         (0, 1), "without head_map or router: layers whose heads all run dense (Stem's layer schedule)", "stem"
     )
@@ -77,6 +82,8 @@ class ElasticConfig:
                 object.__setattr__(self, name, str(getattr(self, name)))
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: use a file path")
+        if self.router_modes not in ROUTER_MODES:
+            raise ConfigError(f"router_modes={self.router_modes!r} is not allowed: use one of {', '.join(ROUTER_MODES)}")
         if self.head_map and self.router:
             raise ConfigError("elastic: give head_map or router, not both (a router decides every head per input)")
         # A missing file fails here, before any model is loaded; the files are read (and checked

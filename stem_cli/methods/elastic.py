@@ -39,8 +39,10 @@ def select(q, k, v, *, layer: int, config: ElasticConfig, scale: float, key_vali
     modes = decide_modes(q, k, layer=layer, config=config, key_valid=key_valid, keys=state.keys if state else None)
     if state is not None:
         state.stats.record(layer, modes, q.shape[1] // k.shape[1])
-    # A router's modes stay on the device: the index is built without reading them (mixed_index on_host=False).
-    return mixed_index(q, k, v, modes, config, scale=scale, key_valid=key_valid, on_host=not config.router)
+    # A router's modes stay on the device unless router_modes="host": then the index is built without reading them
+    # (mixed_index on_host=False), at the price of every mode's part for every head.
+    on_host = not config.router or config.router_modes == "host"
+    return mixed_index(q, k, v, modes, config, scale=scale, key_valid=key_valid, on_host=on_host)
 
 
 def omega(runtime) -> float | None:

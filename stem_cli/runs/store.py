@@ -29,7 +29,8 @@ def config_dict(config) -> dict[str, Any]:
 # Fields that choose how a definition is computed, not what it computes: the torch and Triton
 # estimates keep the same blocks (they may differ only where float order breaks an exact tie,
 # as two runs of one GPU reduction can). A result made with either is the same result.
-IMPLEMENTATION_ONLY = frozenset({"estimate_impl"})
+# elastic's router_modes (modes read on the host or kept on the device) builds the same index either way.
+IMPLEMENTATION_ONLY = frozenset({"estimate_impl", "router_modes"})
 # Fields added after results were stored, at the value every earlier result was made with:
 # left out of the key at that value, so those results stay reusable.
 LATER_FIELDS = {"attn_dtype": "bf16"}

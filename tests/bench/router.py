@@ -126,8 +126,11 @@ def median_ms(timer: Events, fn, warmup: int, repeat: int) -> float:
     return statistics.median(timer(fn) for _ in range(repeat))
 
 
-def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, timer: Events, warmup: int, repeat: int) -> dict:
-    """Router alone vs whole pre-fills (dense; elastic with the router) at n tokens, on one random-token prompt."""
+def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, timer: Events, warmup: int, repeat: int,
+                  tokenizer=None) -> dict:
+    """Router alone vs whole pre-fills (dense; elastic with the router, its modes kept on the device and read on the
+    host) at n tokens, on one random-token prompt; with a tokenizer, the pre-fills again on a held-out RULER cwe
+    prompt (an aggregation input, which the routers measured route mostly sparse)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(n)
     ids = torch.randint(100, model.config.vocab_size - 100, (1, n), generator=gen).to(device)
@@ -170,6 +173,25 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     dense_ms = median_ms(timer, prefill, warmup, repeat)
     runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
     elastic_ms = median_ms(timer, prefill, warmup, repeat)
+    elastic = {}
+    prompts = {"random": ids}
+    if tokenizer is not None:
+        from stem_cli.runs.elastic import HELD_OUT_SEED
+        from stem_cli.tasks import ruler
+
+        prompts["ruler_cwe"] = torch.tensor([ruler.build_sample("cwe", tokenizer, n, seed=HELD_OUT_SEED, index=0).input_ids], device=device)
+    for where in ("device", "host"):  # router_modes: the same index, built without or after reading the modes
+        run = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path), "router_modes": where}))
+        for prompt, prompt_ids in prompts.items():
+            def fill(prompt_ids=prompt_ids):
+                with torch.no_grad():
+                    model(input_ids=prompt_ids, use_cache=False, logits_to_keep=1)
+            ms = median_ms(timer, fill, warmup, repeat)
+            run.recorder.reset()
+            fill()
+            elastic[f"{prompt}_{where}"] = {"ms": ms, "omega": run.recorder.elastic.omega, "bud": run.recorder.bud,
+                                            "tokens": int(prompt_ids.shape[1])}
+    runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
     runtime.recorder.reset()
     prefill()
     recorded = runtime.recorder.elastic.last_modes
@@ -186,7 +208,7 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
             "router_module_ms": module_ms, "router_fused_ms": fused_ms, "router_default_fused": router_module.FUSED_MODES,
             "fused_modes_equal_module": all(torch.equal(fused_modes[l], module_modes[l]) for l in fused_modes), "routed_layers": len(captured),
             "prefill_dense_ms": dense_ms, "prefill_elastic_router_ms": elastic_ms, "router_fraction_of_elastic_prefill": router_ms / elastic_ms,
-            "omega": omega, "bud": bud, "modes_match_the_run": agree}
+            "omega": omega, "bud": bud, "modes_match_the_run": agree, "prefill_elastic_router_by_modes": elastic}
 
 
 _READS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "equal", "masked_select",
@@ -388,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, ok = [], True
     for n in time_lengths:
         try:
-            row = time_overhead(model, router, path, config, n, timer, args.warmup, repeat)
+            row = time_overhead(model, router, path, config, n, timer, args.warmup, repeat, tokenizer=None if args.smoke else tokenizer)
         except torch.cuda.OutOfMemoryError as e:
             row = {"seq_len": n, "status": f"OOM: {str(e).splitlines()[0][:200]}"}
             torch.cuda.empty_cache()
@@ -400,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(router {row['router_fraction_of_elastic_prefill']:.2%}), Omega {row['omega']:.2f}, BUD {row['bud']:.2f}; aten ops "
                   f"{row['aten_ops_dense']} dense / {row['aten_ops_elastic_router']} elastic, device reads {row['device_reads_dense']} / "
                   f"{row['device_reads_elastic_router']}", flush=True)
+            for what, t in row["prefill_elastic_router_by_modes"].items():
+                print(f"       elastic+router {what}: {t['ms']:.1f} ms (Omega {t['omega']:.2f}, BUD {t['bud']:.2f}, {t['tokens']} tokens)", flush=True)
     record["overhead"] = rows
     record["checks"] = {"router_modes_match_the_run": ok}
     stages["overhead"] = round(time.perf_counter() - tic, 1)
