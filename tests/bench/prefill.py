@@ -234,11 +234,47 @@ def run_peers(row: dict, q, k, v, opts: Options) -> None:
         timed(row, f"{peer}_estimate_only_fused_ms", estimate_only, opts)
         kb.free_memory()
         if "torch" in opts.skip:
-            row[f"{peer}_estimate_torch_ms"] = kb.na("skipped")
+            row[f"{peer}_estimate_torch_ms"] = row[f"{peer}_estimate_only_torch_ms"] = kb.na("skipped")
         else:
             timed(row, f"{peer}_estimate_torch_ms", select["torch"], opts)
             kb.free_memory()
+            timed(row, f"{peer}_estimate_only_torch_ms",
+                  partial(module.estimate, q, k, v, layer=3, config=configs["torch"], scale=scale, key_valid=None), opts)
+            kb.free_memory()
         row[f"{peer}_over_stem_estimate"] = kb.ratio(row.get(f"{peer}_estimate_fused_ms"), row.get("stem_estimate_triton_ms"))
+    flexprefill_parts(row, q, k, opts)
+
+
+def flexprefill_parts(row: dict, q, k, opts: Options) -> None:
+    """FlexPrefill's fused estimate by part, each beside its torch code (the fused estimate measured slower than
+    the torch one on the H200 at 32K): the last block's column and diagonal sums (kernels/last_rows.py) and the
+    pooled block softmax (kernels/pooled_block_softmax.py), on the estimate's own inputs."""
+    from stem_cli.kernels import pooled_block_softmax
+
+    config = peer_config("flexprefill", opts, "triton")
+    scale, bs = opts.shape.d**-0.5, config.block_size
+    batch, hq, n, d = q.shape
+    hkv, p = k.shape[1], -(-n // bs)
+    rows = min(bs, n)
+    for impl, name in (("triton", "fused"), ("torch", "torch")):
+        if impl == "torch" and "torch" in opts.skip:
+            row[f"flexprefill_last_rows_{name}_ms"] = kb.na("skipped")
+            continue
+        timed(row, f"flexprefill_last_rows_{name}_ms", partial(blocks.last_rows_sums, q, k, rows, scale, None, impl=impl), opts)
+        kb.free_memory()
+    valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
+    q_bar = flexprefill._block_mean(q, valid, bs, False)
+    k_bar = flexprefill._block_mean(k, valid, bs, False)
+    block_ok = flexprefill.block_valid(valid, bs)
+    timed(row, "flexprefill_block_softmax_fused_ms", partial(pooled_block_softmax.block_softmax, q_bar, k_bar, block_ok, scale), opts)
+
+    def torch_block_softmax():
+        logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)
+        return torch.softmax((logits * scale).masked_fill(~flexprefill.choosable(valid, bs), float("-inf")), dim=-1).nan_to_num_(0.0)
+
+    timed(row, "flexprefill_block_softmax_torch_ms", torch_block_softmax, opts)
+    del q_bar, k_bar
+    kb.free_memory()
 
 
 # --------------------------------------------------------------------------- one length
