@@ -618,3 +618,26 @@ def test_router_modes_on_the_host_give_the_device_path_s_output_and_key(tiny, pr
     assert config_key(ElasticConfig(router=str(path), router_modes="host")) == config_key(ElasticConfig(router=str(path)))
     with pytest.raises(ConfigError, match="router_modes='nowhere'"):
         ElasticConfig(router_modes="nowhere")
+
+
+def test_a_routed_pre_fill_does_not_move_a_router_already_in_place(tiny, prompts, tmp_path, monkeypatch):
+    """decide_modes asks for the router on the keys' device once per routed layer per pre-fill; nn.Module.to walks
+    every parameter (about 1 ms a call for a 16-layer router), so a router already there must not be moved again."""
+    from torch import nn
+
+    router, _ = _train(tiny, prompts, settings={"steps": 2})
+    path = router.save(tmp_path / "r.pt")
+    runtime = stem_cli.apply(tiny.model, "elastic", router=str(path), **SMALL)
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
+    with torch.no_grad():
+        tiny.model(input_ids=ids, use_cache=False)  # the first call may place it
+    moves = []
+    real_to = nn.Module.to
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **kw: moves.append(type(self).__name__) or real_to(self, *a, **kw))
+    runtime.recorder.reset()
+    with torch.no_grad():
+        tiny.model(input_ids=ids, use_cache=False)
+    assert runtime.recorder.elastic.omega is not None  # the router ran
+    assert [m for m in moves if "Router" in m] == []
+    stem_cli.apply(tiny.model, "dense")
+    assert load_router(path).on("cpu") is load_router(path)

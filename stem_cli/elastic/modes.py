@@ -408,7 +408,7 @@ def decide_modes(q, k, *, layer: int, config, key_valid, keys: PreRopeKeys | Non
             return torch.zeros(batch, hkv, dtype=torch.long, device="cpu")
         feats = pooled_keys(pre_rope, k, key_valid)
         with torch.no_grad():
-            return router.to(feats.device).modes(layer, feats)  # left on the device (read back only with router_modes="host")
+            return router.on(feats.device).modes(layer, feats)  # left on the device (read back only with router_modes="host")
     if config.head_map:
         from stem_cli.elastic.headmap import load_head_map
 
