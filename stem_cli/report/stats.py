@@ -16,7 +16,6 @@ task. Every interval is 95% by default and picked by what the data can carry:
   a proportion q (its value rescaled to [0, 1]) of n trials would: Wilson's interval at q,
   with n the effective sample count of the equal-weight average (k^2 / sum 1/n_t).
   Conservative, never zero-width from too few samples.
-  Conservative, never zero-width from too few samples.
 The verdict on a delta at margin X points (default 2):
 - "keeps accuracy (within X points, 95%)": the delta's interval lies above -X;
 - "loses accuracy": the delta's interval lies below -X;
