@@ -641,3 +641,32 @@ def test_a_routed_pre_fill_does_not_move_a_router_already_in_place(tiny, prompts
     assert [m for m in moves if "Router" in m] == []
     stem_cli.apply(tiny.model, "dense")
     assert load_router(path).on("cpu") is load_router(path)
+
+
+def test_bench_reuses_stored_comparison_results_and_survives_an_interrupt(tmp_path, monkeypatch):
+    """--compare-results seeds the comparison store with an earlier run's results (no line twice); a SIGINT in the
+    comparison leaves a summary of what was stored in the bench JSON and the overhead stage still runs."""
+    from stem_cli.runs.evaluation import Interrupted
+    from tests.bench import router as bench
+    from tests.bench import router_compare
+
+    first = tmp_path / "first"
+    common = ["--model", "tiny-llama", "--device", "cpu", "--smoke", "--repeat", "1", "--warmup", "0"]
+    assert bench.main([*common, "--output", str(first)]) == 0
+    (stored,) = (first / "compare").glob("runs-*/results-*.jsonl")
+    lines = stored.read_text().splitlines()
+    (router,) = (first / "elastic").glob("router-*.pt")
+
+    def interrupted(**kw):
+        store = Path(kw["output"]) / "compare" / f"runs-{kw['name']}" / stored.name
+        raise Interrupted(0, store)
+
+    monkeypatch.setattr(router_compare, "run_compare", interrupted)
+    second = tmp_path / "second"
+    for _ in range(2):  # seeding twice adds nothing the second time
+        assert bench.main([*common, "--router", str(router), "--compare-results", str(stored), "--output", str(second)]) == 0
+    (seeded,) = (second / "compare").glob("runs-*/results-*.jsonl")
+    assert sorted(seeded.read_text().splitlines()) == sorted(lines)
+    records = [json.loads(p.read_text()) for p in (second / "elastic").glob("router-bench-*.json")]
+    assert records and all(r["compare"]["partial"]["records"] == len(lines) and "interrupted" in r["compare"] for r in records)
+    assert all(len(r["overhead"]) == 2 and r["overhead"][0]["router_ms"] > 0 for r in records)

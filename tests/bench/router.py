@@ -20,6 +20,9 @@ A benchmark, not part of the package (it imports stem_cli, never the other way r
    (--quick: the first length, 4 tasks), (a) at matched Omega, (b) at matched BUD (stem, map and router solved
    to the BUD the router's run (a) reached), with paired deltas of the router against each, intervals and
    verdicts: OUTPUT/compare/compare-<name>-matched-{omega,bud-LENGTH}.{json,md,csv,png} and router-compare-<name>.json.
+   Every result is stored as it is made; --compare-results FILE reuses an earlier run's (content-keyed). A
+   SIGINT (`timeout -s INT`) during this stage stops it: the stored results are summarized into the bench
+   JSON ("compare": {"interrupted", "partial"}) and the overhead stage still runs.
 4. Overhead per pre-fill at --time-lengths: CUDA events around (a) the router alone: per
    routed layer, pooling the layer's real pre-RoPE keys (first / last 100 tokens) + the two
    MLPs + argmax, the modes left on the device (as a run leaves them), and one copy of all
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out prompts per task in the comparison stage (default 10; --quick 3; --smoke 1; 0: no comparison)")
     p.add_argument("--compare-tasks", default=None, help="RULER tasks compared (default niah_single_2,niah_multikey_1,vt,cwe,fwe; "
                    "--quick the first four)")
+    p.add_argument("--compare-results", default=None, help="an earlier comparison's stored results (its runs-NAME/results-*.jsonl) "
+                   "to reuse: results are keyed by content, so the ones with this run's settings are not computed again")
     p.add_argument("--batch-size", type=int, default=None, help="decoding batch of the comparison (default 8 on a GPU, 1 on the CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
@@ -396,12 +401,24 @@ def main(argv: list[str] | None = None) -> int:
     stages["map_and_adaptivity"], tic = round(time.perf_counter() - tic, 1), time.perf_counter()
     # The comparison: dense, stem, the map and the router at matched Omega and at matched BUD.
     if compare_samples > 0:
-        record["compare"] = router_compare.run_compare(
-            model=args.model, name=name.removeprefix("router-"), config=config, head_map=map_path, router=path,
-            lengths=compare_lengths or (lengths[:1] if args.quick else lengths), tasks=compare_tasks,
-            samples=compare_samples, seed=0, output=Path(args.output), device=str(device), dtype=args.dtype,
-            max_new_tokens=max_new_tokens, batch_size=args.batch_size or (8 if device.type == "cuda" else 1))
-        router_compare.print_record(record["compare"])
+        from stem_cli.runs.evaluation import Interrupted
+
+        compare_name = name.removeprefix("router-")
+        if args.compare_results:
+            store = router_compare.seed_results(Path(args.output), compare_name, args.model, Path(args.compare_results))
+            print(f"comparison store {store} seeded from {args.compare_results}", flush=True)
+        try:
+            record["compare"] = router_compare.run_compare(
+                model=args.model, name=compare_name, config=config, head_map=map_path, router=path,
+                lengths=compare_lengths or (lengths[:1] if args.quick else lengths), tasks=compare_tasks,
+                samples=compare_samples, seed=0, output=Path(args.output), device=str(device), dtype=args.dtype,
+                max_new_tokens=max_new_tokens, batch_size=args.batch_size or (8 if device.type == "cuda" else 1))
+            router_compare.print_record(record["compare"])
+        except Interrupted as stop:  # a time limit's SIGINT: what is stored is summarized, and the overhead stage still runs
+            record["compare"] = {"interrupted": str(stop), "results": str(stop.path),
+                                 "partial": router_compare.summarize_stored(stop.path)}
+            print(f"comparison interrupted ({stop}); the stored results summarized in the bench JSON, "
+                  f"`python -m tests.bench.router_compare {stop.path}` prints them", flush=True)
     else:
         record["compare"] = {"skipped": "--compare-samples 0"}
 

@@ -179,6 +179,21 @@ def _pct(x) -> str:
     return "  -  " if x is None else f"{x:5.1%}"
 
 
+def seed_results(output: Path, name: str, model: str, results: Path) -> Path:
+    """Add an earlier comparison's stored results (another machine's, an interrupted call's) to the store this
+    bench's comparison `name` of `model` will use, so that they are reused: results are keyed by content (weights,
+    config, files, prompt), not by path, and a record already in the store is not added twice. Returns the store."""
+    from stem_cli.environment import slug
+
+    store = Path(output) / "compare" / f"runs-{name}" / f"results-{slug(model)}.jsonl"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    have = {json.loads(line)["key"] for line in store.read_text().splitlines() if line.strip()} if store.exists() else set()
+    new = [line for line in Path(results).read_text().splitlines() if line.strip() and json.loads(line)["key"] not in have]
+    with store.open("a") as f:
+        f.writelines(line + "\n" for line in new)
+    return store
+
+
 def summarize_stored(results: Path) -> dict:
     """An interrupted comparison's stored results (compare's JSONL store) read back with the same statistics as a
     finished one: per method and length (None: over all lengths) the accuracy with its n and 95% interval, BUD, Omega,
