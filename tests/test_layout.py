@@ -177,3 +177,25 @@ def test_the_wheel_lists_every_package():
     for package in listed:
         folder = tool["package-dir"][package]
         assert (ROOT / folder / "__init__.py").is_file(), package
+
+
+def test_the_checkout_s_kernels_folder_never_shadows_an_installed_kernels_package(tmp_path):
+    """From a checkout's root (python -m, pytest's pythonpath) kernels/ is importable as a bare `kernels`, the name of
+    Hugging Face's package that transformers imports (5.25+): the installed one is what `import kernels` gives, the
+    checkout's stays stem_cli.kernels, and with none installed the bare name is missing, not this folder."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    mark = f"installed-{tmp_path.name}"
+    (fake / "__init__.py").write_text(f"MARK = {mark!r}\nfrom kernels.part import PART\n")
+    (fake / "part.py").write_text("PART = 'its own submodule'\n")
+    code = ("import sys; sys.path[:0] = [{root!r}, {site!r}]; import kernels; print(kernels.MARK, kernels.PART); "
+            "import stem_cli.kernels.launch as launch; print(launch.__file__)")
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), site=str(fake.parent))], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout.split("\n")
+    assert out[0] == f"{mark} its own submodule"
+    assert Path(out[1]).resolve() == ROOT / "kernels" / "launch.py"
+    bare = ("import sys; sys.path[:] = [{root!r}] + [p for p in sys.path if p and 'packages' not in p]\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)")
+    out = subprocess.run([sys.executable, "-c", bare.format(root=str(ROOT))], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout.strip()
+    assert out == "missing kernels"
