@@ -119,8 +119,8 @@ class ElasticRouter(nn.Module):
 
     def on(self, device: torch.device | str) -> "ElasticRouter":
         """This router with its weights on `device`, moved only when they are elsewhere: nn.Module.to walks every
-        parameter and buffer (about 1 ms on the host for 16 layer routers), and a run asks once per routed layer
-        per pre-fill."""
+        parameter and buffer (2 ms on a CPU host for SmolLM2's 28 layer routers), and a run asks once per routed
+        layer per pre-fill."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

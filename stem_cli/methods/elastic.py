@@ -39,8 +39,8 @@ def select(q, k, v, *, layer: int, config: ElasticConfig, scale: float, key_vali
     modes = decide_modes(q, k, layer=layer, config=config, key_valid=key_valid, keys=state.keys if state else None)
     if state is not None:
         state.stats.record(layer, modes, q.shape[1] // k.shape[1])
-    # A router's modes stay on the device unless router_modes="host": then the index is built without reading them
-    # (mixed_index on_host=False), at the price of every mode's part for every head.
+    # A router's modes stay on the device and the index is built without reading them (mixed_index on_host=False: every
+    # mode's part for every head), unless router_modes="host" has them read back first.
     on_host = not config.router or config.router_modes == "host"
     return mixed_index(q, k, v, modes, config, scale=scale, key_valid=key_valid, on_host=on_host)
 
