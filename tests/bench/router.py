@@ -176,8 +176,6 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     router_ms = fused_ms if router_module.FUSED_MODES else module_ms  # the path a run takes by default
     stem_cli.apply(model, "dense")
     dense_ms = median_ms(timer, prefill, warmup, repeat)
-    runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
-    elastic_ms = median_ms(timer, prefill, warmup, repeat)
     elastic = {}
     prompts = {"random": ids}
     if tokenizer is not None:
@@ -196,6 +194,7 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
             fill()
             elastic[f"{prompt}_{where}"] = {"ms": ms, "omega": run.recorder.elastic.omega, "bud": run.recorder.bud,
                                             "tokens": int(prompt_ids.shape[1])}
+    elastic_ms = elastic[f"random_{ElasticConfig().router_modes}"]["ms"]  # the default path's, on the random prompt
     runtime = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path)}))
     runtime.recorder.reset()
     prefill()
