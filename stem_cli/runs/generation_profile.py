@@ -13,7 +13,7 @@ one generation:
 - new_tokens - 1 greedy decode steps with the decode method (dense = transformers' own
   SDPA over the cache, the other methods through the hook's decode runtime), every method's
   with the same SDPA backend first in SDPA's priority (sdpa_backends: the fastest the
-  attention section measured at that length; unforced SDPA picks cuDNN on an H200, 10x
+  attention section measured at that length; unforced SDPA picks cuDNN on an H200, 9-27x
   slower there than flash for decode; decode_profile.py), the pre-fill unforced. No stop at
   EOS, so every method makes exactly new_tokens tokens; the argmax stays on the device and
   nothing in the loop reads a value on the host. One pair of CUDA events around the whole
