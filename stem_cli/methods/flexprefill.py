@@ -219,9 +219,17 @@ def estimate(q, k, v, *, layer: int, config: FlexPrefillConfig, scale: float, ke
 
         blocks = pooled_block_softmax.block_softmax(q_bar, k_bar, block_valid(valid, bs), scale)
     else:
-        logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)
-        blocks = torch.softmax((logits * scale).masked_fill(~choosable(valid, bs), NEG_INF), dim=-1).nan_to_num_(0.0)
+        blocks = block_softmax_torch(q_bar, k_bar, valid, bs, scale)
     return {"divergence": div, "columns": columns, "diagonals": diagonals, "blocks": blocks}
+
+
+def block_softmax_torch(q_bar, k_bar, valid, block_size: int, scale: float) -> torch.Tensor:
+    """The pooled block distributions (B, Hq, P, P) in torch ops (kernels/pooled_block_softmax.py's definition):
+    the causal row softmax of scale * q_bar . k_bar over the choosable block pairs, zeros elsewhere."""
+    batch, hq, p, d = q_bar.shape
+    hkv = k_bar.shape[1]
+    logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)
+    return torch.softmax((logits * scale).masked_fill(~choosable(valid, block_size), NEG_INF), dim=-1).nan_to_num_(0.0)
 
 
 def choose(estimated: dict, *, seq_len: int, config: FlexPrefillConfig, key_valid: torch.Tensor | None) -> BlockIndex:

@@ -253,8 +253,7 @@ def flexprefill_parts(row: dict, q, k, opts: Options) -> None:
 
     config = peer_config("flexprefill", opts, "triton")
     scale, bs = opts.shape.d**-0.5, config.block_size
-    batch, hq, n, d = q.shape
-    hkv, p = k.shape[1], -(-n // bs)
+    batch, n = q.shape[0], q.shape[2]
     rows = min(bs, n)
     for impl, name in (("triton", "fused"), ("torch", "torch")):
         if impl == "torch" and "torch" in opts.skip:
@@ -267,12 +266,7 @@ def flexprefill_parts(row: dict, q, k, opts: Options) -> None:
     k_bar = flexprefill._block_mean(k, valid, bs, False)
     block_ok = flexprefill.block_valid(valid, bs)
     timed(row, "flexprefill_block_softmax_fused_ms", partial(pooled_block_softmax.block_softmax, q_bar, k_bar, block_ok, scale), opts)
-
-    def torch_block_softmax():
-        logits = torch.matmul(q_bar.view(batch, hkv, hq // hkv, p, d), k_bar[:, :, None].transpose(-1, -2)).view(batch, hq, p, p)
-        return torch.softmax((logits * scale).masked_fill(~flexprefill.choosable(valid, bs), float("-inf")), dim=-1).nan_to_num_(0.0)
-
-    timed(row, "flexprefill_block_softmax_torch_ms", torch_block_softmax, opts)
+    timed(row, "flexprefill_block_softmax_torch_ms", partial(flexprefill.block_softmax_torch, q_bar, k_bar, valid, bs, scale), opts)
     del q_bar, k_bar
     kb.free_memory()
 

@@ -51,6 +51,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from unittest.mock import patch
 
@@ -161,9 +162,9 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
         host = torch.stack(list(modes.values())).cpu()  # one copy for every layer, as reading Omega after a pre-fill
         return dict(zip(modes, host))
 
-    def prefill():
+    def prefill(prompt_ids=ids):
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            model(input_ids=prompt_ids, use_cache=False, logits_to_keep=1)
 
     from stem_cli.elastic import router as router_module
 
@@ -186,9 +187,7 @@ def time_overhead(model, router, path: Path, config: ElasticConfig, n: int, time
     for where in ("device", "host"):  # router_modes: the same index, built without or after reading the modes
         run = stem_cli.apply(model, "elastic", config=ElasticConfig(**{**_fields(config), "router": str(path), "router_modes": where}))
         for prompt, prompt_ids in prompts.items():
-            def fill(prompt_ids=prompt_ids):
-                with torch.no_grad():
-                    model(input_ids=prompt_ids, use_cache=False, logits_to_keep=1)
+            fill = partial(prefill, prompt_ids)
             ms = median_ms(timer, fill, warmup, repeat)
             run.recorder.reset()
             fill()
